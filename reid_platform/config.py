@@ -1,0 +1,185 @@
+"""Typed run configuration, validated when it is loaded.
+
+A config is YAML plus ``--set dotted.key=value`` overrides. Everything is checked before any process
+or cluster starts: an unknown key, a wrong type or an out-of-range value raises ``ConfigError`` with
+the key path and the file, which the CLI turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    shards: Path = Field(description="Directory written by `reid data pack` (holds manifest.json).")
+
+
+class InputConfig(_Section):
+    height: int = Field(256, ge=32, le=1024)
+    width: int = Field(128, ge=16, le=1024)
+    batch_size: int = Field(64, ge=2, description="Images per worker per step.")
+    num_threads: int = Field(2, ge=1, description="DALI CPU threads per worker.")
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    pad: int = Field(10, ge=0, description="Pixels of zero padding before the random crop.")
+    shuffle_buffer: int = Field(1024, ge=1, description="DALI reader shuffle buffer (initial_fill).")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class ModelConfig(_Section):
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    embedding_dim: int | None = Field(
+        None, ge=8, description="Linear projection after pooling; None keeps the backbone width."
+    )
+    last_stride: Literal[1, 2] = 1
+    pretrained_weights: Path | None = Field(
+        None, description="Local torchvision state dict; nothing is ever downloaded."
+    )
+
+
+class LossConfig(_Section):
+    name: Literal["circle"] = "circle"
+    gamma: float = Field(128.0, gt=0.0, description="Scale; the paper uses 128 for re-ID.")
+    margin: float = Field(0.25, ge=0.0, lt=0.5, description="Relaxation m of the Circle loss.")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(60, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    classifier_lr: float | None = Field(None, gt=0.0, description="Defaults to lr.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    warmup_epochs: int = Field(5, ge=0)
+    seed: int = 0
+    eval_every: int = Field(0, ge=0, description="Evaluate every N epochs; 0 only at the end.")
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+
+
+class RunSection(_Section):
+    name: str = Field("reid", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: Path = Path("runs/ray")
+    output_dir: Path = Path("runs/reid")
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = Field("reid", min_length=1)
+    registered_model: str | None = None
+    alias: str = Field("champion", min_length=1)
+
+
+class RunConfig(_Section):
+    data: DataConfig
+    input: InputConfig = InputConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> RunConfig:
+        if self.train.warmup_epochs >= self.train.epochs and self.train.warmup_epochs > 0:
+            raise ValueError(
+                f"train.warmup_epochs ({self.train.warmup_epochs}) must be below "
+                f"train.epochs ({self.train.epochs})"
+            )
+        return self
+
+    def with_absolute_paths(self, base: Path) -> RunConfig:
+        """Resolve relative paths against ``base`` so Ray workers on any node see the same files."""
+
+        def absolute(path: Path | None) -> Path | None:
+            return None if path is None else (path if path.is_absolute() else base / path).resolve()
+
+        uri = self.tracking.uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # relative SQLite file: Ray workers run in another directory
+            uri = "sqlite:///" + str(absolute(Path(uri.removeprefix("sqlite:///"))))
+        return self.model_copy(
+            update={
+                "tracking": self.tracking.model_copy(update={"uri": uri}),
+                "data": self.data.model_copy(update={"shards": absolute(self.data.shards)}),
+                "model": self.model.model_copy(
+                    update={"pretrained_weights": absolute(self.model.pretrained_weights)}
+                ),
+                "run": self.run.model_copy(
+                    update={
+                        "storage_path": absolute(self.run.storage_path),
+                        "output_dir": absolute(self.run.output_dir),
+                    }
+                ),
+            }
+        )
+
+    def flat(self) -> dict[str, str]:
+        """Dotted key -> value, for MLflow params."""
+        flat: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, item)
+            else:
+                flat[prefix] = str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return flat
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} is not of the form key.path=value")
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw else None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run config; raise ConfigError naming the file and key."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+            got = "" if item["type"] == "missing" else f" (got {item.get('input')!r})"
+            problems.append(f"{where}: {item['msg']}{got}")
+        raise ConfigError(f"{path}: invalid config: " + "; ".join(problems)) from None

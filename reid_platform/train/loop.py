@@ -1,0 +1,142 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Data parallel backbone (DDP via Ray), model-parallel classifier (each rank its own rows), DALI input
+reading this rank's part of the shards, a checkpoint every epoch, metrics from world rank 0.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from reid_platform.config import RunConfig
+from reid_platform.data.pack import read_manifest
+from reid_platform.evaluation.features import evaluate_model
+from reid_platform.input.dali import Partition, TrainLoader
+from reid_platform.model.backbone import ModelSpec, ReIDNet, load_pretrained_trunk
+from reid_platform.parallel.comm import broadcast_buffers
+from reid_platform.parallel.classifier import CircleSpec, ShardedCircleClassifier
+from reid_platform.tracking.mlflow_run import RunLogger
+from reid_platform.train.checkpoint import load_checkpoint, save_checkpoint
+from reid_platform.train.schedule import lr_factor
+
+
+def build_model(cfg: RunConfig) -> ReIDNet:
+    spec = ModelSpec(cfg.model.arch, cfg.model.embedding_dim, cfg.model.last_stride)
+    model = ReIDNet(spec)
+    if cfg.model.pretrained_weights is not None:
+        load_pretrained_trunk(model, cfg.model.pretrained_weights)
+    return model
+
+
+def _evaluation(model, cfg: RunConfig, partition: Partition, device, prefix: str) -> dict[str, float]:
+    summary = evaluate_model(model, cfg.data.shards, cfg.input, partition, device).summary()
+    return {f"{prefix}{key}": value for key, value in summary.items()}
+
+
+def _progress_line(metrics: dict, epochs: int) -> str:
+    line = (
+        f"epoch {metrics['epoch']}/{epochs}: loss {metrics['loss']:.3f}, lr {metrics['lr']:.4g}, "
+        f"{metrics['images_per_s']:.1f} images/s"
+    )
+    if "mAP" in metrics:
+        line += f", rank-1 {metrics['rank1']:.2%}, mAP {metrics['mAP']:.2%}"
+    return line
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = RunConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)
+    partition = Partition(rank, world_size, device.index if device.type == "cuda" else None)
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+
+    num_classes = read_manifest(cfg.data.shards)["num_classes"]
+    model = build_model(cfg)
+    classifier = ShardedCircleClassifier(
+        num_classes,
+        model.spec.feature_dim,
+        rank,
+        world_size,
+        CircleSpec(cfg.loss.gamma, cfg.loss.margin),
+        seed=cfg.train.seed,
+    ).to(device)
+    backbone_optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+    )
+    classifier_lr = cfg.train.classifier_lr or cfg.train.lr
+    classifier_optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=classifier_lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+    )
+    progress = {"epoch": 0, "step": 0, "carried": {}}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            progress = load_checkpoint(Path(directory), model, backbone_optimizer, classifier, classifier_optimizer)
+    model = ray.train.torch.prepare_model(model)
+    network = getattr(model, "module", model)  # the plain module, for evaluation and checkpoints
+
+    loader = TrainLoader(cfg.data.shards, partition, cfg.input, seed=cfg.train.seed * 1000 + rank + progress["epoch"])
+    total_steps = cfg.train.epochs * len(loader)
+    warmup_steps = cfg.train.warmup_epochs * len(loader)
+    if progress["epoch"] == 0:
+        progress["carried"] = _evaluation(network, cfg, partition, device, prefix="initial_")
+        if logger:
+            logger.log_metrics(progress["carried"], step=0)
+            print(f"before training: mAP {progress['carried']['initial_mAP']:.2%}", flush=True)
+
+    for epoch in range(progress["epoch"], cfg.train.epochs):
+        model.train()
+        losses, started = [], time.perf_counter()
+        for images, labels in loader:
+            factor = lr_factor(progress["step"], total_steps, warmup_steps)
+            for group in backbone_optimizer.param_groups:
+                group["lr"] = cfg.train.lr * factor
+            for group in classifier_optimizer.param_groups:
+                group["lr"] = classifier_lr * factor
+            embeddings = model(images.to(device, non_blocking=True))
+            if world_size > 1:
+                # Every rank's loss is already the loss of the whole global batch (the classifier
+                # gathers it), so DDP's averaging of backbone gradients must be undone.
+                embeddings.register_hook(lambda grad: grad * world_size)
+            loss = classifier(embeddings, labels.to(device, non_blocking=True))
+            backbone_optimizer.zero_grad(set_to_none=True)
+            classifier_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            backbone_optimizer.step()
+            classifier_optimizer.step()
+            progress["step"] += 1
+            losses.append((progress["step"], loss.item()))
+        elapsed = time.perf_counter() - started
+        progress["epoch"] = epoch + 1
+        metrics = {
+            "epoch": progress["epoch"],
+            "loss": sum(value for _, value in losses) / len(losses),
+            "lr": cfg.train.lr * factor,
+            "images_per_s": len(losses) * cfg.input.batch_size * world_size / elapsed,
+        }
+        broadcast_buffers(network)  # one model on every rank: the one evaluated and saved
+        last_epoch = progress["epoch"] == cfg.train.epochs
+        if last_epoch or (cfg.train.eval_every and progress["epoch"] % cfg.train.eval_every == 0):
+            metrics.update(_evaluation(network, cfg, partition, device, prefix=""))
+        if logger:
+            logger.log_series("step_loss", losses)
+            logger.log_metrics(metrics, step=progress["epoch"])
+            print(_progress_line(metrics, cfg.train.epochs), flush=True)
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(
+                Path(directory), rank, network,
+                backbone_optimizer, classifier, classifier_optimizer, progress,
+            )  # fmt: skip
+            ray.train.report(
+                {**metrics, **progress["carried"]},
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+            )

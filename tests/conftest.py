@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny synthetic Market-1501 tree and its shards, made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reid_platform.data.datasets import load_market1501
+from reid_platform.data.pack import PackOptions, pack_dataset
+from reid_platform.data.synth import write_synthetic_market1501
+
+
+@pytest.fixture(scope="session")
+def tiny_market(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("market")
+    write_synthetic_market1501(root, identities=16, cameras=3, seed=3, train_images_per_identity=12, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_market, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    pack_dataset(load_market1501(tiny_market), tiny_market, out, "market1501", PackOptions(samples_per_shard=40), progress=False)
+    return out

@@ -1,0 +1,67 @@
+"""Classifier checkpoints load with any world size; the model artifact round-trips without pickle."""
+
+from __future__ import annotations
+
+import torch
+
+from reid_platform.config import InputConfig
+from reid_platform.model.artifact import load_model_dir, save_model_dir
+from reid_platform.model.backbone import ModelSpec, ReIDNet
+from reid_platform.parallel.classifier import ShardedCircleClassifier
+
+CLASSES, DIM = 10, 6
+
+
+def shards(world_size, seed=0):
+    return [ShardedCircleClassifier(CLASSES, DIM, rank, world_size, seed=seed) for rank in range(world_size)]
+
+
+def test_saved_with_two_workers_loads_with_one_and_three(tmp_path):
+    saved = shards(2, seed=1)
+    for model in saved:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model.weight.grad = torch.randn_like(model.weight)
+        optimizer.step()  # creates a momentum buffer worth saving
+        model.save_shard(tmp_path, optimizer)
+    full_weight = torch.cat([m.weight.detach() for m in saved])
+    embeddings = torch.randn(5, DIM)
+    reference = torch.cat([m.local_cosine(embeddings) for m in saved], dim=1)
+    for world_size in (1, 3):
+        loaded = shards(world_size, seed=99)
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in loaded]
+        for model, optimizer in zip(loaded, optimizers):
+            model.load_shards(tmp_path, optimizer)
+            assert optimizer.state[model.weight]["momentum_buffer"].abs().sum() > 0
+        torch.testing.assert_close(torch.cat([m.weight.detach() for m in loaded]), full_weight)
+        logits = torch.cat([m.local_cosine(embeddings) for m in loaded], dim=1)
+        torch.testing.assert_close(logits, reference)
+
+
+def test_mismatched_classifier_checkpoint_is_refused(tmp_path):
+    shards(1)[0].save_shard(tmp_path, torch.optim.SGD(shards(1)[0].parameters(), lr=0.1))
+    other = ShardedCircleClassifier(CLASSES + 1, DIM)
+    try:
+        other.load_shards(tmp_path)
+    except ValueError as error:
+        assert "10 classes x 6 dims" in str(error) and "11 x 6" in str(error)
+    else:
+        raise AssertionError("a checkpoint with another class count loaded silently")
+
+
+def test_model_directory_round_trip(tmp_path):
+    model = ReIDNet(ModelSpec("resnet18", embedding_dim=32, last_stride=1)).eval()
+    images = torch.randn(2, 3, 64, 32)
+    save_model_dir(model, InputConfig(height=64, width=32), tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "model.json"}
+    loaded, input_cfg = load_model_dir(tmp_path)
+    assert (input_cfg.height, input_cfg.width) == (64, 32)
+    torch.testing.assert_close(loaded.embed(images), model.embed(images))
+    assert loaded.embed(images).shape == (2, 32)
+
+
+def test_last_stride_one_doubles_the_final_map():
+    images = torch.randn(1, 3, 128, 64)
+    strided = ReIDNet(ModelSpec("resnet18", last_stride=2)).trunk(images)
+    unstrided = ReIDNet(ModelSpec("resnet50", last_stride=1)).trunk(images)
+    assert strided.shape[-2:] == (4, 2) and unstrided.shape[-2:] == (8, 4)
+    assert unstrided.shape[1] == 2048

@@ -1,0 +1,78 @@
+"""Config validation: every problem names the file and the key path, exit status 2, nothing starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reid_platform.cli import main
+from reid_platform.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "market1501_r50.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.loss.name == "circle"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(REPO / "configs/demo.yaml", ["train.epochs=3", "loss.gamma=128", "model.arch=resnet50"])
+    assert (cfg.train.epochs, cfg.loss.gamma, cfg.model.arch) == (3, 128.0, "resnet50")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.epochz=3", "train.epochz: Extra inputs are not permitted"),
+        ("train.epochs=three", "train.epochs: Input should be a valid integer"),
+        ("train.epochs=0", "train.epochs: Input should be greater than or equal to 1"),
+        ("loss.margin=0.7", "loss.margin: Input should be less than 0.5"),
+        ("model.arch=vgg16", "model.arch: Input should be 'resnet18'"),
+        ("train.warmup_epochs=9", "train.warmup_epochs (9) must be below train.epochs (5)"),
+    ],
+)
+def test_bad_values_name_file_and_key(override, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "configs/demo.yaml", [override])
+    assert "configs/demo.yaml" in str(error.value)
+    assert fragment in str(error.value)
+
+
+def test_cli_exits_2_with_one_message(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  shards: x\ntrain:\n  lr: -1\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "train.lr" in err[0]
+
+
+def test_missing_section_and_unreadable_file(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml: invalid config: data: Field required"):
+        load_config(empty)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(REPO / "configs/demo.yaml", ["train.epochs"])
+
+
+def test_relative_paths_and_sqlite_uri_become_absolute(tmp_path):
+    cfg = load_config(REPO / "configs/demo.yaml").with_absolute_paths(tmp_path)
+    assert cfg.data.shards == tmp_path / "data/demo/shards"
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_cli_help_lists_every_subcommand():
+    import subprocess
+    import sys
+
+    reid = Path(sys.executable).parent / "reid"
+    top = subprocess.run([reid, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("train", "data", "eval", "models"):
+        assert command in top
+    for sub in (["data", "synth"], ["data", "pack"], ["models", "pull"], ["train"], ["eval"]):
+        assert "usage: reid " + " ".join(sub) in subprocess.run([reid, *sub, "--help"], capture_output=True, text=True, check=True).stdout

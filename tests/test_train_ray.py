@@ -1,0 +1,89 @@
+"""A real 2-worker Ray Train run: DALI CPU input, sharded Circle loss, SQLite MLflow, registry.
+
+One run is shared by the tests below (it is the slow part of the suite).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from reid_platform.cli import main
+from reid_platform.config import load_config
+from reid_platform.train.launcher import train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny_config(shards: Path, work: Path, epochs: int):
+    overrides = [
+        f"data.shards={shards}",
+        "input.height=64", "input.width=32", "input.batch_size=8", "input.shuffle_buffer=64",
+        "model.embedding_dim=64", "train.warmup_epochs=0", "train.lr=0.05", f"train.epochs={epochs}",
+        f"run.storage_path={work / 'ray'}", f"run.output_dir={work / 'out'}", "run.name=tiny",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=tests",
+        "tracking.registered_model=reid-test",
+    ]  # fmt: skip
+    return load_config(REPO / "configs/demo.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tiny_shards, tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(tiny_shards, work, epochs=2)
+    outcome = train(cfg, REPO / "configs/demo.yaml")
+    return cfg, work, outcome
+
+
+def test_run_trains_evaluates_and_registers(trained):
+    cfg, work, outcome = trained
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.name"] == "circle" and run.data.params["scaling.num_workers"] == "2"
+    losses = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "loss")]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert len(client.get_metric_history(outcome.mlflow_run_id, "step_loss")) == 2 * 6
+    assert {"initial_mAP", "mAP", "rank1", "mINP", "images_per_s", "lr"} <= set(run.data.metrics)
+    version = client.get_model_version_by_alias("reid-test", "champion")
+    assert version.run_id == outcome.mlflow_run_id
+    results = json.loads((work / "out/results.json").read_text())
+    assert results["registered_model"] == "reid-test@champion"
+    assert 0.0 < results["mAP"] <= 1.0 and results["mAP_before_training"] > 0.0
+    artifacts = {a.path for a in client.list_artifacts(outcome.mlflow_run_id, "config")}
+    assert "config/resolved.yaml" in artifacts
+
+
+def test_pulled_model_reproduces_logged_map(trained, tiny_shards, tmp_path, capsys):
+    cfg, _, outcome = trained
+    uri = ["--tracking-uri", cfg.tracking.uri]
+    assert main(["models", "pull", "reid-test@champion", "--out", str(tmp_path / "pulled"), *uri]) == 0
+    model_dir = next((tmp_path / "pulled").rglob("model.json")).parent
+    assert main(["eval", "--model", str(model_dir), "--data", str(tiny_shards), "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert metrics["mAP"] == pytest.approx(outcome.mAP, abs=1e-6)
+    assert metrics["rank1"] == pytest.approx(outcome.rank1, abs=1e-6)
+
+
+def test_starting_the_same_run_again_resumes_it(trained, tiny_shards):
+    cfg, work, first = trained
+    outcome = train(tiny_config(tiny_shards, work, epochs=3), REPO / "configs/demo.yaml")
+    client = MlflowClient(cfg.tracking.uri)
+    assert outcome.mlflow_run_id == first.mlflow_run_id
+    epochs = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "epoch")]
+    assert epochs == [1.0, 2.0, 3.0]  # continued at epoch 3, not restarted
+    assert len(client.get_metric_history(outcome.mlflow_run_id, "initial_mAP")) == 1
+    steps = [m.step for m in client.get_metric_history(outcome.mlflow_run_id, "step_loss")]
+    assert steps == list(range(1, 19))
