@@ -65,3 +65,23 @@ def test_last_stride_one_doubles_the_final_map():
     unstrided = ReIDNet(ModelSpec("resnet50", last_stride=1)).trunk(images)
     assert strided.shape[-2:] == (4, 2) and unstrided.shape[-2:] == (8, 4)
     assert unstrided.shape[1] == 2048
+
+
+def test_local_pretrained_weights_load_into_the_trunk(tmp_path):
+    import torchvision
+
+    from reid_platform.model.backbone import load_pretrained_trunk
+
+    source = torchvision.models.resnet18(weights=None)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    model = ReIDNet(ModelSpec("resnet18"))
+    load_pretrained_trunk(model, tmp_path / "resnet18.pth")
+    torch.testing.assert_close(model.trunk[0].weight, source.conv1.weight)
+    torch.testing.assert_close(model.trunk[7][1].conv2.weight, source.layer4[1].conv2.weight)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "resnet50.pth")
+    try:
+        load_pretrained_trunk(model, tmp_path / "resnet50.pth")
+    except ValueError as error:
+        assert "resnet50.pth" in str(error)
+    else:
+        raise AssertionError("resnet50 weights loaded into a resnet18")

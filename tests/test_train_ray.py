@@ -31,7 +31,7 @@ def tiny_config(shards: Path, work: Path, epochs: int):
     overrides = [
         f"data.shards={shards}",
         "input.height=64", "input.width=32", "input.batch_size=8", "input.shuffle_buffer=64",
-        "model.embedding_dim=64", "train.warmup_epochs=0", "train.lr=0.05", f"train.epochs={epochs}",
+        "train.warmup_epochs=0", "train.lr=0.01", f"train.epochs={epochs}",
         f"run.storage_path={work / 'ray'}", f"run.output_dir={work / 'out'}", "run.name=tiny",
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=tests",
         "tracking.registered_model=reid-test",
@@ -61,7 +61,7 @@ def test_run_trains_evaluates_and_registers(trained):
     assert version.run_id == outcome.mlflow_run_id
     results = json.loads((work / "out/results.json").read_text())
     assert results["registered_model"] == "reid-test@champion"
-    assert 0.0 < results["mAP"] <= 1.0 and results["mAP_before_training"] > 0.0
+    assert 0.0 < results["mAP_before_training"] < results["mAP"] <= 1.0  # it learned something
     artifacts = {a.path for a in client.list_artifacts(outcome.mlflow_run_id, "config")}
     assert "config/resolved.yaml" in artifacts
 

@@ -90,6 +90,9 @@ def load_pretrained_trunk(model: ReIDNet, path: Path) -> None:
         head, _, rest = key.partition(".")
         if head in names:
             renamed[f"{names.index(head)}.{rest}"] = value
-    missing, _ = model.trunk.load_state_dict(renamed, strict=False)
+    try:
+        missing, _ = model.trunk.load_state_dict(renamed, strict=False)
+    except RuntimeError as error:  # shape mismatches: another architecture
+        raise ValueError(f"{path}: not a {model.spec.arch} state dict: {str(error).splitlines()[1].strip()}") from None
     if missing:
         raise ValueError(f"{path}: not a {model.spec.arch} state dict; missing {missing[:3]}...")
