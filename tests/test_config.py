@@ -19,8 +19,8 @@ def test_shipped_configs_are_valid(name):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(REPO / "configs/demo.yaml", ["train.epochs=3", "loss.gamma=128", "model.arch=resnet50"])
-    assert (cfg.train.epochs, cfg.loss.gamma, cfg.model.arch) == (3, 128.0, "resnet50")
+    cfg = load_config(REPO / "configs/demo.yaml", ["train.epochs=3", "loss.scale=128", "model.arch=resnet50"])
+    assert (cfg.train.epochs, cfg.loss.scale, cfg.model.arch) == (3, 128.0, "resnet50")
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,9 @@ def test_overrides_are_typed_and_nested():
         ("train.epochz=3", "train.epochz: Extra inputs are not permitted"),
         ("train.epochs=three", "train.epochs: Input should be a valid integer"),
         ("train.epochs=0", "train.epochs: Input should be greater than or equal to 1"),
-        ("loss.margin=0.7", "loss.margin: Input should be less than 0.5"),
+        ("loss.margin=0.7", "loss.margin must be below 0.5 for circle (got 0.7)"),
+        ("loss.margin=1.5", "loss.margin: Input should be less than 1"),
+        ("loss.sample_rate=0", "loss.sample_rate: Input should be greater than 0"),
         ("model.arch=vgg16", "model.arch: Input should be 'resnet18'"),
         ("train.warmup_epochs=9", "train.warmup_epochs (9) must be below train.epochs (5)"),
     ],

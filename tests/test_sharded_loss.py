@@ -1,47 +1,61 @@
-"""The sharded Circle loss equals a dense single-process oracle, loss and every gradient."""
+"""The sharded margin losses equal a dense single-process oracle, loss and every gradient."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from reid_platform.parallel.classifier import CircleSpec, ShardedCircleClassifier, shard_range
-from reid_platform.parallel.losses import circle_logits, distributed_cross_entropy
+from reid_platform.parallel.classifier import ShardedClassifier, shard_range
+from reid_platform.parallel.losses import MarginSpec, sharded_margin_loss
 from tests.gloo import run_gloo
 
 NUM_CLASSES, DIM, PER_RANK = 11, 6, 4
-SPEC = CircleSpec(gamma=64.0, margin=0.25)
+SPECS = {
+    "circle": MarginSpec("circle", 64.0, 0.25),
+    "cosface": MarginSpec("cosface", 30.0, 0.35),
+    "arcface": MarginSpec("arcface", 30.0, 0.5),
+    "softmax": MarginSpec("softmax", 16.0, 0.0),
+}
 
 
-def paper_circle_loss(embeddings, weight, labels, gamma, margin):
-    """Sun et al. eq. (4), one sample at a time, straight from the paper's formula."""
+def dense_oracle(embeddings, weight, labels, spec):
+    """Each loss from its paper's formula, one sample at a time, over the full class matrix."""
+    s, m = spec.scale, spec.margin
     losses = []
     for x, y in zip(embeddings, labels):
         cos = F.normalize(weight, dim=1) @ F.normalize(x, dim=0)
-        s_p = cos[y]
-        s_n = torch.cat([cos[:y], cos[y + 1 :]])
-        a_p = torch.clamp_min(1 + margin - s_p.detach(), 0)
-        a_n = torch.clamp_min(s_n.detach() + margin, 0)
-        negative = torch.logsumexp(gamma * a_n * (s_n - margin), dim=0)
-        losses.append(F.softplus(negative - gamma * a_p * (s_p - (1 - margin))))
+        s_p, s_n = cos[y], torch.cat([cos[:y], cos[y + 1 :]])
+        if spec.name == "circle":  # Sun et al. 2020, eq. (4)
+            a_p = torch.clamp_min(1 + m - s_p.detach(), 0)
+            a_n = torch.clamp_min(s_n.detach() + m, 0)
+            negative = torch.logsumexp(s * a_n * (s_n - m), dim=0)
+            losses.append(F.softplus(negative - s * a_p * (s_p - (1 - m))))
+            continue
+        positive = {
+            "cosface": s * (s_p - m),  # Wang et al. 2018
+            "arcface": s * torch.cos(torch.acos(s_p) + m),  # Deng et al. 2019
+            "softmax": s * s_p,
+        }[spec.name]
+        losses.append(torch.logsumexp(torch.cat([positive[None], s * s_n]), dim=0) - positive)
     return torch.stack(losses).mean()
 
 
 def make_problem(world_size: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     embeddings = torch.randn(world_size * PER_RANK, DIM, generator=g, dtype=torch.float64)
-    # repeated classes, and classes 1, 5 and 9 absent from the batch
-    pool = torch.tensor([0, 2, 3, 4, 6, 7, 8, 10])
+    pool = torch.tensor([0, 2, 3, 4, 6, 7, 8, 10])  # classes 1, 5 and 9 are absent from the batch
     labels = pool[torch.randint(len(pool), (world_size * PER_RANK,), generator=g)]
-    labels[:2] = 3
+    labels[:2] = 3  # several samples of one class
     weight = torch.randn(NUM_CLASSES, DIM, generator=g, dtype=torch.float64)
     return embeddings, labels, weight
 
 
-def sharded_rank(rank, world_size):
+def sharded_rank(rank, world_size, spec):
     embeddings, labels, weight = make_problem(world_size)
-    model = ShardedCircleClassifier(NUM_CLASSES, DIM, rank, world_size, SPEC).double()
+    model = ShardedClassifier(NUM_CLASSES, DIM, rank, world_size, spec).double()
     with torch.no_grad():
         model.weight.copy_(weight[model.start : model.end])
     local = embeddings[rank * PER_RANK : (rank + 1) * PER_RANK].clone().requires_grad_(True)
@@ -51,14 +65,15 @@ def sharded_rank(rank, world_size):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_sharded_circle_loss_equals_dense_paper_formula(world_size):
+@pytest.mark.parametrize("name", list(SPECS))
+def test_sharded_loss_equals_dense_oracle(world_size, name):
+    spec = SPECS[name]
     embeddings, labels, weight = make_problem(world_size)
-    x = embeddings.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    dense = paper_circle_loss(x, w, labels, SPEC.gamma, SPEC.margin)
+    x, w = embeddings.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    dense = dense_oracle(x, w, labels, spec)
     dense.backward()
 
-    results = run_gloo(world_size, sharded_rank) if world_size > 1 else [sharded_rank(0, 1)]
+    results = run_gloo(world_size, sharded_rank, spec) if world_size > 1 else [sharded_rank(0, 1, spec)]
     rows_seen = []
     for rank, result in enumerate(results):
         torch.testing.assert_close(result["loss"], dense.detach(), atol=1e-5, rtol=1e-5)
@@ -71,15 +86,28 @@ def test_sharded_circle_loss_equals_dense_paper_formula(world_size):
     assert w.grad[[1, 5, 9]].abs().sum() > 0  # absent classes still get negative gradients
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_class_chunks_do_not_change_the_result(name):
+    embeddings, labels, weight = make_problem(2, seed=5)
+    results = []
+    for chunk in (3, 4, NUM_CLASSES):
+        x, w = embeddings.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = sharded_margin_loss(x, w, labels, SPECS[name], chunk_size=chunk)
+        loss.backward()
+        results.append((loss.detach(), x.grad, w.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
+
+
 def test_loss_is_exact_where_probabilities_underflow():
     # gamma 256: z_p spans about [-1008, 16]; a -log(softmax) form would saturate near 69-104.
-    cosine = torch.tensor([[-0.9, 0.95, 0.9]])
-    target = torch.tensor([0])
-    logits = circle_logits(cosine, target, gamma=256.0, margin=0.25)
-    loss = distributed_cross_entropy(logits, target)
-    expected = torch.logsumexp(logits.double(), dim=1) - logits.double()[0, 0]
+    weight = torch.tensor([[-0.9, math.sqrt(1 - 0.81)], [0.95, math.sqrt(1 - 0.9025)]], dtype=torch.float64)
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    loss = sharded_margin_loss(x, weight, torch.tensor([0]), MarginSpec("circle", 256.0, 0.25))
+    expected = dense_oracle(x, weight, torch.tensor([0]), MarginSpec("circle", 256.0, 0.25))
     assert loss.item() > 500
-    torch.testing.assert_close(loss.double(), expected[0], rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-6)
 
 
 def test_shard_range_partitions_rows():

@@ -57,14 +57,15 @@ def _read(tars: list[str], indexes: list[str], partition: Partition, shuffle: bo
     return images, meta
 
 
-def _normalize(images, cfg: InputConfig, mirror=0):
+def _crop_normalize(images, cfg: InputConfig, random_crop: bool, mirror=0):
+    """(H, W) crop, optional mirror, mean/std normalisation, HWC uint8 -> CHW float."""
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
         output_layout="CHW",
         crop=(cfg.height, cfg.width),
-        crop_pos_x=fn.random.uniform(range=(0.0, 1.0)) if cfg.pad else 0.5,
-        crop_pos_y=fn.random.uniform(range=(0.0, 1.0)) if cfg.pad else 0.5,
+        crop_pos_x=fn.random.uniform(range=(0.0, 1.0)) if random_crop else 0.5,
+        crop_pos_y=fn.random.uniform(range=(0.0, 1.0)) if random_crop else 0.5,
         mean=[255 * m for m in cfg.mean],
         std=[255 * s for s in cfg.std],
         mirror=mirror,
@@ -81,14 +82,15 @@ def _train_graph(tars, indexes, partition: Partition, cfg: InputConfig):
             out_of_bounds_policy="pad",
             fill_values=0,
         )
-    images = _normalize(images, cfg, mirror=fn.random.coin_flip(probability=cfg.flip_prob))
+    mirror = fn.random.coin_flip(probability=cfg.flip_prob)
+    images = _crop_normalize(images, cfg, random_crop=cfg.pad > 0, mirror=mirror)
     return images, meta
 
 
 @pipeline_def(enable_conditionals=False)
 def _eval_graph(tars, indexes, partition: Partition, cfg: InputConfig):
     images, meta = _read(tars, indexes, partition, shuffle=False, cfg=cfg)
-    return _normalize(images, cfg.model_copy(update={"pad": 0})), meta
+    return _crop_normalize(images, cfg, random_crop=False), meta
 
 
 def _pipeline(graph, split: str, shards_dir, partition: Partition, cfg: InputConfig, batch_size: int, seed: int):

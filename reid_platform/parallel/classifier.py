@@ -4,12 +4,13 @@ Forward, on every rank:
 
     X = all_gather(embeddings)            (global batch x d; backward sums into the owner's rows)
     Y = all_gather(labels)
-    cos = normalize(X) @ normalize(W_r)^T  (global batch x local classes; never global x all classes)
-    loss = distributed_cross_entropy(circle_logits(cos))
+    rows = every local class in Y + random local negatives, up to sample_rate x C_r (Partial FC)
+    loss = sharded_margin_loss(X, W_r[rows])  (chunked; distributed log-sum-exp over ranks)
 
 Communication per step is one gather of B x d features and labels and three all-reduces of
-B-vectors, whatever the number of classes. The weight is a plain parameter, not in DDP: its gradient
-is already complete on the owner because every rank sees the whole global batch.
+B-vectors, whatever the number of classes. The weight is not in DDP: its gradient is already
+complete on the owner because every rank sees the whole global batch. The classifier updates its own
+rows (SGD with momentum) so that with sampling only the sampled rows and their momentum are touched.
 
 Checkpoints store each slice with its global row range, so a run saved with W workers loads with any
 other W' (each rank reads just the rows it now owns).
@@ -18,18 +19,16 @@ other W' (each rank reads just the rows it now owns).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from reid_platform.parallel.comm import all_gather_with_grad
-from reid_platform.parallel.losses import circle_logits, distributed_cross_entropy
+from reid_platform.parallel.losses import MarginSpec, sharded_margin_loss
 
 SHARD_FILE = "rows-{start:012d}-{end:012d}.safetensors"
 LAYOUT_FILE = "classifier.json"
@@ -44,29 +43,37 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return start, start + base + (rank < extra)
 
 
-@dataclass(frozen=True)
-class CircleSpec:
-    gamma: float = 128.0
-    margin: float = 0.25
-
-
-class ShardedCircleClassifier(nn.Module):
+class ShardedClassifier(nn.Module):
     def __init__(
         self,
         num_classes: int,
         dim: int,
         rank: int = 0,
         world_size: int = 1,
-        loss: CircleSpec = CircleSpec(),
+        loss: MarginSpec = MarginSpec(),
+        sample_rate: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
         seed: int = 0,
+        device: torch.device | str = "cpu",
     ):
         super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_classes, self.dim, self.loss = num_classes, dim, loss
         self.rank, self.world_size = rank, world_size
+        self.sample_rate, self.momentum, self.weight_decay = sample_rate, momentum, weight_decay
         self.start, self.end = shard_range(num_classes, rank, world_size)
-        # Each rank draws its own rows: a huge classifier is never materialised in one place.
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + self.start)
-        self.weight = nn.Parameter(torch.randn(self.end - self.start, dim, generator=generator) * 0.01)
+        # Each rank draws its own rows in place: a huge classifier never exists whole anywhere.
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + self.start)
+        weight = torch.empty(self.end - self.start, dim, device=device)
+        self.weight = nn.Parameter(weight.normal_(0.0, 0.01, generator=generator))
+        self.register_buffer("momentum_buffer", torch.zeros_like(weight))
+        self._active: tuple[torch.Tensor | None, torch.Tensor] | None = None
+
+    @property
+    def local_classes(self) -> int:
+        return self.end - self.start
 
     def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The global batch, identical on every rank; gradients flow back to each sample's owner."""
@@ -76,37 +83,79 @@ class ShardedCircleClassifier(nn.Module):
         dist.all_gather(all_labels, labels)
         return all_gather_with_grad(embeddings), torch.cat(all_labels)
 
-    def local_cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).t()
-
     def local_target(self, labels: torch.Tensor) -> torch.Tensor:
         """Column of each label in this shard, -1 where another rank owns the class."""
         local = labels - self.start
-        return torch.where((local >= 0) & (local < self.end - self.start), local, -1)
+        return torch.where((local >= 0) & (local < self.local_classes), local, -1)
+
+    def sample_rows(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted local rows to use, target remapped to positions in them).
+
+        Every positive class of the global batch is kept; random negatives fill up to
+        ``sample_rate`` of the local classes.
+        """
+        positives = torch.unique(target[target >= 0])
+        count = min(self.local_classes, max(int(self.sample_rate * self.local_classes), positives.numel()))
+        score = torch.rand(self.local_classes, device=target.device)
+        score[positives] = 2.0  # above any random score: positives are always picked
+        rows = torch.topk(score, count, sorted=False).indices.sort().values
+        remapped = torch.searchsorted(rows, target.clamp_min(0))
+        return rows, torch.where(target >= 0, remapped, -1)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Circle loss of this rank's (embeddings, labels) over all classes of all ranks."""
+        """Margin loss of this rank's (embeddings, labels) over all classes of all ranks."""
         embeddings, labels = self.gather(embeddings, labels)
         target = self.local_target(labels)
-        logits = circle_logits(self.local_cosine(embeddings.to(self.weight.dtype)), target, self.loss.gamma, self.loss.margin)
-        return distributed_cross_entropy(logits, target)
+        if self.sample_rate < 1.0 and self.training:
+            rows, target = self.sample_rows(target)
+            active = self.weight.detach()[rows].requires_grad_(True)  # a leaf: no dense gradient
+        else:
+            rows, active = None, self.weight
+        self._active = (rows, active)
+        return sharded_margin_loss(embeddings, active, target, self.loss)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """SGD with momentum and weight decay on the rows the last forward used (torch.optim.SGD's rule).
+
+        torch.optim.SGD would visit every row and allocate full-size temporaries; here only the
+        sampled rows and their momentum are read and written.
+        """
+        if self._active is None or self._active[1].grad is None:
+            raise RuntimeError("step() needs a forward and backward pass first")
+        rows, active = self._active
+        grad = active.grad
+        if rows is None:
+            weight, momentum = self.weight.data, self.momentum_buffer
+        else:
+            weight, momentum = active.detach(), self.momentum_buffer[rows]
+        grad.add_(weight, alpha=self.weight_decay)
+        momentum.mul_(self.momentum).add_(grad)
+        weight.add_(momentum, alpha=-lr)
+        if rows is not None:
+            self.weight.data.index_copy_(0, rows, weight)
+            self.momentum_buffer.index_copy_(0, rows, momentum)
+        active.grad = None
+        self._active = None
+
+    def local_cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosines of embeddings to this shard's classes (for inspection and tests)."""
+        normalize = torch.nn.functional.normalize
+        return normalize(embeddings, dim=1) @ normalize(self.weight.detach(), dim=1).t()
 
     # -- world-size-independent checkpoints ---------------------------------------------------
 
-    def save_shard(self, directory: Path, optimizer: torch.optim.Optimizer) -> None:
-        """Write this rank's rows (and momentum) under their global row range."""
+    def save_shard(self, directory: Path) -> None:
+        """Write this rank's rows and momentum under their global row range."""
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"weight": self.weight.detach().contiguous()}
-        momentum = optimizer.state.get(self.weight, {}).get("momentum_buffer")
-        if momentum is not None:
-            tensors["momentum"] = momentum.contiguous()
-        save_file(tensors, directory / SHARD_FILE.format(start=self.start, end=self.end))
+        tensors = {"weight": self.weight.detach().contiguous(), "momentum": self.momentum_buffer.contiguous()}
+        save_file({k: v.cpu() for k, v in tensors.items()}, directory / SHARD_FILE.format(start=self.start, end=self.end))
         if self.rank == 0:
             layout = {"num_classes": self.num_classes, "dim": self.dim}
             (directory / LAYOUT_FILE).write_text(json.dumps(layout))
 
     @torch.no_grad()
-    def load_shards(self, directory: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def load_shards(self, directory: Path) -> None:
         """Fill this rank's rows from slices saved with any world size."""
         layout = json.loads((directory / LAYOUT_FILE).read_text())
         if (layout["num_classes"], layout["dim"]) != (self.num_classes, self.dim):
@@ -114,7 +163,6 @@ class ShardedCircleClassifier(nn.Module):
                 f"{directory}: classifier checkpoint has {layout['num_classes']} classes x "
                 f"{layout['dim']} dims, this run expects {self.num_classes} x {self.dim}"
             )
-        momentum = torch.zeros_like(self.weight)
         filled = 0
         for path in sorted(directory.glob("rows-*.safetensors")):
             start, end = (int(part) for part in path.stem.split("-")[1:])
@@ -122,13 +170,10 @@ class ShardedCircleClassifier(nn.Module):
             if lo >= hi:
                 continue
             with safe_open(path, framework="pt") as saved:  # reads only the overlapping rows
-                self.weight[lo - self.start : hi - self.start] = saved.get_slice("weight")[lo - start : hi - start]
-                if "momentum" in saved.keys():
-                    momentum[lo - self.start : hi - self.start] = saved.get_slice("momentum")[lo - start : hi - start]
+                for name, target in (("weight", self.weight), ("momentum", self.momentum_buffer)):
+                    target[lo - self.start : hi - self.start] = saved.get_slice(name)[lo - start : hi - start]
             filled += hi - lo
-        if filled != self.end - self.start:
+        if filled != self.local_classes:
             raise ValueError(
                 f"{directory}: classifier slices cover {filled} of rows [{self.start}, {self.end})"
             )
-        if optimizer is not None:
-            optimizer.state[self.weight]["momentum_buffer"] = momentum

@@ -1,83 +1,154 @@
-"""Class-level Circle loss, written so that it shards over classes.
+"""Class-level margin losses (Circle, CosFace, ArcFace, normalised softmax), written to shard over classes.
 
-Sun et al. (CVPR 2020) define, for one sample with cosine s_p to its class and s_n^j to the others,
+Every loss here is softmax cross-entropy on per-class logits that depend only on the cosine between
+an embedding and a class weight. Sun et al. (CVPR 2020) write the class-level Circle loss as
 
     L = log(1 + sum_j exp(gamma a_n^j (s_n^j - m)) exp(-gamma a_p (s_p - 1 + m)))
     a_p = relu(1 + m - s_p),  a_n^j = relu(s_n^j + m)   (constants for back-propagation)
 
-which is softmax cross-entropy on the per-class logits below. Cross-entropy needs only a row maximum,
-a row sum of exponentials and the positive logit, each of which is a sum or max over classes, so the
-classes can live on different workers (``distributed_cross_entropy``).
+which is cross-entropy on the Circle logits below. Cross-entropy needs only a row maximum, a row sum
+of exponentials and the positive logit, each a max or sum over classes, so the classes can live on
+different workers and be visited in chunks (``sharded_margin_loss``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.distributed as dist
-from torch.distributed import ProcessGroup
+import torch.nn.functional as F
+
+LossName = Literal["circle", "cosface", "arcface", "softmax"]
 
 
-def circle_logits(cosine: torch.Tensor, target: torch.Tensor, gamma: float, margin: float) -> torch.Tensor:
-    """Per-class Circle logits for a (rows x classes) cosine matrix.
+@dataclass(frozen=True)
+class MarginSpec:
+    name: LossName = "circle"
+    scale: float = 128.0  # gamma for Circle, s for CosFace / ArcFace / softmax
+    margin: float = 0.25  # m: Circle relaxation, CosFace additive cosine, ArcFace additive angle
 
-    ``target[i]`` is the column of row i's own class, or -1 when that class is not among these
-    columns (another shard owns it). The weights a_p and a_n are detached, as in the paper.
+
+def margin_logits(cosine: torch.Tensor, target: torch.Tensor, spec: MarginSpec) -> torch.Tensor:
+    """Per-class logits for a (rows x classes) cosine matrix.
+
+    ``target[i]`` is the column of row i's own class, or -1 when that class is not among these columns
+    (another shard or chunk owns it).
     """
-    alpha_n = (cosine.detach() + margin).clamp_min(0.0)
-    logits = gamma * alpha_n * (cosine - margin)
+    s, m = spec.scale, spec.margin
+    if spec.name == "circle":
+        logits = s * (cosine.detach() + m).clamp_min(0.0) * (cosine - m)
+    else:
+        logits = s * cosine
     rows = torch.nonzero(target >= 0).squeeze(1)
-    if rows.numel():
-        cols = target[rows]
-        positive = cosine[rows, cols]
-        alpha_p = (1.0 + margin - positive.detach()).clamp_min(0.0)
-        logits = logits.index_put((rows, cols), gamma * alpha_p * (positive - (1.0 - margin)))
-    return logits
+    if rows.numel() == 0 or spec.name == "softmax":
+        return logits
+    cols = target[rows]
+    positive = cosine[rows, cols]
+    if spec.name == "circle":
+        value = s * (1.0 + m - positive.detach()).clamp_min(0.0) * (positive - (1.0 - m))
+    elif spec.name == "cosface":
+        value = s * (positive - m)
+    else:  # arcface: cos(theta + m), clamped away from +-1 where acos has no finite gradient
+        theta = torch.acos(positive.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
+        value = s * torch.cos(theta + m)
+    return logits.index_put((rows, cols), value)
 
 
-class _DistributedCrossEntropy(torch.autograd.Function):
-    """Mean softmax cross-entropy over logits whose columns are split across a process group.
+def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op)
 
-    Every rank holds the same rows and a disjoint slice of the columns; every rank returns the same
-    loss and receives the gradient for its own columns: softmax minus one-hot, divided by the rows.
+
+class _ShardedMarginLoss(torch.autograd.Function):
+    """Mean cross-entropy over classes split across ranks (and, within a rank, visited in chunks).
+
+    Every rank holds the same rows (the global batch) and a disjoint slice of class weights. Forward
+    fills one (rows x local classes) logit buffer chunk by chunk, then turns it into softmax
+    probabilities in place; backward recomputes each chunk's cosines to push (softmax - one-hot)
+    through the margin, the cosine and the normalisations. Nothing of size (rows x all classes)
+    exists, and the only other per-class tensors are one chunk's temporaries.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None):
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least under AMP
-        distributed = dist.is_available() and dist.is_initialized()
+    def forward(ctx, embeddings, weight, target, spec: MarginSpec, chunk_size: int):
+        dtype = _compute_dtype(embeddings, weight)
+        x = F.normalize(embeddings.detach().to(dtype), dim=1)
+        logits = x.new_empty((x.shape[0], weight.shape[0]))
+        for start in range(0, weight.shape[0], chunk_size):
+            block = slice(start, start + chunk_size)
+            cosine = x @ F.normalize(weight[block].detach().to(dtype), dim=1).t()
+            logits[:, block] = margin_logits(cosine, _chunk_target(target, start, cosine.shape[1]), spec)
         row_max = logits.max(dim=1).values
-        if distributed:
-            dist.all_reduce(row_max, dist.ReduceOp.MAX, group=group)
-        softmax = torch.exp(logits - row_max[:, None])
-        sum_exp = softmax.sum(dim=1)
-        owned = target >= 0
-        rows = torch.nonzero(owned).squeeze(1)
+        _all_reduce(row_max, dist.ReduceOp.MAX)
+        rows = torch.nonzero(target >= 0).squeeze(1)
         positive = torch.zeros_like(row_max)
         positive[rows] = logits[rows, target[rows]]
-        if distributed:
-            dist.all_reduce(sum_exp, group=group)
-            dist.all_reduce(positive, group=group)
-        # max + log(sum exp) - positive: exact for the huge logits of gamma = 256, where the
-        # probability form -log(p) would underflow and cap the loss.
-        loss = (row_max + sum_exp.log() - positive).mean()
-        softmax.div_(sum_exp[:, None])
-        ctx.save_for_backward(softmax, rows, target[rows])
-        return loss
+        probabilities = logits.sub_(row_max[:, None]).exp_()  # the buffer is reused from here on
+        sum_exp = probabilities.sum(dim=1)
+        _all_reduce(sum_exp)
+        _all_reduce(positive)
+        probabilities.div_(sum_exp[:, None])
+        ctx.save_for_backward(embeddings, weight, target, probabilities)
+        ctx.spec, ctx.chunk_size = spec, chunk_size
+        # max + log(sum exp) - positive: exact even for gamma = 256, where -log(p) would underflow.
+        return (row_max + sum_exp.log() - positive).mean()
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        softmax, rows, cols = ctx.saved_tensors
-        grad = softmax  # reused in place: the forward's probabilities are not needed again
-        grad[rows, cols] -= 1.0
-        grad.mul_(grad_loss / grad.shape[0])
-        return grad, None, None
+    def backward(ctx, grad_loss):
+        embeddings, weight, target, probabilities = ctx.saved_tensors
+        rows = torch.nonzero(target >= 0).squeeze(1)
+        grad_logits = probabilities  # reused in place: the forward's probabilities are not needed again
+        grad_logits[rows, target[rows]] -= 1.0
+        grad_logits.mul_(grad_loss / grad_logits.shape[0])
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        dtype = _compute_dtype(embeddings, weight)
+        grad_embeddings = torch.zeros_like(embeddings, dtype=dtype)
+        x = embeddings.detach().to(dtype)
+        for start in range(0, weight.shape[0], ctx.chunk_size):
+            block = slice(start, start + ctx.chunk_size)
+            with torch.enable_grad():
+                x_leaf = x.requires_grad_(True)
+                w_leaf = weight[block].detach().to(dtype).requires_grad_(True)
+                cosine = F.normalize(x_leaf, dim=1) @ F.normalize(w_leaf, dim=1).t()
+                logits = margin_logits(cosine, _chunk_target(target, start, cosine.shape[1]), ctx.spec)
+                grad_x, grad_w = torch.autograd.grad(logits, (x_leaf, w_leaf), grad_logits[:, block])
+            grad_embeddings += grad_x
+            if grad_weight is not None:
+                grad_weight[block] = grad_w
+        return grad_embeddings.to(embeddings.dtype), grad_weight, None, None, None
 
 
-def distributed_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None = None
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 at least (fp16/bf16 activations under AMP), float64 when an input is float64."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _chunk_target(target: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    local = target - start
+    return torch.where((target >= 0) & (local >= 0) & (local < width), local, -1)
+
+
+def default_chunk_size(rows: int, budget_bytes: int = 64 * 1024**2) -> int:
+    """Classes per chunk so that one (rows x chunk) float32 temporary stays within the budget."""
+    return max(1024, budget_bytes // (4 * max(rows, 1)))
+
+
+def sharded_margin_loss(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    spec: MarginSpec,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of ``logits`` (rows x local classes); ``target`` -1 where another rank owns it.
+    """Mean margin-softmax loss of ``embeddings`` (the global batch) against this rank's ``weight`` rows.
 
-    Without an initialised process group this is plain single-process cross-entropy.
+    ``target`` is each row's column in ``weight`` or -1 where another rank owns the class. Without an
+    initialised process group this is the plain single-process loss. Computed in float32 at least.
     """
-    return _DistributedCrossEntropy.apply(logits, target, group)
+    chunk = chunk_size or default_chunk_size(embeddings.shape[0])
+    return _ShardedMarginLoss.apply(embeddings, weight, target, spec, chunk)

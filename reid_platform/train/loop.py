@@ -20,7 +20,8 @@ from reid_platform.evaluation.features import evaluate_model
 from reid_platform.input.dali import Partition, TrainLoader
 from reid_platform.model.backbone import ModelSpec, ReIDNet, load_pretrained_trunk
 from reid_platform.parallel.comm import broadcast_buffers
-from reid_platform.parallel.classifier import CircleSpec, ShardedCircleClassifier
+from reid_platform.parallel.losses import MarginSpec
+from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.tracking.mlflow_run import RunLogger
 from reid_platform.train.checkpoint import load_checkpoint, save_checkpoint
 from reid_platform.train.schedule import lr_factor
@@ -61,26 +62,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     num_classes = read_manifest(cfg.data.shards)["num_classes"]
     model = build_model(cfg)
-    classifier = ShardedCircleClassifier(
+    classifier = ShardedClassifier(
         num_classes,
         model.spec.feature_dim,
         rank,
         world_size,
-        CircleSpec(cfg.loss.gamma, cfg.loss.margin),
+        MarginSpec(cfg.loss.name, cfg.loss.scale, cfg.loss.margin),
+        sample_rate=cfg.loss.sample_rate,
+        momentum=cfg.train.momentum,
+        weight_decay=cfg.train.weight_decay,
         seed=cfg.train.seed,
-    ).to(device)
+        device=device,
+    )
     backbone_optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
     )
     classifier_lr = cfg.train.classifier_lr or cfg.train.lr
-    classifier_optimizer = torch.optim.SGD(
-        classifier.parameters(), lr=classifier_lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
-    )
     progress = {"epoch": 0, "step": 0, "carried": {}}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            progress = load_checkpoint(Path(directory), model, backbone_optimizer, classifier, classifier_optimizer)
+            progress = load_checkpoint(Path(directory), model, backbone_optimizer, classifier)
     model = ray.train.torch.prepare_model(model)
     network = getattr(model, "module", model)  # the plain module, for evaluation and checkpoints
 
@@ -100,8 +102,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             factor = lr_factor(progress["step"], total_steps, warmup_steps)
             for group in backbone_optimizer.param_groups:
                 group["lr"] = cfg.train.lr * factor
-            for group in classifier_optimizer.param_groups:
-                group["lr"] = classifier_lr * factor
             embeddings = model(images.to(device, non_blocking=True))
             if world_size > 1:
                 # Every rank's loss is already the loss of the whole global batch (the classifier
@@ -109,10 +109,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 embeddings.register_hook(lambda grad: grad * world_size)
             loss = classifier(embeddings, labels.to(device, non_blocking=True))
             backbone_optimizer.zero_grad(set_to_none=True)
-            classifier_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             backbone_optimizer.step()
-            classifier_optimizer.step()
+            classifier.step(classifier_lr * factor)
             progress["step"] += 1
             losses.append((progress["step"], loss.item()))
         elapsed = time.perf_counter() - started
@@ -133,9 +132,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(_progress_line(metrics, cfg.train.epochs), flush=True)
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(
-                Path(directory), rank, network,
-                backbone_optimizer, classifier, classifier_optimizer, progress,
-            )  # fmt: skip
+                Path(directory), rank, network, backbone_optimizer, classifier, progress
+            )
             ray.train.report(
                 {**metrics, **progress["carried"]},
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
