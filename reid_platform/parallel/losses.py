@@ -133,9 +133,10 @@ def _chunk_target(target: torch.Tensor, start: int, width: int) -> torch.Tensor:
     return torch.where((target >= 0) & (local >= 0) & (local < width), local, -1)
 
 
-def default_chunk_size(rows: int, budget_bytes: int = 64 * 1024**2) -> int:
-    """Classes per chunk so that one (rows x chunk) float32 temporary stays within the budget."""
-    return max(1024, budget_bytes // (4 * max(rows, 1)))
+def default_chunk_size(rows: int, dim: int, budget_bytes: int = 8 * 1024**2) -> int:
+    """Classes per chunk so that each float32 temporary, (rows x chunk) cosines or (chunk x dim)
+    normalised weights and their gradients, stays within the budget."""
+    return max(256, budget_bytes // (4 * max(rows, dim, 1)))
 
 
 def sharded_margin_loss(
@@ -150,5 +151,5 @@ def sharded_margin_loss(
     ``target`` is each row's column in ``weight`` or -1 where another rank owns the class. Without an
     initialised process group this is the plain single-process loss. Computed in float32 at least.
     """
-    chunk = chunk_size or default_chunk_size(embeddings.shape[0])
+    chunk = chunk_size or default_chunk_size(*embeddings.shape)
     return _ShardedMarginLoss.apply(embeddings, weight, target, spec, chunk)
