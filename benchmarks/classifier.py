@@ -60,7 +60,7 @@ def _sharded_worker(rank, world_size, init_file, out_dir, classes, dim, batch, r
 
     def step():
         x = torch.randn(batch, dim, requires_grad=True)
-        loss = model(x, torch.randint(0, classes, (batch,)))
+        loss = model(x, torch.randint(0, model.num_classes, (batch,)))
         loss.backward()
         model.step(lr=0.1)
         losses.append(loss.item())
@@ -90,7 +90,7 @@ def _dense_worker(_, out_dir, classes, dim, batch, steps):
 
     def step():
         x = torch.randn(batch, dim, requires_grad=True)
-        labels = torch.randint(0, classes, (batch,))
+        labels = torch.randint(0, weight.shape[0], (batch,))
         cosine = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()
         loss = F.cross_entropy(margin_logits(cosine, labels, SPEC), labels)
         optimizer.zero_grad()

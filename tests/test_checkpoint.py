@@ -12,6 +12,11 @@ from reid_platform.parallel.classifier import ShardedClassifier
 CLASSES, DIM = 10, 6
 
 
+def cosine(embeddings, weight):
+    normalize = torch.nn.functional.normalize
+    return normalize(embeddings, dim=1) @ normalize(weight, dim=1).t()
+
+
 def shards(world_size, seed=0):
     return [ShardedClassifier(CLASSES, DIM, rank, world_size, seed=seed) for rank in range(world_size)]
 
@@ -25,15 +30,26 @@ def test_saved_with_two_workers_loads_with_one_and_three(tmp_path):
     full_momentum = torch.cat([m.momentum_buffer for m in saved])
     assert full_momentum.abs().sum() > 0
     embeddings = torch.randn(5, DIM)
-    reference = torch.cat([m.local_cosine(embeddings) for m in saved], dim=1)
+    reference = cosine(embeddings, full_weight)
     for world_size in (1, 3):
         loaded = shards(world_size, seed=99)
         for model in loaded:
             model.load_shards(tmp_path)
         torch.testing.assert_close(torch.cat([m.weight.detach() for m in loaded]), full_weight)
         torch.testing.assert_close(torch.cat([m.momentum_buffer for m in loaded]), full_momentum)
-        logits = torch.cat([m.local_cosine(embeddings) for m in loaded], dim=1)
+        logits = cosine(embeddings, torch.cat([m.weight.detach() for m in loaded]))
         torch.testing.assert_close(logits, reference)
+
+
+def test_missing_rows_are_named(tmp_path):
+    saved = shards(2)
+    saved[0].save_shard(tmp_path)  # rank 1's rows [5, 10) never written
+    try:
+        shards(1)[0].load_shards(tmp_path)
+    except ValueError as error:
+        assert "cover 5 of rows [0, 10); row 5 is in none" in str(error)
+    else:
+        raise AssertionError("a checkpoint missing rows loaded silently")
 
 
 def test_mismatched_classifier_checkpoint_is_refused(tmp_path):
@@ -60,10 +76,10 @@ def test_model_directory_round_trip(tmp_path):
 
 def test_last_stride_one_doubles_the_final_map():
     images = torch.randn(1, 3, 128, 64)
-    strided = ReIDNet(ModelSpec("resnet18", last_stride=2)).trunk(images)
-    unstrided = ReIDNet(ModelSpec("resnet50", last_stride=1)).trunk(images)
-    assert strided.shape[-2:] == (4, 2) and unstrided.shape[-2:] == (8, 4)
-    assert unstrided.shape[1] == 2048
+    for arch, width in (("resnet18", 512), ("resnet50", 2048)):  # BasicBlock and Bottleneck
+        strided = ReIDNet(ModelSpec(arch, last_stride=2)).trunk(images)
+        unstrided = ReIDNet(ModelSpec(arch, last_stride=1)).trunk(images)
+        assert strided.shape[1:] == (width, 4, 2) and unstrided.shape[1:] == (width, 8, 4)
 
 
 def test_local_pretrained_weights_load_into_the_trunk(tmp_path):

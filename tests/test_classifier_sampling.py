@@ -24,6 +24,12 @@ def test_sampled_rows_keep_every_positive_and_remap_targets():
         assert torch.equal(rows[remapped[owned]], target[owned]) and (remapped[~owned] == -1).all()
 
 
+def test_a_shard_without_positives_still_samples_a_row():
+    model = ShardedClassifier(40, 4, rank=1, world_size=4, sample_rate=0.05)  # 10 rows, 0.5 wanted
+    rows, remapped = model.sample_rows(model.local_target(torch.tensor([0, 1, 35])))  # none in [10, 20)
+    assert len(rows) == 1 and (remapped == -1).all()
+
+
 def test_sampled_loss_is_the_exact_loss_over_the_sampled_classes():
     model = ShardedClassifier(50, 8, sample_rate=0.3, loss=SPEC).double()
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)

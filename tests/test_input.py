@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from reid_platform.config import InputConfig
-from reid_platform.data.datasets import load_market1501
+from reid_platform.data.datasets import DatasetError, load_market1501
 from reid_platform.data.pack import PackOptions, pack_dataset
 from reid_platform.input.dali import Partition, TrainLoader, eval_batches
 
@@ -24,6 +25,20 @@ def test_labels_of_any_size_survive_dali(tiny_market, tmp_path):
     loader = TrainLoader(out, Partition(0, 1), CFG, seed=0)
     seen = torch.cat([labels for _, labels in loader])
     assert set(seen.tolist()) <= set(big) and len(set(seen.tolist())) >= 6
+    assert loader.num_classes == big[-1] + 1
+
+
+def test_label_outside_the_manifest_is_named(tiny_shards, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["num_classes"] = 3  # the shards hold labels 0..7
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=r"training sample index \d+ has label [3-7], outside the manifest's 3 classes"):
+        list(TrainLoader(copy, Partition(0, 1), CFG, seed=0))
 
 
 def test_train_loader_gives_every_rank_the_same_steps(tiny_shards):

@@ -34,9 +34,11 @@ def dense_oracle(embeddings, weight, labels, spec):
             negative = torch.logsumexp(s * a_n * (s_n - m), dim=0)
             losses.append(F.softplus(negative - s * a_p * (s_p - (1 - m))))
             continue
+        theta = torch.acos(s_p)
+        arcface = torch.cos(theta + m) if theta + m <= math.pi else s_p - m * math.sin(m)
         positive = {
             "cosface": s * (s_p - m),  # Wang et al. 2018
-            "arcface": s * torch.cos(torch.acos(s_p) + m),  # Deng et al. 2019
+            "arcface": s * arcface,  # Deng et al. 2019, past theta = pi - m as in their code
             "softmax": s * s_p,
         }[spec.name]
         losses.append(torch.logsumexp(torch.cat([positive[None], s * s_n]), dim=0) - positive)
@@ -98,6 +100,14 @@ def test_class_chunks_do_not_change_the_result(name):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b)
+
+
+def test_arcface_logit_falls_monotonically_with_the_angle():
+    from reid_platform.parallel.losses import margin_logits
+
+    cosine = torch.linspace(-1, 1, 401)[:, None]
+    logits = margin_logits(cosine, torch.zeros(401, dtype=torch.long), MarginSpec("arcface", 1.0, 0.5))[:, 0]
+    assert (logits[1:] >= logits[:-1]).all()  # a larger cosine (smaller angle) never lowers it
 
 
 def test_loss_is_exact_where_probabilities_underflow():

@@ -130,7 +130,7 @@ def pack_dataset(
         "root": str(root.resolve()),
         "seed": options.seed,
         "meta_fields": list(META_FIELDS),
-        "num_classes": len({s.label for s in splits["train"]}),
+        "num_classes": max((s.label for s in splits["train"]), default=-1) + 1,
         "splits": {},
     }
     for split in SPLITS:

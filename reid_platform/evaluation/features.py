@@ -12,18 +12,27 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 from reid_platform.config import InputConfig
-from reid_platform.evaluation.metrics import FeatureSet, Metric, QueryResults, RetrievalMetrics, rank_queries, summarize
+from reid_platform.data.pack import read_manifest
+from reid_platform.evaluation.metrics import (
+    EvaluationError,
+    FeatureSet,
+    Metric,
+    QueryResults,
+    RetrievalMetrics,
+    rank_queries,
+    summarize,
+)
 from reid_platform.input.dali import Partition, eval_batches
+from reid_platform.model.backbone import ReIDNet
 from reid_platform.parallel.comm import all_gather_rows
 
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module,
+    model: ReIDNet,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     description: str | None = None,
@@ -33,20 +42,25 @@ def extract_features(
     model.eval()
     features, metas = [], []
     for images, meta in tqdm(batches, desc=description, unit="batch", disable=description is None):
-        features.append(torch.nn.functional.normalize(model(images.to(device)), dim=1).float().cpu())
+        features.append(model.embed(images.to(device)).float().cpu())
         metas.append(meta.cpu())
     model.train(was_training)
     return torch.cat(features), torch.cat(metas)
 
 
-def _in_dataset_order(features: torch.Tensor, meta: torch.Tensor) -> FeatureSet:
+def _in_dataset_order(split: str, expected: int, features: torch.Tensor, meta: torch.Tensor) -> FeatureSet:
     features, meta = all_gather_rows(features), all_gather_rows(meta)
     order = torch.argsort(meta[:, 3])
+    if not torch.equal(meta[order, 3], torch.arange(expected)):
+        raise EvaluationError(
+            f"{split}: the workers read {len(meta)} samples ({meta[:, 3].unique().numel()} distinct), "
+            f"the manifest lists {expected}"
+        )
     return FeatureSet(features[order], meta[order, 1], meta[order, 2])
 
 
 def evaluate_model(
-    model: nn.Module,
+    model: ReIDNet,
     shards_dir,
     input_cfg: InputConfig,
     partition: Partition,
@@ -56,15 +70,17 @@ def evaluate_model(
     progress: bool = False,
 ) -> RetrievalMetrics:
     """Query-vs-gallery metrics of ``model``; every rank of the group returns the same numbers."""
+    manifest = read_manifest(shards_dir)
     sets = {}
     for split in ("query", "gallery"):
         batches = eval_batches(shards_dir, split, partition, input_cfg, batch_size)
         description = f"embedding {split}" if progress else None
-        sets[split] = _in_dataset_order(*extract_features(model, batches, device, description))
+        expected = manifest["splits"][split]["samples"]
+        sets[split] = _in_dataset_order(split, expected, *extract_features(model, batches, device, description))
     query, gallery = sets["query"], sets["gallery"]
     bounds = torch.linspace(0, len(query), partition.world_size + 1).long().tolist()
     mine = slice(bounds[partition.rank], bounds[partition.rank + 1])
-    local = rank_queries(FeatureSet(query.features[mine], query.person_ids[mine], query.camera_ids[mine]), gallery, metric)
+    local = rank_queries(query, gallery, metric, rows=mine)
     if dist.is_available() and dist.is_initialized():
         local = QueryResults(
             first_rank=all_gather_rows(local.first_rank),

@@ -45,6 +45,11 @@ class QueryResults:
     inverse_negative_penalty: torch.Tensor  # (Q,) float64
     valid: torch.Tensor  # (Q,) bool
 
+    @staticmethod
+    def empty() -> QueryResults:
+        no_rows = torch.zeros(0, dtype=torch.float64)
+        return QueryResults(torch.zeros(0, dtype=torch.int64), no_rows, no_rows, torch.zeros(0, dtype=torch.bool))
+
 
 @dataclass(frozen=True)
 class RetrievalMetrics:
@@ -73,9 +78,11 @@ def _check(name: str, features: FeatureSet) -> None:
         length = getattr(features, field).shape[0]
         if length != n:
             raise EvaluationError(f"{name}: {n} feature rows but {length} {field}")
-    bad = (~torch.isfinite(features.features)).any(dim=1).sum().item()
-    if bad:
-        raise EvaluationError(f"{name}: {bad} of {n} feature rows contain NaN or infinite values")
+    bad = torch.nonzero(~torch.isfinite(features.features).all(dim=1)).squeeze(1)
+    if bad.numel():
+        raise EvaluationError(
+            f"{name}: {bad.numel()} of {n} feature rows contain NaN or infinite values (first: row {int(bad[0])})"
+        )
 
 
 def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: Metric) -> torch.Tensor:
@@ -86,14 +93,23 @@ def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: Metric
 
 
 def rank_queries(
-    query: FeatureSet, gallery: FeatureSet, metric: Metric = "cosine", chunk_size: int = 256
+    query: FeatureSet,
+    gallery: FeatureSet,
+    metric: Metric = "cosine",
+    chunk_size: int = 256,
+    rows: slice = slice(None),
 ) -> QueryResults:
-    """Per-query first-match rank, AP and INP, ``chunk_size`` queries at a time."""
+    """Per-query first-match rank, AP and INP for ``query[rows]``, ``chunk_size`` queries at a time.
+
+    Inputs are checked whole, so every process of a distributed evaluation agrees on whether they
+    are valid, even one whose slice of queries is empty.
+    """
     _check("query", query)
     _check("gallery", gallery)
-    parts = []
-    for start in range(0, len(query), chunk_size):
-        rows = slice(start, start + chunk_size)
+    parts = [QueryResults.empty()]
+    first_row, last_row, _ = rows.indices(len(query))
+    for start in range(first_row, last_row, chunk_size):
+        rows = slice(start, min(start + chunk_size, last_row))
         distance = pairwise_distance(query.features[rows], gallery.features, metric)
         order = torch.sort(distance, dim=1, stable=True).indices
         same_id = gallery.person_ids[order] == query.person_ids[rows, None]
@@ -105,7 +121,7 @@ def rank_queries(
         valid = num_matches > 0
         first = torch.where(match, rank_in_kept, torch.iinfo(torch.int64).max).min(dim=1).values
         last = torch.where(match, rank_in_kept, 0).max(dim=1).values
-        precision = torch.where(match, matches_so_far / rank_in_kept, 0.0).to(torch.float64)
+        precision = torch.where(match, matches_so_far.double() / rank_in_kept, 0.0)
         denominator = num_matches.clamp_min(1).to(torch.float64)
         parts.append(
             QueryResults(

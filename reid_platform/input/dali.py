@@ -23,6 +23,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from reid_platform.config import InputConfig
+from reid_platform.data.datasets import DatasetError
 from reid_platform.data.pack import read_manifest, shard_paths
 
 READER = "Reader"
@@ -108,7 +109,7 @@ def _pipeline(graph, split: str, shards_dir, partition: Partition, cfg: InputCon
         prefetch_queue_depth=2,
     )
     pipe.build()
-    return pipe, manifest["splits"][split]["samples"]
+    return pipe, manifest
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
@@ -126,8 +127,10 @@ class TrainLoader:
     """Endless augmented batches; iterate it for one epoch of ``steps`` (images, labels)."""
 
     def __init__(self, shards_dir, partition: Partition, cfg: InputConfig, seed: int):
-        pipe, samples = _pipeline(_train_graph, "train", shards_dir, partition, cfg, cfg.batch_size, seed)
-        self.steps = steps_per_epoch(samples, partition.world_size, cfg.batch_size)
+        pipe, manifest = _pipeline(_train_graph, "train", shards_dir, partition, cfg, cfg.batch_size, seed)
+        self.steps = steps_per_epoch(manifest["splits"]["train"]["samples"], partition.world_size, cfg.batch_size)
+        self.num_classes = manifest["num_classes"]
+        self.shards_dir = shards_dir
         self._batches = DALIGenericIterator(pipe, ["images", "meta"], size=-1)
 
     def __len__(self) -> int:
@@ -135,8 +138,15 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in islice(self._batches, self.steps):
-            out = batch[0]
-            yield out["images"], out["meta"][:, 0].clone()
+            images, meta = batch[0]["images"], batch[0]["meta"]
+            labels = meta[:, 0].clone()
+            bad = (labels < 0) | (labels >= self.num_classes)
+            if bad.any():  # no shard owns such a class: the loss would be silently wrong
+                raise DatasetError(
+                    f"{self.shards_dir}: training sample index {int(meta[bad][0, 3])} has label "
+                    f"{int(labels[bad][0])}, outside the manifest's {self.num_classes} classes"
+                )
+            yield images, labels
 
 
 def eval_batches(shards_dir, split: str, partition: Partition, cfg: InputConfig, batch_size: int):

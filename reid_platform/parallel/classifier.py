@@ -7,8 +7,9 @@ Forward, on every rank:
     rows = every local class in Y + random local negatives, up to sample_rate x C_r (Partial FC)
     loss = sharded_margin_loss(X, W_r[rows])  (chunked; distributed log-sum-exp over ranks)
 
-Communication per step is one gather of B x d features and labels and three all-reduces of
-B-vectors, whatever the number of classes. The weight is not in DDP: its gradient is already
+Communication per step, whatever the number of classes: a gather of the B x d features and the
+labels, three all-reduces of B-vectors, and in backward one all-reduce of the gathered features'
+gradient (W*B x d, the largest transfer). The weight is not in DDP: its gradient is already
 complete on the owner because every rank sees the whole global batch. The classifier updates its own
 rows (SGD with momentum) so that with sampling only the sampled rows and their momentum are touched.
 
@@ -19,6 +20,7 @@ other W' (each rank reads just the rows it now owns).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -28,9 +30,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from reid_platform.parallel.comm import all_gather_with_grad
-from reid_platform.parallel.losses import MarginSpec, sharded_margin_loss
+from reid_platform.parallel.losses import MarginSpec, columns_in_range, sharded_margin_loss
 
 SHARD_FILE = "rows-{start:012d}-{end:012d}.safetensors"
+ROWS_NAME = re.compile(r"rows-(\d{12})-(\d{12})\.safetensors")
 LAYOUT_FILE = "classifier.json"
 
 
@@ -69,6 +72,8 @@ class ShardedClassifier(nn.Module):
         weight = torch.empty(self.end - self.start, dim, device=device)
         self.weight = nn.Parameter(weight.normal_(0.0, 0.01, generator=generator))
         self.register_buffer("momentum_buffer", torch.zeros_like(weight))
+        # negatives differ per rank and do not depend on anything else drawing random numbers
+        self._sampler = torch.Generator(device).manual_seed(seed * 1_000_003 + self.start + 1)
         self._active: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     @property
@@ -85,8 +90,7 @@ class ShardedClassifier(nn.Module):
 
     def local_target(self, labels: torch.Tensor) -> torch.Tensor:
         """Column of each label in this shard, -1 where another rank owns the class."""
-        local = labels - self.start
-        return torch.where((local >= 0) & (local < self.local_classes), local, -1)
+        return columns_in_range(labels, self.start, self.local_classes)
 
     def sample_rows(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted local rows to use, target remapped to positions in them).
@@ -95,8 +99,10 @@ class ShardedClassifier(nn.Module):
         ``sample_rate`` of the local classes.
         """
         positives = torch.unique(target[target >= 0])
-        count = min(self.local_classes, max(int(self.sample_rate * self.local_classes), positives.numel()))
-        score = torch.rand(self.local_classes, device=target.device)
+        # at least one row, so a rank whose classes are all absent still joins the collectives
+        wanted = max(1, int(self.sample_rate * self.local_classes), positives.numel())
+        count = min(self.local_classes, wanted)
+        score = torch.rand(self.local_classes, device=target.device, generator=self._sampler)
         score[positives] = 2.0  # above any random score: positives are always picked
         rows = torch.topk(score, count, sorted=False).indices.sort().values
         remapped = torch.searchsorted(rows, target.clamp_min(0))
@@ -138,11 +144,6 @@ class ShardedClassifier(nn.Module):
         active.grad = None
         self._active = None
 
-    def local_cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Cosines of embeddings to this shard's classes (for inspection and tests)."""
-        normalize = torch.nn.functional.normalize
-        return normalize(embeddings, dim=1) @ normalize(self.weight.detach(), dim=1).t()
-
     # -- world-size-independent checkpoints ---------------------------------------------------
 
     def save_shard(self, directory: Path) -> None:
@@ -157,23 +158,31 @@ class ShardedClassifier(nn.Module):
     @torch.no_grad()
     def load_shards(self, directory: Path) -> None:
         """Fill this rank's rows from slices saved with any world size."""
-        layout = json.loads((directory / LAYOUT_FILE).read_text())
+        try:
+            layout = json.loads((directory / LAYOUT_FILE).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{directory}: not a classifier checkpoint (no {LAYOUT_FILE})") from None
         if (layout["num_classes"], layout["dim"]) != (self.num_classes, self.dim):
             raise ValueError(
                 f"{directory}: classifier checkpoint has {layout['num_classes']} classes x "
                 f"{layout['dim']} dims, this run expects {self.num_classes} x {self.dim}"
             )
-        filled = 0
+        filled = torch.zeros(self.local_classes, dtype=torch.bool)
         for path in sorted(directory.glob("rows-*.safetensors")):
-            start, end = (int(part) for part in path.stem.split("-")[1:])
+            match = ROWS_NAME.fullmatch(path.name)
+            if match is None:
+                raise ValueError(f"{path}: not a classifier slice name ({SHARD_FILE})")
+            start, end = int(match.group(1)), int(match.group(2))
             lo, hi = max(start, self.start), min(end, self.end)
             if lo >= hi:
                 continue
             with safe_open(path, framework="pt") as saved:  # reads only the overlapping rows
                 for name, target in (("weight", self.weight), ("momentum", self.momentum_buffer)):
                     target[lo - self.start : hi - self.start] = saved.get_slice(name)[lo - start : hi - start]
-            filled += hi - lo
-        if filled != self.local_classes:
+            filled[lo - self.start : hi - self.start] = True
+        if not filled.all():
+            missing = self.start + int(torch.nonzero(~filled)[0])
             raise ValueError(
-                f"{directory}: classifier slices cover {filled} of rows [{self.start}, {self.end})"
+                f"{directory}: classifier slices cover {int(filled.sum())} of rows [{self.start}, {self.end}); "
+                f"row {missing} is in none"
             )

@@ -13,6 +13,7 @@ different workers and be visited in chunks (``sharded_margin_loss``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,9 +51,12 @@ def margin_logits(cosine: torch.Tensor, target: torch.Tensor, spec: MarginSpec) 
         value = s * (1.0 + m - positive.detach()).clamp_min(0.0) * (positive - (1.0 - m))
     elif spec.name == "cosface":
         value = s * (positive - m)
-    else:  # arcface: cos(theta + m), clamped away from +-1 where acos has no finite gradient
+    else:  # arcface: cos(theta + m) while theta + m <= pi, where it still falls as theta grows;
+        # beyond, the CosFace-like cos(theta) - m sin(m) keeps the logit monotonic (InsightFace's form)
         theta = torch.acos(positive.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
-        value = s * torch.cos(theta + m)
+        value = s * torch.where(
+            positive > math.cos(math.pi - m), torch.cos(theta + m), positive - m * math.sin(m)
+        )
     return logits.index_put((rows, cols), value)
 
 
@@ -79,7 +83,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
         for start in range(0, weight.shape[0], chunk_size):
             block = slice(start, start + chunk_size)
             cosine = x @ F.normalize(weight[block].detach().to(dtype), dim=1).t()
-            logits[:, block] = margin_logits(cosine, _chunk_target(target, start, cosine.shape[1]), spec)
+            logits[:, block] = margin_logits(cosine, columns_in_range(target, start, cosine.shape[1]), spec)
         row_max = logits.max(dim=1).values
         _all_reduce(row_max, dist.ReduceOp.MAX)
         rows = torch.nonzero(target >= 0).squeeze(1)
@@ -112,7 +116,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
                 x_leaf = x.requires_grad_(True)
                 w_leaf = weight[block].detach().to(dtype).requires_grad_(True)
                 cosine = F.normalize(x_leaf, dim=1) @ F.normalize(w_leaf, dim=1).t()
-                logits = margin_logits(cosine, _chunk_target(target, start, cosine.shape[1]), ctx.spec)
+                logits = margin_logits(cosine, columns_in_range(target, start, cosine.shape[1]), ctx.spec)
                 grad_x, grad_w = torch.autograd.grad(logits, (x_leaf, w_leaf), grad_logits[:, block])
             grad_embeddings += grad_x
             if grad_weight is not None:
@@ -128,9 +132,10 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _chunk_target(target: torch.Tensor, start: int, width: int) -> torch.Tensor:
-    local = target - start
-    return torch.where((target >= 0) & (local >= 0) & (local < width), local, -1)
+def columns_in_range(labels: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """Column of each label among classes [start, start + width); -1 for others (and for -1)."""
+    local = labels - start
+    return torch.where((labels >= 0) & (local >= 0) & (local < width), local, -1)
 
 
 def default_chunk_size(rows: int, dim: int, budget_bytes: int = 8 * 1024**2) -> int:

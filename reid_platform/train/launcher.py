@@ -43,8 +43,8 @@ class TrainingOutcome:
     checkpoint: str
 
 
-def check_inputs(cfg: RunConfig) -> int:
-    """Fail before any process starts if the shards are missing or changed; returns the class count."""
+def check_inputs(cfg: RunConfig) -> None:
+    """Fail before any process starts if the shards are missing or changed."""
     manifest = read_manifest(cfg.data.shards)
     for split in ("train", "query", "gallery"):
         shard_paths(cfg.data.shards, manifest, split)
@@ -53,7 +53,6 @@ def check_inputs(cfg: RunConfig) -> int:
             f"{cfg.data.shards}: {manifest['num_classes']} classes cannot be sharded over "
             f"{cfg.scaling.num_workers} workers"
         )
-    return manifest["num_classes"]
 
 
 def publish_model(cfg: RunConfig, checkpoint_dir: Path, run_id: str) -> str | None:
@@ -106,7 +105,13 @@ def train(cfg: RunConfig, config_path: Path) -> TrainingOutcome:
         raise
     with result.checkpoint.as_directory() as checkpoint_dir:
         registered = publish_model(cfg, Path(checkpoint_dir), run_id)
-    metrics = result.metrics
+    metrics = result.metrics or {}
+    if "rank1" not in metrics:
+        finish_run(cfg.tracking.uri, run_id)
+        raise ValueError(
+            f"run {cfg.run.name!r} in {cfg.run.storage_path} had already finished its {cfg.train.epochs} "
+            "epochs; raise train.epochs to continue it, or choose a new run.name"
+        )
     outcome = TrainingOutcome(
         rank1=metrics["rank1"],
         rank5=metrics["rank5"],

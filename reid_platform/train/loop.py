@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray.train
 import ray.train.torch
+import numpy as np
 import torch
 
 from reid_platform.config import RunConfig
@@ -61,10 +62,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
 
     num_classes = read_manifest(cfg.data.shards)["num_classes"]
-    model = build_model(cfg)
+    # Wrap first, then build the optimizer and restore into the wrapped module: optimizer state
+    # loaded after the move lands on the parameters' device (GPU), and every rank loads the same.
+    model = ray.train.torch.prepare_model(build_model(cfg))
+    network = getattr(model, "module", model)  # the plain module, for evaluation and checkpoints
     classifier = ShardedClassifier(
         num_classes,
-        model.spec.feature_dim,
+        network.spec.feature_dim,
         rank,
         world_size,
         MarginSpec(cfg.loss.name, cfg.loss.scale, cfg.loss.margin),
@@ -82,11 +86,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            progress = load_checkpoint(Path(directory), model, backbone_optimizer, classifier)
-    model = ray.train.torch.prepare_model(model)
-    network = getattr(model, "module", model)  # the plain module, for evaluation and checkpoints
+            progress = load_checkpoint(Path(directory), network, backbone_optimizer, classifier)
 
-    loader = TrainLoader(cfg.data.shards, partition, cfg.input, seed=cfg.train.seed * 1000 + rank + progress["epoch"])
+    # Distinct augmentation streams per (seed, rank, epoch of the start), also after a resume.
+    input_seed = int(np.random.SeedSequence([cfg.train.seed, rank, progress["epoch"]]).generate_state(1)[0])
+    loader = TrainLoader(cfg.data.shards, partition, cfg.input, seed=input_seed)
     total_steps = cfg.train.epochs * len(loader)
     warmup_steps = cfg.train.warmup_epochs * len(loader)
     if progress["epoch"] == 0:
