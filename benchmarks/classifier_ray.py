@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import ray
 import ray.train
@@ -62,7 +64,10 @@ def loop(config: dict) -> None:
         losses.append(loss.item())
     elapsed = time.perf_counter() - started
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    ray.train.report({"losses": losses, "steps_per_s": len(losses) / elapsed, "peak_rss_mb": peak_mb, "rank": rank})
+    metrics = {"losses": losses, "steps_per_s": len(losses) / elapsed, "peak_rss_mb": peak_mb}
+    with tempfile.TemporaryDirectory() as directory:  # Ray Train V2 keeps metrics only with a checkpoint
+        (Path(directory) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def main() -> None:
