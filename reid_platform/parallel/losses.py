@@ -138,7 +138,7 @@ def columns_in_range(labels: torch.Tensor, start: int, width: int) -> torch.Tens
     return torch.where((labels >= 0) & (local >= 0) & (local < width), local, -1)
 
 
-def default_chunk_size(rows: int, dim: int, budget_bytes: int = 8 * 1024**2) -> int:
+def default_chunk_size(rows: int, dim: int, budget_bytes: int = 4 * 1024**2) -> int:
     """Classes per chunk so that each float32 temporary, (rows x chunk) cosines or (chunk x dim)
     normalised weights and their gradients, stays within the budget."""
     return max(256, budget_bytes // (4 * max(rows, dim, 1)))
