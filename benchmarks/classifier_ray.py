@@ -28,6 +28,7 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from reid_platform.parallel.classifier import ShardedClassifier
+from reid_platform.parallel.comm import undo_ddp_averaging
 from reid_platform.parallel.losses import MarginSpec
 
 INPUT_DIM = 64
@@ -55,7 +56,7 @@ def loop(config: dict) -> None:
         labels = pool[torch.randint(len(pool), (config["batch"],))]
         inputs = prototypes(labels) + 0.3 * torch.randn(config["batch"], INPUT_DIM)
         embeddings = encoder(inputs)
-        embeddings.register_hook(lambda grad: grad * world_size)  # the loss is already global (see train/loop.py)
+        undo_ddp_averaging(embeddings)
         loss = classifier(embeddings, labels)
         optimizer.zero_grad()
         loss.backward()

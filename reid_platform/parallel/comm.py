@@ -59,3 +59,15 @@ def broadcast_buffers(module: torch.nn.Module, source: int = 0) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in module.buffers():
             dist.broadcast(buffer, source)
+
+
+def undo_ddp_averaging(embeddings: torch.Tensor) -> None:
+    """Scale the embedding gradient by the world size before it reaches the DDP backbone.
+
+    The sharded classifier's loss on every rank is already the loss of the whole global batch, so
+    the gradient each rank computes for its own embeddings is complete; DDP's averaging of backbone
+    gradients over ranks would divide it by the world size once too often.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world_size = dist.get_world_size()
+        embeddings.register_hook(lambda grad: grad * world_size)

@@ -20,7 +20,7 @@ from reid_platform.data.pack import read_manifest
 from reid_platform.evaluation.features import evaluate_model
 from reid_platform.input.dali import Partition, TrainLoader
 from reid_platform.model.backbone import ModelSpec, ReIDNet, load_pretrained_trunk
-from reid_platform.parallel.comm import broadcast_buffers
+from reid_platform.parallel.comm import broadcast_buffers, undo_ddp_averaging
 from reid_platform.parallel.losses import MarginSpec
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.tracking.mlflow_run import RunLogger
@@ -107,10 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for group in backbone_optimizer.param_groups:
                 group["lr"] = cfg.train.lr * factor
             embeddings = model(images.to(device, non_blocking=True))
-            if world_size > 1:
-                # Every rank's loss is already the loss of the whole global batch (the classifier
-                # gathers it), so DDP's averaging of backbone gradients must be undone.
-                embeddings.register_hook(lambda grad: grad * world_size)
+            undo_ddp_averaging(embeddings)
             loss = classifier(embeddings, labels.to(device, non_blocking=True))
             backbone_optimizer.zero_grad(set_to_none=True)
             loss.backward()
