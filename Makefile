@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO := data/demo
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: venv demo test benchmark clean
+.PHONY: venv demo test clean
 
 venv: $(STAMP)
 

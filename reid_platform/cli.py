@@ -87,12 +87,21 @@ def _load_model(reference: str, tracking_uri: str, scratch: Path):
     return load_model_dir(directory)
 
 
+def _format_metric(key: str, value: float | int) -> str:
+    if key.startswith("rank") or key in ("mAP", "mINP"):
+        return f"{value:.2%}"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
 
     import torch
 
+    from reid_platform.config import EvaluationConfig
     from reid_platform.evaluation.features import evaluate_model
+    from reid_platform.evaluation.plots import write_pictures
+    from reid_platform.evaluation.rerank import RerankOptions
     from reid_platform.input.dali import Partition
 
     started = time.perf_counter()
@@ -101,13 +110,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     partition = Partition(0, 1, 0 if cuda else None)
-    metrics = evaluate_model(model.to(device), args.data, input_cfg, partition, device, args.metric, progress=True)
-    summary = {**metrics.summary(), "seconds": time.perf_counter() - started}
-    print(format_table([(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in summary.items()]))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({**summary, "cmc": metrics.cmc.tolist()}, indent=2))
+    settings = EvaluationConfig(metric=args.metric, protocol=args.protocol, memory_mb=args.memory_mb)
+    rerank = RerankOptions(args.k1, args.k2, args.lambda_value) if args.rerank else None
+    evaluation = evaluate_model(
+        model.to(device), args.data, input_cfg, partition, device, settings, rerank, progress=True
+    )
+    summary = {**evaluation.metrics.summary(), "seconds": time.perf_counter() - started}
+    print(format_table([(key, _format_metric(key, value)) for key, value in summary.items()]))
+    out = Path(args.out)
+    pictures = write_pictures(evaluation, args.data, out)
+    report = {
+        **summary,
+        "cmc": evaluation.metrics.cmc.tolist(),
+        "model": args.model,
+        "data": str(args.data),
+        "metric": args.metric,
+        "protocol": args.protocol,
+        "rerank": None if rerank is None else {"k1": rerank.k1, "k2": rerank.k2, "lambda": rerank.lambda_value},
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(p) for p in pictures))
     return 0
 
 
@@ -149,7 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="model directory, NAME@ALIAS or models:/ URI")
     evaluate.add_argument("--data", required=True, help="shards folder (with manifest.json)")
     evaluate.add_argument("--metric", choices=["cosine", "euclidean"], default="cosine")
-    evaluate.add_argument("--out", help="folder for metrics.json")
+    evaluate.add_argument(
+        "--protocol", choices=["market", "cuhk03", "no_camera"], default="market",
+        help="market: also DukeMTMC-reID and MSMT17; cuhk03: old single-shot protocol; no_camera: no camera ids",
+    )
+    evaluate.add_argument("--memory-mb", type=float, default=512.0, help="budget for one block of ranking work")
+    evaluate.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
+    evaluate.add_argument("--k1", type=int, default=20, help="re-ranking: k-reciprocal neighbours")
+    evaluate.add_argument("--k2", type=int, default=6, help="re-ranking: local query expansion")
+    evaluate.add_argument("--lambda", dest="lambda_value", type=float, default=0.3, help="re-ranking: weight of the original distance")
+    evaluate.add_argument("--out", default="eval", help="folder for metrics.json, cmc.png and ranked_lists.png")
     evaluate.add_argument("--tracking-uri", help=f"MLflow URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
     evaluate.set_defaults(handler=_cmd_eval)
 

@@ -80,6 +80,15 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs; 0 only at the end.")
 
 
+class EvaluationConfig(_Section):
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    protocol: Literal["market", "cuhk03", "no_camera"] = Field(
+        "market", description="market: also DukeMTMC-reID and MSMT17; no_camera: data without camera ids."
+    )
+    memory_mb: float = Field(512.0, gt=0.0, description="Budget for one block of query x gallery ranking work.")
+    rerank: bool = Field(False, description="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3).")
+
+
 class ScalingSection(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -106,6 +115,7 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     tracking: TrackingConfig = TrackingConfig()

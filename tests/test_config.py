@@ -34,6 +34,8 @@ def test_overrides_are_typed_and_nested():
         ("loss.sample_rate=0", "loss.sample_rate: Input should be greater than 0"),
         ("model.arch=vgg16", "model.arch: Input should be 'resnet18'"),
         ("train.warmup_epochs=9", "train.warmup_epochs (9) must be below train.epochs (5)"),
+        ("evaluation.protocol=viper", "evaluation.protocol: Input should be 'market', 'cuhk03' or 'no_camera'"),
+        ("evaluation.memory_mb=0", "evaluation.memory_mb: Input should be greater than 0"),
     ],
 )
 def test_bad_values_name_file_and_key(override, fragment):

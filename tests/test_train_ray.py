@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from PIL import Image
 from mlflow.tracking import MlflowClient
 
 from reid_platform.cli import main
@@ -64,6 +65,9 @@ def test_run_trains_evaluates_and_registers(trained):
     assert 0.0 < results["mAP_before_training"] < results["mAP"] <= 1.0  # it learned something
     artifacts = {a.path for a in client.list_artifacts(outcome.mlflow_run_id, "config")}
     assert "config/resolved.yaml" in artifacts
+    pictures = {a.path: a.file_size for a in client.list_artifacts(outcome.mlflow_run_id, "evaluation")}
+    assert set(pictures) == {"evaluation/cmc.png", "evaluation/ranked_lists.png"}
+    assert all(size > 5000 for size in pictures.values())
 
 
 def test_pulled_model_reproduces_logged_map(trained, tiny_shards, tmp_path, capsys):
@@ -73,8 +77,20 @@ def test_pulled_model_reproduces_logged_map(trained, tiny_shards, tmp_path, caps
     model_dir = next((tmp_path / "pulled").rglob("model.json")).parent
     assert main(["eval", "--model", str(model_dir), "--data", str(tiny_shards), "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    # evaluated on 2 workers during training, in one process here: the same numbers
     assert metrics["mAP"] == pytest.approx(outcome.mAP, abs=1e-6)
     assert metrics["rank1"] == pytest.approx(outcome.rank1, abs=1e-6)
+    table = capsys.readouterr().out
+    assert "rank10" in table and "skipped_queries" in table
+    for picture in ("cmc.png", "ranked_lists.png"):
+        with Image.open(tmp_path / "eval" / picture) as image:
+            assert image.format == "PNG" and image.width > 300
+    assert main(["eval", "--model", str(model_dir), "--data", str(tiny_shards), "--rerank", "--k1", "6", "--k2", "2",
+                 "--out", str(tmp_path / "rerank")]) == 0  # fmt: skip
+    reranked = json.loads((tmp_path / "rerank/metrics.json").read_text())
+    assert reranked["rerank"] == {"k1": 6, "k2": 2, "lambda": 0.3}
+    assert reranked["valid_queries"] == metrics["valid_queries"] and 0 < reranked["mAP"] < 1
+    assert reranked["mAP"] != metrics["mAP"]
 
 
 def test_starting_the_same_run_again_resumes_it(trained, tiny_shards):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,3 +178,21 @@ def shard_paths(shards_dir: str | Path, manifest: dict, split: str) -> tuple[lis
         tars.append(str(tar))
         indexes.append(str(index))
     return tars, indexes
+
+
+def read_images(shards_dir: str | Path, split: str, indices: Iterable[int]) -> dict[int, bytes]:
+    """JPEG bytes of the samples of ``split`` with the given dataset indices (for pictures)."""
+    wanted = {f"{split}_{index:09d}.jpg": index for index in indices}
+    found: dict[int, bytes] = {}
+    tars, _ = shard_paths(shards_dir, read_manifest(shards_dir), split)
+    for tar_path in tars:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.name in wanted:
+                    found[wanted[member.name]] = tar.extractfile(member).read()
+        if len(found) == len(wanted):
+            break
+    missing = sorted(set(wanted.values()) - set(found))
+    if missing:
+        raise DatasetError(f"{shards_dir}: {split} samples {missing[:5]} are not in its shards")
+    return found

@@ -1,33 +1,47 @@
 """Feature extraction and evaluation across the workers of a run.
 
 Each rank embeds its own part of query and gallery (DALI reads ``shard_id = rank``); the parts are
-gathered and put back in dataset order, then each rank ranks a contiguous slice of the queries against
-the whole gallery and the per-query results are gathered. Summing them in query order makes the
-result identical to a single-process evaluation whatever the number of workers.
+gathered (features only, N x d, never a distance matrix) and put back in dataset order. Each rank then
+ranks a contiguous slice of the queries against the whole gallery and the per-query results are
+gathered. Summing them in query order makes the result identical to a single-process evaluation
+whatever the number of workers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from reid_platform.config import InputConfig
+from reid_platform.config import EvaluationConfig, InputConfig
 from reid_platform.data.pack import read_manifest
+from reid_platform.evaluation.distance import Distances
 from reid_platform.evaluation.metrics import (
     EvaluationError,
     FeatureSet,
-    Metric,
     QueryResults,
     RetrievalMetrics,
-    rank_queries,
+    check_sets,
     summarize,
 )
+from reid_platform.evaluation.ranking import RankingOptions, make_distances, rank_queries
+from reid_platform.evaluation.rerank import RerankOptions
 from reid_platform.input.dali import Partition, eval_batches
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.parallel.comm import all_gather_rows
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: RetrievalMetrics
+    results: QueryResults  # per query, for longer CMC curves and for picking queries to show
+    query: FeatureSet
+    gallery: FeatureSet
+    distances: Distances
+    options: RankingOptions
 
 
 @torch.no_grad()
@@ -59,17 +73,39 @@ def _in_dataset_order(split: str, expected: int, features: torch.Tensor, meta: t
     return FeatureSet(features[order], meta[order, 1], meta[order, 2])
 
 
+def rank_across_ranks(
+    query: FeatureSet, gallery: FeatureSet, distances: Distances, options: RankingOptions, partition: Partition
+) -> QueryResults:
+    """Every rank ranks its slice of the queries; every rank returns all per-query results."""
+    if partition.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"rank {partition.rank} of {partition.world_size}: no process group to gather results")
+    rank, world_size, total = partition.rank, partition.world_size, len(query)
+    mine = slice(total * rank // world_size, total * (rank + 1) // world_size)
+    local = rank_queries(query, gallery, distances, options, rows=mine)
+    if partition.world_size == 1:
+        return local
+    gathered = {f.name: getattr(local, f.name) for f in fields(QueryResults)}
+    gathered["valid"] = gathered["valid"].to(torch.uint8)  # gloo has no bool
+    gathered = {name: all_gather_rows(value) for name, value in gathered.items()}
+    return QueryResults(**{**gathered, "valid": gathered["valid"].bool()})
+
+
 def evaluate_model(
     model: ReIDNet,
     shards_dir,
     input_cfg: InputConfig,
     partition: Partition,
     device: torch.device,
-    metric: Metric = "cosine",
+    settings: EvaluationConfig = EvaluationConfig(),
+    rerank: RerankOptions | None = None,
     batch_size: int = 128,
     progress: bool = False,
-) -> RetrievalMetrics:
-    """Query-vs-gallery metrics of ``model``; every rank of the group returns the same numbers."""
+) -> Evaluation:
+    """Query-vs-gallery evaluation of ``model``; every rank of the group returns the same numbers.
+
+    With re-ranking, every rank builds the same re-ranked distances from the gathered features (the
+    neighbour search is repeated per rank rather than exchanged).
+    """
     manifest = read_manifest(shards_dir)
     sets = {}
     for split in ("query", "gallery"):
@@ -78,14 +114,10 @@ def evaluate_model(
         expected = manifest["splits"][split]["samples"]
         sets[split] = _in_dataset_order(split, expected, *extract_features(model, batches, device, description))
     query, gallery = sets["query"], sets["gallery"]
-    bounds = torch.linspace(0, len(query), partition.world_size + 1).long().tolist()
-    mine = slice(bounds[partition.rank], bounds[partition.rank + 1])
-    local = rank_queries(query, gallery, metric, rows=mine)
-    if dist.is_available() and dist.is_initialized():
-        local = QueryResults(
-            first_rank=all_gather_rows(local.first_rank),
-            average_precision=all_gather_rows(local.average_precision),
-            inverse_negative_penalty=all_gather_rows(local.inverse_negative_penalty),
-            valid=all_gather_rows(local.valid.to(torch.uint8)).bool(),  # gloo has no bool
-        )
-    return summarize(local)
+    check_sets(query, gallery)
+    if rerank is None and settings.rerank:
+        rerank = RerankOptions()
+    options = RankingOptions(protocol=settings.protocol, memory_mb=settings.memory_mb)
+    distances = make_distances(query, gallery, settings.metric, rerank, settings.memory_mb)
+    results = rank_across_ranks(query, gallery, distances, options, partition)
+    return Evaluation(summarize(results), results, query, gallery, distances, options)

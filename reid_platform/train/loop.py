@@ -18,6 +18,7 @@ import torch
 from reid_platform.config import RunConfig
 from reid_platform.data.pack import read_manifest
 from reid_platform.evaluation.features import evaluate_model
+from reid_platform.evaluation.plots import write_pictures
 from reid_platform.input.dali import Partition, TrainLoader
 from reid_platform.model.backbone import ModelSpec, ReIDNet, load_pretrained_trunk
 from reid_platform.parallel.comm import broadcast_buffers, undo_ddp_averaging
@@ -36,9 +37,16 @@ def build_model(cfg: RunConfig) -> ReIDNet:
     return model
 
 
-def _evaluation(model, cfg: RunConfig, partition: Partition, device, prefix: str) -> dict[str, float]:
-    summary = evaluate_model(model, cfg.data.shards, cfg.input, partition, device).summary()
-    return {f"{prefix}{key}": value for key, value in summary.items()}
+def _evaluation(
+    model, cfg: RunConfig, partition: Partition, device, prefix: str, logger: RunLogger | None = None
+) -> dict[str, float]:
+    """Metrics of every rank's model; with a logger (rank 0), also the CMC and ranked-list pictures."""
+    evaluation = evaluate_model(model, cfg.data.shards, cfg.input, partition, device, cfg.evaluation)
+    if logger:
+        with tempfile.TemporaryDirectory() as directory:
+            for picture in write_pictures(evaluation, cfg.data.shards, Path(directory)):
+                logger.log_artifact(picture, "evaluation")
+    return {f"{prefix}{key}": value for key, value in evaluation.metrics.summary().items()}
 
 
 def _progress_line(metrics: dict, epochs: int) -> str:
@@ -126,7 +134,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         broadcast_buffers(network)  # one model on every rank: the one evaluated and saved
         last_epoch = progress["epoch"] == cfg.train.epochs
         if last_epoch or (cfg.train.eval_every and progress["epoch"] % cfg.train.eval_every == 0):
-            metrics.update(_evaluation(network, cfg, partition, device, prefix=""))
+            metrics.update(_evaluation(network, cfg, partition, device, "", logger if last_epoch else None))
         if logger:
             logger.log_series("step_loss", losses)
             logger.log_metrics(metrics, step=progress["epoch"])
