@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	rm -rf $(DEMO) runs/demo
 	$(BIN)/reid data synth --out $(DEMO)/raw --identities 200 --cameras 6 --seed 0
-	$(BIN)/reid data pack --dataset market1501 --root $(DEMO)/raw --out $(DEMO)/shards --samples-per-shard 300
+	$(BIN)/reid data pack market1501=$(DEMO)/raw --out $(DEMO)/shards --samples-per-shard 300
 	$(BIN)/python jobs/train.py configs/demo.yaml
 
 test: venv

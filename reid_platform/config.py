@@ -36,6 +36,33 @@ class InputConfig(_Section):
     shuffle_buffer: int = Field(1024, ge=1, description="DALI reader shuffle buffer (initial_fill).")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    erasing_prob: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Random erasing as torchvision's: 2-33% of the area, aspect 0.3-3.3, zeros after normalisation.",
+    )
+    brightness: float = Field(0.0, ge=0.0, description="Colour jitter: factor drawn from [1-b, 1+b]; 0 is off.")
+    contrast: float = Field(0.0, ge=0.0)
+    saturation: float = Field(0.0, ge=0.0)
+    hue: float = Field(0.0, ge=0.0, le=0.5, description="Shift drawn from [-h, h] of the hue circle.")
+    backend: Literal["dali", "torch"] = Field(
+        "dali", description="torch: webdataset + torchvision + DataLoader, the same transforms (baseline, no DALI)."
+    )
+    sampler: Literal["shuffle", "identity"] = Field(
+        "shuffle", description="identity: batches of batch_size / images_per_identity identities x images_per_identity."
+    )
+    images_per_identity: int = Field(4, ge=1, description="K of P x K identity-balanced batches.")
+
+    @model_validator(mode="after")
+    def _identity_batches_fit(self) -> InputConfig:
+        if self.sampler == "identity":
+            if self.backend != "dali":
+                raise ValueError("input.sampler identity needs input.backend dali")
+            if self.batch_size % self.images_per_identity:
+                raise ValueError(
+                    f"input.batch_size ({self.batch_size}) must be a multiple of input.images_per_identity "
+                    f"({self.images_per_identity})"
+                )
+        return self
 
 
 class ModelConfig(_Section):

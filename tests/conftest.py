@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from reid_platform.data.datasets import load_market1501
 from reid_platform.data.pack import PackOptions, pack_dataset
 from reid_platform.data.synth import write_synthetic_market1501
 
@@ -21,5 +20,5 @@ def tiny_market(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_market, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "tiny"
-    pack_dataset(load_market1501(tiny_market), tiny_market, out, "market1501", PackOptions(samples_per_shard=40), progress=False)
+    pack_dataset([("market1501", tiny_market)], out, PackOptions(samples_per_shard=40, workers=1), progress=False)
     return out

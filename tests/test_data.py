@@ -1,17 +1,43 @@
-"""Synthetic data, the Market-1501 parser, packing and the manifest."""
+"""Dataset parsers on fake trees in each layout, packing (quarantine, resize, determinism), verify."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from reid_platform.data.datasets import DatasetError, load_market1501, parse_market1501_name
-from reid_platform.data.pack import MANIFEST, decode_meta, read_manifest, shard_paths
+from reid_platform.cli import main
+from reid_platform.data.datasets import (
+    DatasetError,
+    load_csv,
+    load_dataset,
+    load_market1501,
+    parse_market_style_name,
+    with_labels,
+)
+from reid_platform.data.pack import MANIFEST, PackOptions, decode_meta, pack_dataset, read_manifest, shard_paths, verify_shards
 from reid_platform.data.synth import write_synthetic_market1501
+
+ONE_WORKER = PackOptions(samples_per_shard=40, workers=1)
+
+
+def image(path: Path, colour=(200, 30, 30), size=(32, 64), fmt="JPEG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, fmt)
+    return path
+
+
+def market_style_tree(root: Path, names: dict[str, list[str]], fmt="JPEG") -> Path:
+    for folder, files in names.items():
+        for i, name in enumerate(files):
+            image(root / folder / name, colour=(10 * i % 255, 80, 120), fmt=fmt)
+    return root
 
 
 def test_synthetic_data_is_deterministic_and_splits_are_disjoint(tmp_path):
@@ -29,15 +55,17 @@ def test_synthetic_data_is_deterministic_and_splits_are_disjoint(tmp_path):
 
 def test_market1501_parser(tiny_market):
     splits = load_market1501(tiny_market)
-    labels = sorted({s.label for s in splits["train"]})
+    labels = sorted({s.label for s in with_labels(splits["train"])})
     assert labels == list(range(len(labels)))
     assert all(s.person_id != -1 for split in splits.values() for s in split)  # junk dropped
     assert any(s.person_id == 0 for s in splits["gallery"])  # distractors kept
-    assert parse_market1501_name(Path("0002_c1s1_000451_03.jpg")) == (2, 0)
-    assert parse_market1501_name(Path("-1_c6s2_000451_03.jpg")) == (-1, 5)
+    assert parse_market_style_name(Path("0002_c1s1_000451_03.jpg")) == (2, 0)
+    assert parse_market_style_name(Path("-1_c6s2_000451_03.jpg")) == (-1, 5)
+    assert parse_market_style_name(Path("0001_c2_f0046182.jpg")) == (1, 1)  # DukeMTMC-reID
+    assert parse_market_style_name(Path("1367_c2_4.png")) == (1367, 1)  # CUHK03-NP
 
 
-@pytest.mark.parametrize("name", ["2_c1s1_000451_03.jpg", "0002_1s1_000451_03.jpg", "0002_c1s1_000451_03.png.jpg", "Thumbs.jpg"])
+@pytest.mark.parametrize("name", ["2c1s1_000451_03.jpg", "0002_1s1_000451_03.jpg", "Thumbs.jpg"])
 def test_bad_file_name_is_named(tmp_path, name):
     for folder in ("bounding_box_train", "bounding_box_test", "query"):
         (tmp_path / folder).mkdir()
@@ -52,12 +80,117 @@ def test_missing_folder_is_named(tmp_path):
         load_market1501(tmp_path)
 
 
+def test_dukemtmc_layout(tmp_path):
+    root = market_style_tree(
+        tmp_path / "DukeMTMC-reID",
+        {
+            "bounding_box_train": ["0001_c1_f0000001.jpg", "0001_c2_f0000002.jpg", "0005_c8_f0000003.jpg"],
+            "query": ["0002_c1_f0000004.jpg"],
+            "bounding_box_test": ["0002_c5_f0000005.jpg", "0003_c1_f0000006.jpg", "0000_c2_f0000007.jpg"],
+        },
+    )
+    splits = load_dataset("dukemtmc", root)
+    assert [(s.person_id, s.camera_id) for s in splits["train"]] == [(1, 0), (1, 1), (5, 7)]
+    assert [s.label for s in with_labels(splits["train"])] == [0, 0, 1]
+    assert {s.source for s in splits["gallery"]} == {"dukemtmc"} and len(splits["gallery"]) == 3
+
+
+@pytest.mark.parametrize("variant", ["detected", "labeled"])
+def test_cuhk03_np_layout_packs_png_as_jpeg(tmp_path, variant):
+    root = tmp_path / "cuhk03-np"
+    names = {
+        "bounding_box_train": ["0001_c1_1.png", "0001_c2_2.png", "0003_c1_1.png"],
+        "query": ["0010_c1_1.png", "0011_c1_1.png"],
+        "bounding_box_test": ["0010_c2_1.png", "0011_c2_2.png", "0012_c2_1.png"],
+    }
+    market_style_tree(root / variant, names, fmt="PNG")
+    manifest = pack_dataset([(f"cuhk03-np-{variant}", root)], tmp_path / "out", ONE_WORKER, progress=False)
+    assert manifest["splits"]["query"]["samples"] == 2 and manifest["num_classes"] == 2
+    with tarfile.open(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["file"]) as archive:
+        jpegs = [archive.extractfile(n).read() for n in archive.getnames() if n.endswith(".jpg")]
+    assert len(jpegs) == 3 and all(data[:2] == b"\xff\xd8" for data in jpegs)
+
+
+@pytest.mark.parametrize("version, train_dir, test_dir", [("V1", "train", "test"), ("V2", "mask_train_v2", "mask_test_v2")])
+def test_msmt17_lists(tmp_path, version, train_dir, test_dir):
+    root = tmp_path / f"MSMT17_{version}"
+    lists = {
+        "list_train.txt": [(train_dir, "0000/0000_000_01_0303morning_0015_0.jpg", 0), (train_dir, "0001/0001_003_07_0303noon_0031_1.jpg", 1)],
+        "list_val.txt": [(train_dir, "0001/0001_009_15_0303afternoon_0044_0.jpg", 1)],
+        "list_query.txt": [(test_dir, "0000/0000_000_02_0303morning_0001_0.jpg", 0)],
+        "list_gallery.txt": [(test_dir, "0000/0000_001_05_0303noon_0002_0.jpg", 0), (test_dir, "0002/0002_000_03_0303noon_0003_0.jpg", 2)],
+    }
+    root.mkdir(parents=True)
+    for name, rows in lists.items():
+        (root / name).write_text("".join(f"{rel} {pid}\n" for _, rel, pid in rows))
+        for folder, rel, _ in rows:
+            image(root / folder / rel)
+    splits = load_dataset("msmt17", root)
+    assert [(s.person_id, s.camera_id) for s in splits["train"]] == [(0, 0), (1, 6), (1, 14)]  # val joins train
+    assert splits["query"][0].path == root / test_dir / "0000/0000_000_02_0303morning_0001_0.jpg"
+    assert [s.camera_id for s in splits["gallery"]] == [4, 2]
+    (root / "list_query.txt").write_text("0000/0000_000_02_0303morning_0001_0.jpg 0\nbroken-line\n")
+    with pytest.raises(DatasetError, match=r"list_query.txt:2: expected 'PID/PID_INDEX_CAM_..._N.jpg PID'"):
+        load_dataset("msmt17", root)
+
+
+def test_msmt17_without_its_folders_is_named(tmp_path):
+    with pytest.raises(DatasetError, match="neither train/ .MSMT17_V1. nor mask_train_v2/"):
+        load_dataset("msmt17", tmp_path)
+
+
+def test_csv_manifest(tmp_path):
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        image(tmp_path / "imgs" / name)
+    manifest = tmp_path / "data.csv"
+    manifest.write_text("path,person_id,camera_id,split\nimgs/a.jpg,7,0,train\nimgs/b.jpg,7,,train\nimgs/c.jpg,3,1,query\nimgs/d.jpg,3,2,gallery\n")
+    splits = load_csv(manifest)
+    assert [(s.path.name, s.person_id, s.camera_id) for s in splits["train"]] == [("a.jpg", 7, 0), ("b.jpg", 7, 0)]
+    assert splits["query"][0].path == tmp_path / "imgs/c.jpg" and len(splits["gallery"]) == 1
+    three_columns = tmp_path / "three.csv"
+    three_columns.write_text("imgs/a.jpg,1,0\n")  # no header, split defaults to train
+    assert len(load_csv(three_columns)["train"]) == 1
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("imgs/a.jpg,seven,0", r"data.csv:2: person_id and camera_id must be integers, got 'seven'"),
+        ("imgs/a.jpg,7,0,validation", r"data.csv:2: split must be one of train, query, gallery, got 'validation'"),
+        ("imgs/a.jpg,7", r"data.csv:2: expected path,person_id,camera_id,split .split optional., got 2 fields"),
+    ],
+)
+def test_csv_errors_name_file_and_line(tmp_path, row, message):
+    (tmp_path / "data.csv").write_text(f"path,person_id,camera_id\n{row}\n")
+    with pytest.raises(DatasetError, match=message):
+        load_csv(tmp_path / "data.csv")
+
+
+def test_combined_datasets_have_disjoint_ids_and_record_offsets(tiny_market, tmp_path):
+    duke = market_style_tree(
+        tmp_path / "duke",
+        {
+            "bounding_box_train": ["0001_c1_f1.jpg", "0002_c2_f2.jpg"],
+            "query": ["0001_c1_f3.jpg"],
+            "bounding_box_test": ["0001_c2_f4.jpg"],
+        },
+    )
+    manifest = pack_dataset([("market1501", tiny_market), ("dukemtmc", duke)], tmp_path / "out", ONE_WORKER, progress=False)
+    market_only = read_manifest(tmp_path / "out")["sources"][0]
+    assert market_only["person_id_offset"] == 0 and market_only["camera_id_offset"] == 0
+    duke_entry = manifest["sources"][1]
+    assert duke_entry["dataset"] == "dukemtmc" and duke_entry["person_id_offset"] > 16
+    assert duke_entry["camera_id_offset"] == 3  # tiny_market has cameras 0..2
+    assert manifest["num_classes"] == 8 + 2 and manifest["dataset"] == "market1501+dukemtmc"
+    assert manifest["splits"]["query"]["samples"] == len(load_market1501(tiny_market)["query"]) + 1
+
+
 def test_manifest_matches_shards(tiny_shards):
     manifest = json.loads((tiny_shards / MANIFEST).read_text())
-    assert manifest["num_classes"] == 8
+    assert manifest["num_classes"] == 8 and manifest["quarantine"] == []
     for split, info in manifest["splits"].items():
         assert sum(s["samples"] for s in info["shards"]) == info["samples"]
-        keys = []
+        keys, indices = [], []
         for shard in info["shards"]:
             tar = tiny_shards / shard["file"]
             assert hashlib.sha256(tar.read_bytes()).hexdigest() == shard["sha256"]
@@ -66,9 +199,11 @@ def test_manifest_matches_shards(tiny_shards):
                 names = archive.getnames()
                 metas = [decode_meta(archive.extractfile(n).read()) for n in names if n.endswith(".meta")]
             keys += [n.split(".", 1)[0] for n in names]
+            indices += [m["index"] for m in metas]
             assert all("." not in key for key in keys)
             assert len(metas) == shard["samples"]
         assert len(set(keys)) == info["samples"]
+        assert sorted(indices) == list(range(info["samples"]))
     # training samples are shuffled across shards: the first shard is not the first identities
     first = manifest["splits"]["train"]["shards"][0]
     with tarfile.open(tiny_shards / first["file"]) as archive:
@@ -76,9 +211,66 @@ def test_manifest_matches_shards(tiny_shards):
     assert len(labels) > 4
 
 
-def test_changed_shard_is_refused(tiny_shards, tmp_path):
-    import shutil
+def test_packing_is_deterministic_in_parallel_and_resizes(tiny_market, tmp_path):
+    options = PackOptions(samples_per_shard=30, workers=2, resize=(48, 24))
+    first = pack_dataset([("market1501", tiny_market)], tmp_path / "a", options, progress=False)
+    second = pack_dataset([("market1501", tiny_market)], tmp_path / "b", options, progress=False)
+    digests = lambda m: [s["sha256"] for split in m["splits"].values() for s in split["shards"]]  # noqa: E731
+    assert digests(first) == digests(second) and first["resize"] == [48, 24]
+    with tarfile.open(tmp_path / "a" / first["splits"]["gallery"]["shards"][0]["file"]) as archive:
+        jpeg = next(archive.extractfile(n).read() for n in archive.getnames() if n.endswith(".jpg"))
+    assert Image.open(io.BytesIO(jpeg)).size == (24, 48)
 
+
+def test_bad_files_are_quarantined_with_reasons_and_the_rest_packs(tiny_market, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(tiny_market, root)
+    train = sorted((root / "bounding_box_train").glob("*.jpg"))
+    gallery = sorted(p for p in (root / "bounding_box_test").glob("*.jpg") if not p.name.startswith("-1"))
+    train[0].write_bytes(train[0].read_bytes()[: len(train[0].read_bytes()) // 2])  # truncated
+    train[1].write_bytes(b"")  # zero size
+    Image.new("RGB", (8, 8)).save(train[2], "GIF")  # wrong format
+    gallery[0].write_bytes(b"not an image at all")  # unreadable
+    out = tmp_path / "out"
+    assert main(["data", "pack", f"market1501={root}", "--out", str(out), "--workers", "2"]) == 0
+    manifest = read_manifest(out)
+    reasons = {Path(q["path"]).name: q["reason"] for q in manifest["quarantine"]}
+    assert set(reasons) == {train[0].name, train[1].name, train[2].name, gallery[0].name}
+    assert reasons[train[0].name].startswith("corrupt or truncated")
+    assert reasons[train[1].name] == "empty file (0 bytes)"
+    assert reasons[train[2].name] == "unsupported format GIF (JPEG or PNG expected)"
+    assert reasons[gallery[0].name] == "not an image file"
+    assert {q["split"] for q in manifest["quarantine"]} == {"train", "gallery"}
+    original = load_market1501(tiny_market)
+    assert manifest["splits"]["train"]["samples"] == len(original["train"]) - 3
+    assert manifest["splits"]["gallery"]["samples"] == len(original["gallery"]) - 1
+    assert manifest["num_classes"] == 8  # labels are kept: no identity lost all its images
+    assert verify_shards(out)[0] == []
+
+
+def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    assert main(["data", "verify", str(copy)]) == 0
+    manifest = read_manifest(copy)
+    grown = copy / manifest["splits"]["gallery"]["shards"][0]["file"]
+    with grown.open("ab") as handle:
+        handle.write(b"\0" * 512)
+    flipped = copy / manifest["splits"]["query"]["shards"][0]["file"]
+    data = bytearray(flipped.read_bytes())
+    data[600] ^= 0xFF  # same size, different content
+    flipped.write_bytes(bytes(data))
+    index = copy / manifest["splits"]["train"]["shards"][0]["index"]
+    index.write_text(index.read_text().replace("jpg", "JPG", 1))
+    problems, _ = verify_shards(copy)
+    assert any(p.startswith(f"{grown}: ") and "bytes, the manifest says" in p for p in problems)
+    assert any(p.startswith(f"{flipped}: sha256") for p in problems)
+    assert any(p.startswith(f"{index}: does not match") for p in problems)
+    assert main(["data", "verify", str(copy)]) == 1
+    assert "problems" in capsys.readouterr().out
+
+
+def test_changed_shard_is_refused(tiny_shards, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_shards, copy)
     manifest = read_manifest(copy)
@@ -89,21 +281,8 @@ def test_changed_shard_is_refused(tiny_shards, tmp_path):
         shard_paths(copy, manifest, "gallery")
 
 
-def test_pack_refuses_nonempty_output(tiny_market, tiny_shards):
-    from reid_platform.data.pack import pack_dataset
-
+def test_pack_refuses_nonempty_output_and_unknown_dataset(tiny_market, tiny_shards, tmp_path):
     with pytest.raises(DatasetError, match="not empty"):
-        pack_dataset(load_market1501(tiny_market), tiny_market, tiny_shards, "market1501", progress=False)
-
-
-def test_unreadable_image_is_named(tiny_market, tmp_path):
-    import shutil
-
-    from reid_platform.data.pack import pack_dataset
-
-    root = tmp_path / "root"
-    shutil.copytree(tiny_market, root)
-    victim = sorted((root / "query").glob("*.jpg"))[0]
-    victim.write_bytes(b"not a jpeg")
-    with pytest.raises(DatasetError, match=rf"{victim.name}: unreadable image"):
-        pack_dataset(load_market1501(root), root, tmp_path / "out", "market1501", progress=False)
+        pack_dataset([("market1501", tiny_market)], tiny_shards, ONE_WORKER, progress=False)
+    with pytest.raises(DatasetError, match="unknown dataset 'viper'; one of: market1501, dukemtmc"):
+        pack_dataset([("viper", tiny_market)], tmp_path / "out", ONE_WORKER, progress=False)

@@ -10,7 +10,7 @@ from reid_platform.evaluation.features import rank_across_ranks
 from reid_platform.evaluation.metrics import FeatureSet, summarize
 from reid_platform.evaluation.ranking import RankingOptions, make_distances
 from reid_platform.evaluation.rerank import RerankOptions
-from reid_platform.input.dali import Partition
+from reid_platform.input.partition import Partition
 from tests.gloo import run_gloo
 
 

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from reid_platform.config import InputConfig
-from reid_platform.data.datasets import DatasetError, load_market1501
-from reid_platform.data.pack import PackOptions, pack_dataset
-from reid_platform.input.dali import Partition, TrainLoader, eval_batches
+from reid_platform.data.datasets import DatasetError, load_dataset, load_market1501, with_labels
+from reid_platform.data.pack import PackOptions, pack_splits
+from reid_platform.input import eval_batches as eval_batches_for
+from reid_platform.input import train_loader
+from reid_platform.input.dali import TrainLoader, eval_batches
+from reid_platform.input.identity import SampleTable, identity_batches
+from reid_platform.input.partition import Partition
 
 CFG = InputConfig(height=64, width=32, batch_size=8, num_threads=1, pad=4, shuffle_buffer=32)
 
 
 def test_labels_of_any_size_survive_dali(tiny_market, tmp_path):
-    splits = load_market1501(tiny_market)
+    splits = load_dataset("market1501", tiny_market)
+    splits["train"] = with_labels(splits["train"])
     big = [0, 9, 255, 256, 1000, 65_537, 2_000_000, 123_456_789]
     remap = {s.label: big[s.label] for s in splits["train"]}
     splits["train"] = [dataclasses.replace(s, label=remap[s.label]) for s in splits["train"]]
     out = tmp_path / "shards"
-    pack_dataset(splits, tiny_market, out, "market1501", PackOptions(samples_per_shard=25), progress=False)
+    sources = [{"dataset": "market1501", "root": str(tiny_market)}]
+    pack_splits(splits, sources, out, PackOptions(samples_per_shard=25, workers=1), progress=False)
     loader = TrainLoader(out, Partition(0, 1), CFG, seed=0)
     seen = torch.cat([labels for _, labels in loader])
     assert set(seen.tolist()) <= set(big) and len(set(seen.tolist())) >= 6
@@ -67,3 +74,71 @@ def test_eval_pipeline_reads_each_sample_once_with_ids(tiny_market, tiny_shards)
     by_index = {int(row[3]): row for row in meta}
     for index, sample in enumerate(expected):
         assert (int(by_index[index][1]), int(by_index[index][2])) == (sample.person_id, sample.camera_id)
+
+
+def test_dali_and_torch_backends_apply_the_same_augmentation(tiny_shards):
+    """Both backends, same transforms: equal shapes, labels from the manifest, erased zero boxes."""
+    cfg = CFG.model_copy(update=dict(erasing_prob=1.0, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05))
+    erased = {}
+    for backend in ("dali", "torch"):
+        loader = train_loader(tiny_shards, Partition(0, 1), cfg.model_copy(update={"backend": backend}), seed=1)
+        images, labels = next(iter(loader))
+        assert images.shape == (8, 3, 64, 32) and images.dtype == torch.float32
+        assert ((labels >= 0) & (labels < loader.num_classes)).all() and len(loader) == 96 // 8
+        # every image has one erased rectangle of zeros (normalised padding is -mean/std, never 0)
+        fractions = (images == 0).all(1).flatten(1).float().mean(1)
+        assert (fractions > 0).all()
+        erased[backend] = fractions.mean().item()
+    # torchvision draws 2-33% of the area (retrying what does not fit); DALI clips instead
+    assert 0.02 < erased["dali"] < 0.4 and 0.02 < erased["torch"] < 0.4
+
+
+def test_torch_backend_evaluation_reads_every_sample_once(tiny_shards):
+    cfg = CFG.model_copy(update={"backend": "torch", "num_threads": 2})
+    metas = [torch.cat([m for _, m in eval_batches_for(tiny_shards, "gallery", Partition(r, 2), cfg, 16)]) for r in range(2)]
+    indices = torch.cat(metas)[:, 3].sort().values
+    assert torch.equal(indices, torch.arange(len(indices))) and len(indices) > 0
+    # three ranks for one query shard: two of them read nothing, and say so with no batches
+    assert list(eval_batches_for(tiny_shards, "query", Partition(2, 3), cfg, 16)) == []
+
+
+def test_identity_sampler_gives_p_identities_of_k_images(tiny_shards):
+    table = SampleTable.read(tiny_shards)
+    assert sorted(table.meta[:, 3].tolist()) == list(range(96))
+    batches = identity_batches(table.meta[:, 0], identities=4, images=5, seed=3)
+    for _ in range(20):
+        labels = table.meta[next(batches), 0]
+        assert len(labels) == 20 and np.array_equal(np.unique(labels, return_counts=True)[1], [5] * 4)
+    # through DALI: decoded, augmented batches whose labels come in 2 groups of 4
+    cfg = CFG.model_copy(update={"sampler": "identity", "images_per_identity": 4})
+    loaders = [TrainLoader(tiny_shards, Partition(rank, 2), cfg, seed=rank) for rank in range(2)]
+    firsts = []
+    for loader in loaders:
+        images, labels = next(iter(loader))
+        assert images.shape == (8, 3, 64, 32)
+        assert sorted(torch.unique(labels, return_counts=True)[1].tolist()) == [4, 4]
+        firsts.append(labels)
+    assert not torch.equal(firsts[0], firsts[1])  # each rank draws with its own seed
+
+
+def test_identity_sampler_refuses_what_cannot_work(tiny_shards):
+    with pytest.raises(ValueError, match=r"batch_size \(8\) must be a multiple of input.images_per_identity \(3\)"):
+        InputConfig.model_validate({**CFG.model_dump(), "sampler": "identity", "images_per_identity": 3})
+    with pytest.raises(ValueError, match="input.sampler identity needs input.backend dali"):
+        InputConfig.model_validate({**CFG.model_dump(), "sampler": "identity", "backend": "torch"})
+    table = SampleTable.read(tiny_shards)
+    with pytest.raises(DatasetError, match="8 training identities cannot fill batches of 9 identities"):
+        next(identity_batches(table.meta[:, 0], identities=9, images=2, seed=0))
+
+
+def test_a_sample_that_no_longer_decodes_is_named(tiny_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    tar = copy / "gallery-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[1536 : 1536 + 400] = b"\x11" * 400  # the first JPEG's headers; the size stays the same
+    tar.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"{tar}: sample gallery_000000000 does not decode"):
+        list(eval_batches(copy, "gallery", Partition(), CFG, 16))

@@ -1,34 +1,42 @@
-"""Pack a parsed dataset into WebDataset tar shards with DALI index files and a manifest.
+"""Pack parsed datasets into WebDataset tar shards with DALI index files and a manifest.
 
 Each sample is three tar members sharing a dot-free key:
 
-- ``KEY.jpg``  the original JPEG bytes (decoded by DALI or PIL),
+- ``KEY.jpg``  JPEG bytes (the original file, or re-encoded for PNG sources and resizing),
 - ``KEY.meta`` four little-endian int64: training label, person id, camera id, sample index.
   Raw integers rather than webdataset's ASCII ``cls``: DALI reads them exactly for any number of
   classes, and the index restores the original order after a sharded evaluation.
-- ``KEY.json`` the source path relative to the dataset root, for error messages and pictures.
+- ``KEY.json`` the source dataset and the path relative to its root, for errors and pictures.
 
-Training samples are shuffled across shards (DALI's shuffle buffer is local to the reader), so
-every shard holds a mix of identities.
+Images are checked (fully decoded) by a pool of worker processes while the main process writes, in
+a fixed order, so the same input and seed give byte-identical shards. Files that fail go to the
+manifest's ``quarantine`` list with the reason instead of into a shard. Training samples are
+shuffled across shards (DALI's shuffle buffer is local to the reader), so every shard holds a mix of
+identities. Labels are assigned before checking, so an identity whose every image is quarantined
+keeps its (unused) classifier row rather than shifting every later label.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import multiprocessing.pool
+import os
 import random
 import tarfile
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
-from reid_platform.data.datasets import SPLITS, DatasetError, Sample
+from reid_platform.data.datasets import SPLITS, DatasetError, Sample, combine, load_dataset, with_labels
+from reid_platform.data.images import prepare_job
 
 MANIFEST = "manifest.json"
 META_FIELDS = ("label", "person_id", "camera_id", "index")
@@ -40,6 +48,9 @@ class PackOptions:
     samples_per_shard: int = 1000
     bytes_per_shard: int = 256 * 1024**2
     seed: int = 0
+    resize: tuple[int, int] | None = None  # (height, width) at pack time
+    workers: int = max(1, os.cpu_count() or 1)
+    jpeg_quality: int = 95
 
 
 def encode_meta(sample: Sample, index: int) -> bytes:
@@ -50,18 +61,6 @@ def decode_meta(raw: bytes) -> dict[str, int]:
     return dict(zip(META_FIELDS, np.frombuffer(raw, "<i8").tolist()))
 
 
-def _read_verified_jpeg(path: Path) -> bytes:
-    data = path.read_bytes()
-    try:
-        with Image.open(path) as image:
-            if image.format != "JPEG":
-                raise DatasetError(f"{path}: not a JPEG (found {image.format})")
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DatasetError(f"{path}: unreadable image: {error}") from None
-    return data
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -70,26 +69,52 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _relative(sample: Sample, roots: dict[str, Path]) -> str:
+    root = roots.get(sample.source)
+    if root is not None and sample.path.is_relative_to(root):
+        return str(sample.path.relative_to(root))
+    return str(sample.path)
+
+
 def _write_split(
-    split: str, samples: list[Sample], root: Path, out: Path, options: PackOptions, progress: bool
-) -> list[dict]:
+    split: str,
+    samples: list[Sample],
+    roots: dict[str, Path],
+    out: Path,
+    options: PackOptions,
+    pool: multiprocessing.pool.Pool,
+    quarantine: list[dict],
+    progress: bool,
+) -> tuple[list[dict], list[Sample]]:
+    """Write the shards of one split; returns their manifest entries and the samples written."""
     order = list(range(len(samples)))
     if split == "train":
         random.Random(options.seed).shuffle(order)
+    jobs = ((samples[i].path, options.resize, options.jpeg_quality) for i in order)
+    written: list[Sample] = []
     pattern = str(out / f"{split}-%06d.tar")
     with wds.ShardWriter(
         pattern, maxcount=options.samples_per_shard, maxsize=options.bytes_per_shard, verbose=0, mtime=0.0
     ) as writer:
-        for index in tqdm(order, desc=f"packing {split}", unit="img", disable=not progress):
-            sample = samples[index]
+        prepared = pool.imap(prepare_job, jobs, chunksize=16)
+        for i, (data, reason) in tqdm(zip(order, prepared), total=len(order), desc=f"packing {split}", unit="img", disable=not progress):
+            sample = samples[i]
+            where = {"source": sample.source, "path": _relative(sample, roots)}
+            if data is None:
+                quarantine.append({**where, "split": split, "reason": reason})
+                continue
+            index = len(written)  # contiguous over the written samples, in write order
             writer.write(
                 {
                     "__key__": f"{split}_{index:09d}",
-                    "jpg": _read_verified_jpeg(sample.path),
+                    "jpg": data,
                     "meta": encode_meta(sample, index),
-                    "json": json.dumps({"path": str(sample.path.relative_to(root))}).encode(),
+                    "json": json.dumps(where).encode(),
                 }
             )
+            written.append(sample)
+    if not written:
+        raise DatasetError(f"{out}: every {split} image was quarantined; see the reasons above")
     shards = []
     for tar in sorted(out.glob(f"{split}-*.tar")):
         index_path = tar.with_suffix(".idx")
@@ -104,7 +129,7 @@ def _write_split(
                 "sha256": _sha256(tar),
             }
         )
-    return shards
+    return shards, written
 
 
 def index_sample_count(index_path: Path) -> int:
@@ -114,34 +139,57 @@ def index_sample_count(index_path: Path) -> int:
 
 
 def pack_dataset(
-    splits: dict[str, list[Sample]],
-    root: str | Path,
+    sources: list[tuple[str, str | Path]],
     out: str | Path,
-    dataset: str,
     options: PackOptions = PackOptions(),
     progress: bool = True,
 ) -> dict:
-    """Write shards for every split into ``out`` and return the manifest (also written there)."""
-    root, out = Path(root), Path(out)
+    """Parse, check and write every split of ``sources`` (dataset name, root) into ``out``.
+
+    Several sources are combined into one dataset with disjoint person and camera ids. Returns the
+    manifest (also written to ``out/manifest.json``).
+    """
+    if len({name for name, _ in sources}) != len(sources):
+        raise DatasetError("the same dataset name is given twice; pack each dataset once")
+    splits, offsets = combine([load_dataset(name, root) for name, root in sources])
+    splits["train"] = with_labels(splits["train"])
+    described = [
+        {"dataset": name, "root": str(Path(root).resolve()), **offset} for (name, root), offset in zip(sources, offsets)
+    ]
+    return pack_splits(splits, described, out, options, progress)
+
+
+def pack_splits(
+    splits: dict[str, list[Sample]], sources: list[dict], out: str | Path, options: PackOptions, progress: bool = True
+) -> dict:
+    """Write labelled splits (``Sample.source`` naming an entry of ``sources``) and the manifest."""
+    out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out}: output folder is not empty; choose a new one or remove it")
     out.mkdir(parents=True, exist_ok=True)
+    roots = {source["dataset"]: Path(source["root"]) for source in sources}
     manifest = {
         "format_version": FORMAT_VERSION,
-        "dataset": dataset,
-        "root": str(root.resolve()),
+        "dataset": "+".join(roots),
+        "sources": sources,
         "seed": options.seed,
+        "resize": list(options.resize) if options.resize else None,
         "meta_fields": list(META_FIELDS),
         "num_classes": max((s.label for s in splits["train"]), default=-1) + 1,
         "splits": {},
+        "quarantine": [],
     }
-    for split in SPLITS:
-        samples = splits[split]
-        manifest["splits"][split] = {
-            "samples": len(samples),
-            "identities": len({s.person_id for s in samples}),
-            "shards": _write_split(split, samples, root, out, options, progress),
-        }
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+    with context.Pool(options.workers) as pool:
+        for split in SPLITS:
+            shards, written = _write_split(
+                split, splits[split], roots, out, options, pool, manifest["quarantine"], progress
+            )
+            manifest["splits"][split] = {
+                "samples": len(written),
+                "identities": len({s.person_id for s in written}),
+                "shards": shards,
+            }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -196,3 +244,44 @@ def read_images(shards_dir: str | Path, split: str, indices: Iterable[int]) -> d
     if missing:
         raise DatasetError(f"{shards_dir}: {split} samples {missing[:5]} are not in its shards")
     return found
+
+
+def _tar_sample_count(tar: Path) -> int:
+    with tarfile.open(tar) as handle:
+        return len({member.name.split(".", 1)[0] for member in handle if member.isfile()})
+
+
+def verify_shards(shards_dir: str | Path) -> tuple[list[str], int]:
+    """Every mismatch between the shards and the manifest (size, sha256, sample count, DALI index),
+    and the number of shards checked."""
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)
+    problems, checked = [], 0
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            checked += 1
+            tar, index = shards_dir / shard["file"], shards_dir / shard["index"]
+            if not tar.is_file():
+                problems.append(f"{tar}: missing ({split} shard listed in the manifest)")
+                continue
+            if tar.stat().st_size != shard["bytes"]:
+                problems.append(f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard['bytes']}")
+            if (digest := _sha256(tar)) != shard["sha256"]:
+                problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard['sha256'][:16]}...")
+            try:
+                samples = _tar_sample_count(tar)
+            except (tarfile.TarError, OSError) as error:
+                problems.append(f"{tar}: not a readable tar file: {error}")
+                continue
+            if samples != shard["samples"]:
+                problems.append(f"{tar}: {samples} samples, the manifest says {shard['samples']}")
+            if not index.is_file():
+                problems.append(f"{index}: missing DALI index")
+                continue
+            with tempfile.TemporaryDirectory() as scratch:
+                fresh = Path(scratch) / index.name
+                with IndexCreator(str(tar), str(fresh), verbose=False) as creator:
+                    creator.create_index()
+                if fresh.read_bytes() != index.read_bytes():
+                    problems.append(f"{index}: does not match {tar.name} (the tar or the index changed)")
+    return problems, checked

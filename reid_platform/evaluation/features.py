@@ -29,7 +29,8 @@ from reid_platform.evaluation.metrics import (
 )
 from reid_platform.evaluation.ranking import RankingOptions, make_distances, rank_queries
 from reid_platform.evaluation.rerank import RerankOptions
-from reid_platform.input.dali import Partition, eval_batches
+from reid_platform.input import eval_batches
+from reid_platform.input.partition import Partition
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.parallel.comm import all_gather_rows
 
@@ -54,7 +55,9 @@ def extract_features(
     """(L2-normalised features, meta rows [label, person_id, camera_id, index]) of ``batches``."""
     was_training = model.training
     model.eval()
-    features, metas = [], []
+    # a rank whose part is empty (more ranks than shards) still joins the gather with no rows
+    features = [torch.zeros(0, model.spec.feature_dim)]
+    metas = [torch.zeros(0, 4, dtype=torch.int64)]
     for images, meta in tqdm(batches, desc=description, unit="batch", disable=description is None):
         features.append(model.embed(images.to(device)).float().cpu())
         metas.append(meta.cpu())

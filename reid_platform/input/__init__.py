@@ -1,0 +1,49 @@
+"""Training and evaluation batches from the packed shards, through DALI or the torch baseline.
+
+``input.backend`` picks the implementation; both produce the same (images, labels) and
+(images, meta) batches with the same transforms. Each backend is imported only when used, so the
+torch baseline runs where DALI is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import torch
+
+from reid_platform.config import InputConfig
+from reid_platform.input.partition import Partition
+
+
+class TrainBatches(Protocol):
+    steps: int
+    num_classes: int
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def train_loader(shards_dir, partition: Partition, cfg: InputConfig, seed: int) -> TrainBatches:
+    """Endless augmented batches of this rank's part; iterating yields one epoch (images, labels)."""
+    if cfg.backend == "torch":
+        from reid_platform.input.torch_loader import TorchTrainLoader
+
+        return TorchTrainLoader(shards_dir, partition, cfg, seed)
+    from reid_platform.input.dali import TrainLoader
+
+    return TrainLoader(shards_dir, partition, cfg, seed)
+
+
+def eval_batches(
+    shards_dir, split: str, partition: Partition, cfg: InputConfig, batch_size: int
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's part of ``split``, each sample once, unaugmented: (images, meta rows)."""
+    if cfg.backend == "torch":
+        from reid_platform.input.torch_loader import torch_eval_batches
+
+        return torch_eval_batches(shards_dir, split, partition, cfg, batch_size)
+    from reid_platform.input.dali import eval_batches as dali_eval_batches
+
+    return dali_eval_batches(shards_dir, split, partition, cfg, batch_size)

@@ -13,29 +13,25 @@ person id, camera id and original index, so order and identity survive sharding.
 
 from __future__ import annotations
 
+import math
+import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import islice
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from reid_platform.config import InputConfig
 from reid_platform.data.datasets import DatasetError
+from reid_platform.data.images import decode_problem
 from reid_platform.data.pack import read_manifest, shard_paths
+from reid_platform.input.identity import identity_source
+from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
 
 READER = "Reader"
-
-
-@dataclass(frozen=True)
-class Partition:
-    """Which part of the data this process reads."""
-
-    rank: int = 0
-    world_size: int = 1
-    device_id: int | None = None  # None: CPU operators only
 
 
 def _read(tars: list[str], indexes: list[str], partition: Partition, shuffle: bool, cfg: InputConfig):
@@ -52,10 +48,13 @@ def _read(tars: list[str], indexes: list[str], partition: Partition, shuffle: bo
         pad_last_batch=not shuffle,
         name=READER,
     )
+    return _decode(images, partition, cfg), meta
+
+
+def _decode(encoded, partition: Partition, cfg: InputConfig):
     decoder_device = "cpu" if partition.device_id is None else "mixed"
-    images = fn.decoders.image(images, device=decoder_device, output_type=types.RGB)
-    images = fn.resize(images, resize_x=cfg.width, resize_y=cfg.height)
-    return images, meta
+    images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+    return fn.resize(images, resize_x=cfg.width, resize_y=cfg.height)
 
 
 def _crop_normalize(images, cfg: InputConfig, random_crop: bool, mirror=0):
@@ -74,8 +73,12 @@ def _crop_normalize(images, cfg: InputConfig, random_crop: bool, mirror=0):
 
 
 @pipeline_def(enable_conditionals=False)
-def _train_graph(tars, indexes, partition: Partition, cfg: InputConfig):
-    images, meta = _read(tars, indexes, partition, shuffle=True, cfg=cfg)
+def _train_graph(tars, indexes, partition: Partition, cfg: InputConfig, batch_source=None):
+    if batch_source is None:
+        images, meta = _read(tars, indexes, partition, shuffle=True, cfg=cfg)
+    else:  # identity-balanced batches (identity.py) instead of the shuffled shard stream
+        encoded, meta = fn.external_source(source=batch_source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
+        images = _decode(encoded, partition, cfg)
     if cfg.pad:  # zero border on every side; the crop below then lands at a random position
         images = fn.crop(
             images,
@@ -83,9 +86,50 @@ def _train_graph(tars, indexes, partition: Partition, cfg: InputConfig):
             out_of_bounds_policy="pad",
             fill_values=0,
         )
+    if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
+        images = _color_jitter(images, cfg)
     mirror = fn.random.coin_flip(probability=cfg.flip_prob)
     images = _crop_normalize(images, cfg, random_crop=cfg.pad > 0, mirror=mirror)
+    if cfg.erasing_prob:
+        images = _random_erasing(images, cfg)
     return images, meta
+
+
+def _factor(spread: float):
+    return fn.random.uniform(range=(max(0.0, 1.0 - spread), 1.0 + spread))
+
+
+def _color_jitter(images, cfg: InputConfig):
+    """torchvision ColorJitter's factors (one linear colour transform; torchvision varies the order)."""
+    return fn.color_twist(
+        images,
+        brightness=_factor(cfg.brightness),
+        contrast=_factor(cfg.contrast),
+        saturation=_factor(cfg.saturation),
+        hue=fn.random.uniform(range=(-360.0 * cfg.hue, 360.0 * cfg.hue)),  # DALI takes degrees
+    )
+
+
+def _random_erasing(images, cfg: InputConfig, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
+    """torchvision RandomErasing on normalised CHW images: a random rectangle set to 0.
+
+    Area fraction and log aspect ratio are drawn as torchvision draws them; where torchvision redraws
+    a rectangle that does not fit (up to 10 times), it is clipped to the image here.
+    """
+    area = fn.random.uniform(range=scale) * float(cfg.height * cfg.width)
+    aspect = dmath.exp(fn.random.uniform(range=(math.log(ratio[0]), math.log(ratio[1]))))
+    height = dmath.min(dmath.floor(dmath.sqrt(area * aspect) + 0.5), float(cfg.height))
+    width = dmath.min(dmath.floor(dmath.sqrt(area / aspect) + 0.5), float(cfg.width))
+    top = fn.random.uniform(range=(0.0, 1.0)) * (cfg.height - height)
+    left = fn.random.uniform(range=(0.0, 1.0)) * (cfg.width - width)
+    erase = fn.cast(fn.random.coin_flip(probability=cfg.erasing_prob), dtype=types.FLOAT)
+    return fn.erase(
+        images,
+        anchor=fn.stack(dmath.floor(top), dmath.floor(left)),
+        shape=fn.stack(height * erase, width * erase),
+        axis_names="HW",
+        fill_value=0.0,
+    )
 
 
 @pipeline_def(enable_conditionals=False)
@@ -94,7 +138,7 @@ def _eval_graph(tars, indexes, partition: Partition, cfg: InputConfig):
     return _crop_normalize(images, cfg, random_crop=False), meta
 
 
-def _pipeline(graph, split: str, shards_dir, partition: Partition, cfg: InputConfig, batch_size: int, seed: int):
+def _pipeline(graph, split: str, shards_dir, partition: Partition, cfg: InputConfig, batch_size: int, seed: int, **extra):
     manifest = read_manifest(shards_dir)
     tars, indexes = shard_paths(shards_dir, manifest, split)
     pipe = graph(
@@ -102,6 +146,7 @@ def _pipeline(graph, split: str, shards_dir, partition: Partition, cfg: InputCon
         indexes,
         partition,
         cfg,
+        **extra,
         batch_size=batch_size,
         num_threads=cfg.num_threads,
         device_id=partition.device_id,
@@ -112,48 +157,69 @@ def _pipeline(graph, split: str, shards_dir, partition: Partition, cfg: InputCon
     return pipe, manifest
 
 
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Steps every rank runs per epoch: one pass over the smallest rank's part, whole batches."""
-    steps = (num_samples // world_size) // batch_size
-    if steps < 1:
-        raise ValueError(
-            f"{num_samples} training samples cannot fill one batch of {batch_size} on each of "
-            f"{world_size} workers; lower input.batch_size or add data"
-        )
-    return steps
-
-
 class TrainLoader:
     """Endless augmented batches; iterate it for one epoch of ``steps`` (images, labels)."""
 
     def __init__(self, shards_dir, partition: Partition, cfg: InputConfig, seed: int):
-        pipe, manifest = _pipeline(_train_graph, "train", shards_dir, partition, cfg, cfg.batch_size, seed)
+        extra = {}
+        if cfg.sampler == "identity":
+            identities = cfg.batch_size // cfg.images_per_identity
+            extra["batch_source"] = identity_source(shards_dir, identities, cfg.images_per_identity, seed)
+        pipe, manifest = _pipeline(_train_graph, "train", shards_dir, partition, cfg, cfg.batch_size, seed, **extra)
         self.steps = steps_per_epoch(manifest["splits"]["train"]["samples"], partition.world_size, cfg.batch_size)
         self.num_classes = manifest["num_classes"]
         self.shards_dir = shards_dir
-        self._batches = DALIGenericIterator(pipe, ["images", "meta"], size=-1)
+        self._batches = _named_failures(_endless(pipe), shards_dir, "train")
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in islice(self._batches, self.steps):
-            images, meta = batch[0]["images"], batch[0]["meta"]
-            labels = meta[:, 0].clone()
-            bad = (labels < 0) | (labels >= self.num_classes)
-            if bad.any():  # no shard owns such a class: the loss would be silently wrong
-                raise DatasetError(
-                    f"{self.shards_dir}: training sample index {int(meta[bad][0, 3])} has label "
-                    f"{int(labels[bad][0])}, outside the manifest's {self.num_classes} classes"
-                )
-            yield images, labels
+            yield batch[0]["images"], checked_labels(batch[0]["meta"], self.num_classes, self.shards_dir)
+
+
+def _endless(pipe):
+    yield from DALIGenericIterator(pipe, ["images", "meta"], size=-1)
 
 
 def eval_batches(shards_dir, split: str, partition: Partition, cfg: InputConfig, batch_size: int):
     """This rank's part of ``split``, each sample once: yields (images, meta rows)."""
     pipe, _ = _pipeline(_eval_graph, split, shards_dir, partition, cfg, batch_size, seed=0)
-    batches = DALIGenericIterator(
-        pipe, ["images", "meta"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL
-    )
-    for batch in batches:
+
+    def batches():  # the iterator runs the pipeline as it is made: make it inside the guard
+        yield from DALIGenericIterator(pipe, ["images", "meta"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    for batch in _named_failures(batches(), shards_dir, split):
         yield batch[0]["images"], batch[0]["meta"]
+
+
+def _named_failures(batches, shards_dir, split: str):
+    """DALI's batches; a failure (a sample that no longer decodes) is traced to its shard and key.
+
+    DALI's own error names only the operator, so the split's shards are searched with PIL for the
+    first sample that does not decode; that slow search happens only after a failure.
+    """
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            tars, _ = shard_paths(shards_dir, read_manifest(shards_dir), split)
+            for tar, key, problem in undecodable_samples(tars):
+                raise DatasetError(f"{tar}: sample {key} does not decode ({problem}); repack or restore the shard") from None
+            raise DatasetError(f"{shards_dir}: reading the {split} shards failed: {str(error).splitlines()[0]}") from None
+        yield batch
+
+
+def undecodable_samples(tars: list[str]):
+    """(tar, key, reason) of every JPEG member of ``tars`` that PIL cannot decode."""
+    for tar in tars:
+        with tarfile.open(tar) as archive:
+            for member in archive:
+                if member.name.endswith(".jpg"):
+                    reason = decode_problem(archive.extractfile(member).read())
+                    if reason:
+                        yield tar, member.name.rsplit(".", 1)[0], reason

@@ -19,7 +19,8 @@ from reid_platform.config import RunConfig
 from reid_platform.data.pack import read_manifest
 from reid_platform.evaluation.features import evaluate_model
 from reid_platform.evaluation.plots import write_pictures
-from reid_platform.input.dali import Partition, TrainLoader
+from reid_platform.input import train_loader
+from reid_platform.input.partition import Partition
 from reid_platform.model.backbone import ModelSpec, ReIDNet, load_pretrained_trunk
 from reid_platform.parallel.comm import broadcast_buffers, undo_ddp_averaging
 from reid_platform.parallel.losses import MarginSpec
@@ -98,7 +99,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Distinct augmentation streams per (seed, rank, epoch of the start), also after a resume.
     input_seed = int(np.random.SeedSequence([cfg.train.seed, rank, progress["epoch"]]).generate_state(1)[0])
-    loader = TrainLoader(cfg.data.shards, partition, cfg.input, seed=input_seed)
+    loader = train_loader(cfg.data.shards, partition, cfg.input, seed=input_seed)
     total_steps = cfg.train.epochs * len(loader)
     warmup_steps = cfg.train.warmup_epochs * len(loader)
     if progress["epoch"] == 0:

@@ -1,0 +1,45 @@
+"""What every input backend shares: which part of the data a process reads, and how long an epoch is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reid_platform.data.datasets import DatasetError
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Which part of the data this process reads."""
+
+    rank: int = 0
+    world_size: int = 1
+    device_id: int | None = None  # None: CPU only
+
+
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Steps every rank runs per epoch: one pass over the smallest rank's part, whole batches.
+
+    The same on every rank, so no rank waits in a collective for one that ran out of data.
+    """
+    steps = (num_samples // world_size) // batch_size
+    if steps < 1:
+        raise ValueError(
+            f"{num_samples} training samples cannot fill one batch of {batch_size} on each of "
+            f"{world_size} workers; lower input.batch_size or add data"
+        )
+    return steps
+
+
+def checked_labels(meta: torch.Tensor, num_classes: int, shards_dir: str | Path) -> torch.Tensor:
+    """The label column of a batch's meta rows, refusing labels no classifier shard owns."""
+    labels = meta[:, 0].clone()
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():  # the loss would be silently wrong
+        raise DatasetError(
+            f"{shards_dir}: training sample index {int(meta[bad][0, 3])} has label "
+            f"{int(labels[bad][0])}, outside the manifest's {num_classes} classes"
+        )
+    return labels

@@ -1,0 +1,105 @@
+"""The baseline input pipeline: webdataset + torchvision + torch DataLoader, DALI's transforms.
+
+For comparison (``benchmarks/input_pipeline.py``) and for machines without DALI. The same steps in
+the same order as the DALI graph: resize, zero pad, colour jitter, random crop, flip, normalise,
+random erasing. Ranks split the work by shard (``tars[rank::world_size]``) and DataLoader workers
+split their rank's shards again, as webdataset does; training resamples shards endlessly and an
+epoch is the same fixed number of steps as with DALI.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from itertools import islice
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision.transforms import v2
+
+from reid_platform.config import InputConfig
+from reid_platform.data.datasets import DatasetError
+from reid_platform.data.pack import read_manifest, shard_paths
+from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
+
+
+def _to_tensor(cfg: InputConfig) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+
+
+def train_transform(cfg: InputConfig) -> v2.Compose:
+    steps: list = [v2.Resize((cfg.height, cfg.width))]
+    if cfg.pad:
+        steps += [v2.Pad(cfg.pad, fill=0)]
+    if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
+        steps += [v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)]
+    steps += [v2.RandomCrop((cfg.height, cfg.width)), v2.RandomHorizontalFlip(cfg.flip_prob), *_to_tensor(cfg)]
+    if cfg.erasing_prob:
+        steps += [v2.RandomErasing(cfg.erasing_prob, value=0)]
+    return v2.Compose(steps)
+
+
+def eval_transform(cfg: InputConfig) -> v2.Compose:
+    return v2.Compose([v2.Resize((cfg.height, cfg.width)), *_to_tensor(cfg)])
+
+
+class _Decode:
+    """A picklable sample -> (image tensor, meta row) map for DataLoader workers."""
+
+    def __init__(self, transform: v2.Compose):
+        self.transform = transform
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        except OSError as error:
+            raise DatasetError(f"{sample['__url__']}: sample {sample['__key__']} does not decode: {error}") from None
+        return self.transform(image), torch.from_numpy(np.frombuffer(sample["meta"], "<i8").copy())
+
+
+def _rank_shards(shards_dir, split: str, partition: Partition) -> list[str]:
+    tars, _ = shard_paths(shards_dir, read_manifest(shards_dir), split)
+    return tars[partition.rank :: partition.world_size]
+
+
+def _loader(dataset, batch_size: int, cfg: InputConfig, drop_last: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=cfg.num_threads, drop_last=drop_last, persistent_workers=True
+    )
+
+
+class TorchTrainLoader:
+    def __init__(self, shards_dir, partition: Partition, cfg: InputConfig, seed: int):
+        manifest = read_manifest(shards_dir)
+        tars = _rank_shards(shards_dir, "train", partition)
+        if not tars:
+            raise DatasetError(
+                f"{shards_dir}: {len(manifest['splits']['train']['shards'])} training shards cannot feed "
+                f"{partition.world_size} workers with input.backend torch; pack smaller shards"
+            )
+        self.steps = steps_per_epoch(manifest["splits"]["train"]["samples"], partition.world_size, cfg.batch_size)
+        self.num_classes, self.shards_dir = manifest["num_classes"], shards_dir
+        dataset = (
+            wds.WebDataset(tars, resampled=True, shardshuffle=False, nodesplitter=None, seed=seed)
+            .shuffle(cfg.shuffle_buffer, seed=seed)
+            .map(_Decode(train_transform(cfg)))
+        )
+        self._batches = iter(_loader(dataset, cfg.batch_size, cfg, drop_last=True))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, meta in islice(self._batches, self.steps):
+            yield images, checked_labels(meta, self.num_classes, self.shards_dir)
+
+
+def torch_eval_batches(shards_dir, split: str, partition: Partition, cfg: InputConfig, batch_size: int):
+    tars = _rank_shards(shards_dir, split, partition)
+    if not tars:  # more ranks than shards: this rank has nothing to read
+        return
+    workers = min(cfg.num_threads, len(tars))  # a worker without a shard would read nothing
+    dataset = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None).map(_Decode(eval_transform(cfg)))
+    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
