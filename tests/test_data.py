@@ -65,7 +65,7 @@ def test_market1501_parser(tiny_market):
     assert parse_market_style_name(Path("1367_c2_4.png")) == (1367, 1)  # CUHK03-NP
 
 
-@pytest.mark.parametrize("name", ["2c1s1_000451_03.jpg", "0002_1s1_000451_03.jpg", "Thumbs.jpg"])
+@pytest.mark.parametrize("name", ["2c1s1_000451_03.jpg", "0002_1s1_000451_03.jpg", "0002_c1s1_000451_03.png.jpg", "Thumbs.jpg"])
 def test_bad_file_name_is_named(tmp_path, name):
     for folder in ("bounding_box_train", "bounding_box_test", "query"):
         (tmp_path / folder).mkdir()
@@ -148,8 +148,15 @@ def test_csv_manifest(tmp_path):
     assert [(s.path.name, s.person_id, s.camera_id) for s in splits["train"]] == [("a.jpg", 7, 0), ("b.jpg", 7, 0)]
     assert splits["query"][0].path == tmp_path / "imgs/c.jpg" and len(splits["gallery"]) == 1
     three_columns = tmp_path / "three.csv"
-    three_columns.write_text("imgs/a.jpg,1,0\n")  # no header, split defaults to train
-    assert len(load_csv(three_columns)["train"]) == 1
+    three_columns.write_text("imgs/a.jpg,1,0\nimgs/b.jpg,2,0\n")  # no header, split defaults to train
+    assert len(load_csv(three_columns)["train"]) == 2
+    # a training-only manifest packs (no query or gallery shards), with paths relative to the CSV
+    manifest = pack_dataset([("csv", three_columns)], tmp_path / "out", ONE_WORKER, progress=False)
+    assert manifest["splits"]["query"] == {"samples": 0, "identities": 0, "shards": []}
+    assert manifest["sources"][0]["root"] == str(tmp_path.resolve()) and manifest["num_classes"] == 2
+    with tarfile.open(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["file"]) as archive:
+        paths = sorted(json.loads(archive.extractfile(n).read())["path"] for n in archive.getnames() if n.endswith(".json"))
+    assert paths == ["imgs/a.jpg", "imgs/b.jpg"]
 
 
 @pytest.mark.parametrize(
@@ -211,10 +218,13 @@ def test_manifest_matches_shards(tiny_shards):
     assert len(labels) > 4
 
 
-def test_packing_is_deterministic_in_parallel_and_resizes(tiny_market, tmp_path):
+def test_packing_is_deterministic_in_parallel_and_resizes(tiny_market, tmp_path, monkeypatch):
     options = PackOptions(samples_per_shard=30, workers=2, resize=(48, 24))
     first = pack_dataset([("market1501", tiny_market)], tmp_path / "a", options, progress=False)
-    second = pack_dataset([("market1501", tiny_market)], tmp_path / "b", options, progress=False)
+    # one worker instead of two, and the root given relative to another working directory
+    monkeypatch.chdir(tiny_market.parent)
+    relative = PackOptions(samples_per_shard=30, workers=1, resize=(48, 24))
+    second = pack_dataset([("market1501", tiny_market.name)], tmp_path / "b", relative, progress=False)
     digests = lambda m: [s["sha256"] for split in m["splits"].values() for s in split["shards"]]  # noqa: E731
     assert digests(first) == digests(second) and first["resize"] == [48, 24]
     with tarfile.open(tmp_path / "a" / first["splits"]["gallery"]["shards"][0]["file"]) as archive:

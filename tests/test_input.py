@@ -95,9 +95,14 @@ def test_dali_and_torch_backends_apply_the_same_augmentation(tiny_shards):
 
 def test_torch_backend_evaluation_reads_every_sample_once(tiny_shards):
     cfg = CFG.model_copy(update={"backend": "torch", "num_threads": 2})
-    metas = [torch.cat([m for _, m in eval_batches_for(tiny_shards, "gallery", Partition(r, 2), cfg, 16)]) for r in range(2)]
-    indices = torch.cat(metas)[:, 3].sort().values
-    assert torch.equal(indices, torch.arange(len(indices))) and len(indices) > 0
+    # one rank with 2 DataLoader workers over the gallery's 2 shards, then 2 ranks with 1 shard each
+    for world_size in (1, 2):
+        metas = [
+            torch.cat([m for _, m in eval_batches_for(tiny_shards, "gallery", Partition(r, world_size), cfg, 16)])
+            for r in range(world_size)
+        ]
+        indices = torch.cat(metas)[:, 3].sort().values
+        assert torch.equal(indices, torch.arange(58))
     # three ranks for one query shard: two of them read nothing, and say so with no batches
     assert list(eval_batches_for(tiny_shards, "query", Partition(2, 3), cfg, 16)) == []
 
@@ -142,3 +147,52 @@ def test_a_sample_that_no_longer_decodes_is_named(tiny_shards, tmp_path):
     tar.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match=rf"{tar}: sample gallery_000000000 does not decode"):
         list(eval_batches(copy, "gallery", Partition(), CFG, 16))
+    # the torch backend decodes in DataLoader workers; the message still names the sample, alone
+    torch_cfg = CFG.model_copy(update={"backend": "torch"})
+    with pytest.raises(DatasetError, match=rf"^{tar}: sample gallery_000000000 does not decode") as error:
+        list(eval_batches_for(copy, "gallery", Partition(), torch_cfg, 16))
+    assert "Traceback" not in str(error.value)
+
+
+def test_dali_colour_jitter_follows_torchvision_factors():
+    """Contrast pivots on the mean grey (a flat image stays flat, as in torchvision); brightness scales."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    from reid_platform.input.dali import _color_jitter
+
+    flat = [np.full((8, 8, 3), value, np.uint8) for value in (50, 120, 200, 90)]
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=0)
+    def jitter(cfg):
+        return _color_jitter(fn.external_source(source=lambda: flat, batch=True, layout="HWC"), cfg)
+
+    contrast_only = jitter(CFG.model_copy(update={"contrast": 0.5}))
+    contrast_only.build()
+    (out,) = contrast_only.run()
+    assert all(np.array_equal(np.array(out[i]), flat[i]) for i in range(4))
+    brightness_only = jitter(CFG.model_copy(update={"brightness": 0.4}))
+    brightness_only.build()
+    (out,) = brightness_only.run()
+    ratios = [float(np.array(out[i]).mean()) / float(flat[i].mean()) for i in (0, 1, 3)]
+    assert all(0.59 <= r <= 1.41 for r in ratios) and len({round(r, 3) for r in ratios}) > 1
+
+
+def test_erasing_boxes_follow_torchvision_random_erasing():
+    """Same draws as torchvision's RandomErasing.get_params: compare the distributions on 20k boxes."""
+    from torchvision.transforms import RandomErasing
+
+    from reid_platform.input.dali import ErasingBoxes
+
+    cfg = InputConfig(height=256, width=128, erasing_prob=0.5)
+    anchors, shapes = ErasingBoxes(cfg, 20_000, seed=0)()
+    anchors, shapes = np.stack(anchors), np.stack(shapes)
+    erased = shapes[:, 0] > 0
+    assert abs(erased.mean() - 0.5) < 0.02
+    assert ((anchors + shapes) <= [256, 128]).all() and (shapes < [256, 128]).all()
+    assert (anchors[erased] + shapes[erased] == [256, 128]).any(axis=0).all()  # the last positions occur
+    torch.manual_seed(0)
+    image = torch.zeros(3, 256, 128)
+    theirs = np.array([RandomErasing.get_params(image, (0.02, 0.33), (0.3, 3.3), [0.0])[2:4] for _ in range(10_000)])
+    ours_area, their_area = (shapes[erased].prod(1) / (256 * 128)), theirs.prod(1) / (256 * 128)
+    assert abs(ours_area.mean() - their_area.mean()) < 0.005

@@ -41,7 +41,7 @@ def with_labels(samples: list[Sample]) -> list[Sample]:
 
 # Market-1501 0002_c1s1_000451_03.jpg, DukeMTMC-reID 0001_c2_f0046182.jpg, CUHK03-NP 0001_c1_1.png:
 # person id (-1 marks junk), then the camera.
-_MARKET_STYLE_NAME = re.compile(r"^(-1|\d+)_c(\d+)[^/]*\.(jpg|png)$")
+_MARKET_STYLE_NAME = re.compile(r"^(-1|\d+)_c(\d+)[^./]*\.(jpg|png)$")
 _MARKET_STYLE_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
 
@@ -170,7 +170,9 @@ LOADERS: dict[str, Callable[[Path], Splits]] = {
 def load_dataset(name: str, root: str | Path) -> Splits:
     if name not in LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; one of: {', '.join(LOADERS)}")
-    return {split: [replace(s, source=name) for s in samples] for split, samples in LOADERS[name](Path(root)).items()}
+    # an absolute root makes every stored path the same however the root was typed
+    splits = LOADERS[name](Path(root).resolve())
+    return {split: [replace(s, source=name) for s in samples] for split, samples in splits.items()}
 
 
 def combine(datasets: list[Splits]) -> tuple[Splits, list[dict[str, int]]]:

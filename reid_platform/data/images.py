@@ -42,6 +42,8 @@ def prepare_image(path: Path, resize: tuple[int, int] | None = None, quality: in
             return encoded.getvalue(), ""
     except UnidentifiedImageError:
         return None, "not an image file"
+    except Image.DecompressionBombError as error:
+        return None, f"too large to decode safely: {error}"
     except (OSError, SyntaxError, ValueError) as error:
         return None, f"corrupt or truncated: {error}"
 

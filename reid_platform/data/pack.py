@@ -87,6 +87,8 @@ def _write_split(
     progress: bool,
 ) -> tuple[list[dict], list[Sample]]:
     """Write the shards of one split; returns their manifest entries and the samples written."""
+    if not samples:  # e.g. a CSV manifest with training rows only
+        return [], []
     order = list(range(len(samples)))
     if split == "train":
         random.Random(options.seed).shuffle(order)
@@ -113,8 +115,9 @@ def _write_split(
                 }
             )
             written.append(sample)
-    if not written:
-        raise DatasetError(f"{out}: every {split} image was quarantined; see the reasons above")
+    if samples and not written:
+        reasons = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantine if q["split"] == split)
+        raise DatasetError(f"{out}: every {split} image was quarantined ({reasons[:500]})")
     shards = []
     for tar in sorted(out.glob(f"{split}-*.tar")):
         index_path = tar.with_suffix(".idx")
@@ -138,6 +141,12 @@ def index_sample_count(index_path: Path) -> int:
         return int(handle.readline().split()[1])
 
 
+def _root_folder(root: str | Path) -> Path:
+    """The folder stored paths are relative to (a CSV manifest's own folder)."""
+    root = Path(root).resolve()
+    return root.parent if root.is_file() else root
+
+
 def pack_dataset(
     sources: list[tuple[str, str | Path]],
     out: str | Path,
@@ -154,7 +163,7 @@ def pack_dataset(
     splits, offsets = combine([load_dataset(name, root) for name, root in sources])
     splits["train"] = with_labels(splits["train"])
     described = [
-        {"dataset": name, "root": str(Path(root).resolve()), **offset} for (name, root), offset in zip(sources, offsets)
+        {"dataset": name, "root": str(_root_folder(root)), **offset} for (name, root), offset in zip(sources, offsets)
     ]
     return pack_splits(splits, described, out, options, progress)
 

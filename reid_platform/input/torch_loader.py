@@ -4,7 +4,8 @@ For comparison (``benchmarks/input_pipeline.py``) and for machines without DALI.
 the same order as the DALI graph: resize, zero pad, colour jitter, random crop, flip, normalise,
 random erasing. Ranks split the work by shard (``tars[rank::world_size]``) and DataLoader workers
 split their rank's shards again, as webdataset does; training resamples shards endlessly and an
-epoch is the same fixed number of steps as with DALI.
+epoch is the same fixed number of steps as with DALI. webdataset seeds its shard resampling from
+the process, not from ``seed``: this baseline is not reproducible run to run, DALI is.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def _loader(dataset, batch_size: int, cfg: InputConfig, drop_last: bool) -> torc
     )
 
 
+def _worker_errors_named(batches):
+    """DataLoader re-raises a worker's DatasetError with the worker's whole traceback as its message;
+    keep the message the worker raised, which names the shard and sample."""
+    try:
+        yield from batches
+    except DatasetError as error:
+        raise DatasetError(str(error).strip().splitlines()[-1].split("DatasetError: ", 1)[-1]) from None
+
+
 class TorchTrainLoader:
     def __init__(self, shards_dir, partition: Partition, cfg: InputConfig, seed: int):
         manifest = read_manifest(shards_dir)
@@ -86,7 +96,7 @@ class TorchTrainLoader:
             .shuffle(cfg.shuffle_buffer, seed=seed)
             .map(_Decode(train_transform(cfg)))
         )
-        self._batches = iter(_loader(dataset, cfg.batch_size, cfg, drop_last=True))
+        self._batches = _worker_errors_named(_loader(dataset, cfg.batch_size, cfg, drop_last=True))
 
     def __len__(self) -> int:
         return self.steps
@@ -102,4 +112,4 @@ def torch_eval_batches(shards_dir, split: str, partition: Partition, cfg: InputC
         return
     workers = min(cfg.num_threads, len(tars))  # a worker without a shard would read nothing
     dataset = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None).map(_Decode(eval_transform(cfg)))
-    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    yield from _worker_errors_named(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers))
