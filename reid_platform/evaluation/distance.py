@@ -46,11 +46,12 @@ def check_magnitude(name: str, norms: torch.Tensor, metric: Metric) -> None:
         )
 
 
-def _unit_rows(features: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+def unit_rows(features: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
     """L2-normalised float32 rows, copied once up front, or the input itself when it already is.
 
     Model embeddings come out normalised; not copying them saves a gallery-sized array.
     """
+    norms = squared_norms(features) if norms is None else norms
     if features.dtype == torch.float32 and bool(((norms - 1).abs() < 1e-6).all()):
         return features
     return F.normalize(features.float(), dim=1)
@@ -72,7 +73,7 @@ class FeatureDistances:
         check_magnitude("query", query_norms, metric)
         check_magnitude("gallery", gallery_norms, metric)
         if metric == "cosine":
-            self.query, self.gallery = _unit_rows(query, query_norms), _unit_rows(gallery, gallery_norms)
+            self.query, self.gallery = unit_rows(query, query_norms), unit_rows(gallery, gallery_norms)
         else:
             self.query, self.gallery = query, gallery
             self.query_norms, self.gallery_norms = query_norms, gallery_norms

@@ -22,9 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from reid_platform.evaluation.distance import Distances, FeatureDistances, Metric
+from reid_platform.evaluation.distance import Distances, FeatureDistances, Metric, unit_rows
 from reid_platform.evaluation.kernels import negatives_before_matches
 from reid_platform.evaluation.metrics import (
     EvaluationError,
@@ -86,7 +85,7 @@ def make_distances(
         return FeatureDistances(query.features, gallery.features, metric)
     query_features, gallery_features = query.features, gallery.features
     if metric == "cosine":
-        query_features, gallery_features = F.normalize(query_features.float(), dim=1), F.normalize(gallery_features.float(), dim=1)
+        query_features, gallery_features = unit_rows(query_features), unit_rows(gallery_features)
     return RerankedDistances(query_features, gallery_features, rerank, memory_mb)
 
 

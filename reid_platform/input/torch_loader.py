@@ -60,8 +60,8 @@ class _Decode:
         return self.transform(image), torch.from_numpy(np.frombuffer(sample["meta"], "<i8").copy())
 
 
-def _rank_shards(shards_dir, split: str, partition: Partition) -> list[str]:
-    tars, _ = shard_paths(shards_dir, read_manifest(shards_dir), split)
+def _rank_shards(shards_dir, manifest: dict, split: str, partition: Partition) -> list[str]:
+    tars, _ = shard_paths(shards_dir, manifest, split)
     return tars[partition.rank :: partition.world_size]
 
 
@@ -83,7 +83,7 @@ def _worker_errors_named(batches):
 class TorchTrainLoader:
     def __init__(self, shards_dir, partition: Partition, cfg: InputConfig, seed: int):
         manifest = read_manifest(shards_dir)
-        tars = _rank_shards(shards_dir, "train", partition)
+        tars = _rank_shards(shards_dir, manifest, "train", partition)
         if not tars:
             raise DatasetError(
                 f"{shards_dir}: {len(manifest['splits']['train']['shards'])} training shards cannot feed "
@@ -107,7 +107,7 @@ class TorchTrainLoader:
 
 
 def torch_eval_batches(shards_dir, split: str, partition: Partition, cfg: InputConfig, batch_size: int):
-    tars = _rank_shards(shards_dir, split, partition)
+    tars = _rank_shards(shards_dir, read_manifest(shards_dir), split, partition)
     if not tars:  # more ranks than shards: this rank has nothing to read
         return
     workers = min(cfg.num_threads, len(tars))  # a worker without a shard would read nothing
