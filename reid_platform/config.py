@@ -7,6 +7,7 @@ the key path and the file, which the CLI turns into exit status 2.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,6 +106,10 @@ class TrainConfig(_Section):
     warmup_epochs: int = Field(5, ge=0)
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs; 0 only at the end.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU."
+    )
+    channels_last: bool = Field(True, description="NHWC backbone on GPU (ignored on CPU).")
 
 
 class EvaluationConfig(_Section):
@@ -127,13 +132,27 @@ class RunSection(_Section):
     storage_path: Path = Path("runs/ray")
     output_dir: Path = Path("runs/reid")
     checkpoints_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(
+        3, ge=-1, description="Worker-group restarts from the latest checkpoint before the job fails; -1 = no limit."
+    )
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class TrackingConfig(_Section):
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+        description="Defaults to $MLFLOW_TRACKING_URI, then a local SQLite file. Credentials never go here: "
+        "MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN from the environment.",
+    )
     experiment: str = Field("reid", min_length=1)
     registered_model: str | None = None
     alias: str = Field("champion", min_length=1)
+    outage_timeout_s: float = Field(
+        900.0, gt=0.0,
+        description="How long the end of training waits for an unreachable tracking server before failing.",
+    )
 
 
 class RunConfig(_Section):

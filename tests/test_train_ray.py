@@ -6,17 +6,24 @@ One run is shared by the tests below (it is the slow part of the suite).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
 import pytest
 import ray
+import torch
 from PIL import Image
 from mlflow.tracking import MlflowClient
 
 from reid_platform.cli import main
 from reid_platform.config import load_config
 from reid_platform.data.pack import PackOptions, pack_dataset
+from reid_platform.model.artifact import load_model_dir
+from reid_platform.tracking.registry import register_model
+from reid_platform.train.schedule import lr_factor
 from reid_platform.train.launcher import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +37,9 @@ def ray_cluster():
     ray.shutdown()
 
 
-def tiny_config(shards: Path, work: Path, epochs: int):
+def tiny_config(shards: Path, work: Path, epochs: int, workers: int = 2):
     overrides = [
+        f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={2 / max(2, workers)}",
         f"data.shards={shards}",
         "input.height=64", "input.width=32", "input.batch_size=8", "input.shuffle_buffer=64",
         "train.warmup_epochs=0", "train.lr=0.01", f"train.epochs={epochs}",
@@ -113,13 +121,71 @@ def test_pulled_model_reproduces_logged_map(trained, damaged_shards, tmp_path, c
     assert reranked["mAP"] != metrics["mAP"]
 
 
-def test_starting_the_same_run_again_resumes_it(trained, damaged_shards):
-    cfg, work, first = trained
-    outcome = train(tiny_config(damaged_shards, work, epochs=4), REPO / "configs/demo.yaml")
+def test_registry_round_trip_promote_list_embed_export(trained, tiny_market, tmp_path, capsys):
+    cfg, _, outcome = trained
+    uri = ["--tracking-uri", cfg.tracking.uri]
     client = MlflowClient(cfg.tracking.uri)
-    assert outcome.mlflow_run_id == first.mlflow_run_id
-    epochs = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "epoch")]
-    assert epochs == [1.0, 2.0, 3.0, 4.0]  # continued at epoch 4, not restarted
-    assert len(client.get_metric_history(outcome.mlflow_run_id, "initial_mAP")) == 1
-    steps = [m.step for m in client.get_metric_history(outcome.mlflow_run_id, "step_loss")]
-    assert steps == list(range(1, 21))
+    first = client.get_model_version_by_alias("reid-test", "champion")
+    second = str(register_model(cfg.tracking.uri, outcome.mlflow_run_id, first.source, "reid-test", "challenger"))
+    assert main(["models", "promote", "reid-test", second, "--alias", "champion", *uri]) == 0
+    assert str(client.get_model_version_by_alias("reid-test", "champion").version) == second
+    capsys.readouterr()
+    assert main(["models", "list", *uri]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[:3] for row in rows] == [["reid-test", second, "challenger,champion"], ["reid-test", str(first.version), "-"]]
+    assert rows[0][3] == f"{outcome.rank1:.2%}" and rows[0][-1] == outcome.mlflow_run_id
+    assert main(["models", "promote", "reid-test", "99", "--alias", "champion", *uri]) == 1
+    assert f"has no version 99 (versions: {first.version}, {second})" in capsys.readouterr().err
+
+    # embeddings of image files, with their paths; the oracle preprocesses by hand (PIL + numpy)
+    images = sorted((tiny_market / "query").glob("*.jpg"))[:5]
+    out = tmp_path / "embeddings.npz"
+    assert main(["embed", "--model", "reid-test@champion", *map(str, images), "--out", str(out), *uri]) == 0
+    with np.load(out, allow_pickle=False) as saved:
+        embeddings, paths = saved["embeddings"], saved["paths"]
+    assert list(paths) == [str(p) for p in images]
+    assert main(["models", "pull", "reid-test@champion", "--out", str(tmp_path / "m"), *uri]) == 0
+    model, input_cfg = load_model_dir(next((tmp_path / "m").rglob("model.json")).parent)
+    batch = np.stack([
+        (np.asarray(Image.open(p).convert("RGB").resize((input_cfg.width, input_cfg.height), Image.Resampling.BILINEAR),
+                    np.float32) / 255.0 - input_cfg.mean) / input_cfg.std
+        for p in images
+    ]).transpose(0, 3, 1, 2).astype(np.float32)  # fmt: skip
+    expected = model.embed(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(images[0].read_bytes()[:200])
+    assert main(["embed", "--model", "reid-test@champion", str(images[0]), str(broken), "--out", str(tmp_path / "no.npz"), *uri]) == 1
+    assert f"1 of 2 images cannot be read: {broken}" in capsys.readouterr().err
+    assert not (tmp_path / "no.npz").exists()
+
+    # ONNX: onnxruntime on the same preprocessed images gives the same embeddings
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", "onnx", "--model", "reid-test@champion", "--out", str(onnx_path), *uri]) == 0
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (onnx_embeddings,) = session.run(["embeddings"], {"images": batch})
+    np.testing.assert_allclose(onnx_embeddings, expected, atol=1e-4)
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["input"])["height"] == input_cfg.height
+
+
+def test_resume_with_3_workers_continues_epochs_and_schedule(trained, damaged_shards):
+    """Elastic resume: the 2-worker checkpoint is re-sharded over 3 workers (1 worker is covered
+    without Ray in test_checkpoint.py)."""
+    cfg, work, first = trained
+    three = train(tiny_config(damaged_shards, work, epochs=5, workers=3), REPO / "configs/demo.yaml")
+    ranges = sorted(re.findall(r"rows-(\d+)-(\d+)", " ".join(p.name for p in Path(three.checkpoint, "classifier").iterdir())))
+    assert [(int(a), int(b)) for a, b in ranges] == [(0, 3), (3, 6), (6, 8)]  # 8 classes over 3 workers
+
+    client = MlflowClient(cfg.tracking.uri)
+    assert three.mlflow_run_id == first.mlflow_run_id
+    history = {m.step: m.value for m in client.get_metric_history(three.mlflow_run_id, "lr")}
+    # epochs 4-5 continue on the 5-epoch schedule instead of starting again at epoch 1
+    assert list(history) == [1, 2, 3, 4, 5]
+    assert history[4] == pytest.approx(0.01 * lr_factor(4, 5, 0)) and history[5] == pytest.approx(0.01 * lr_factor(5, 5, 0))
+    steps = [m.step for m in client.get_metric_history(three.mlflow_run_id, "step_loss")]
+    assert steps == list(range(1, 15 + 2 * 3 + 1))  # 5 steps per epoch on 2 workers, then 3 on 3
+    assert len(client.get_metric_history(three.mlflow_run_id, "initial_mAP")) == 1
+    assert 0.0 < three.mAP <= 1.0 and three.mAP > first.mAP_before_training

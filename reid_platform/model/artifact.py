@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from reid_platform.config import InputConfig
@@ -40,5 +41,9 @@ def load_model_dir(directory: str | Path) -> tuple[ReIDNet, InputConfig]:
     if description.get("format") != FORMAT:
         raise ValueError(f"{description_path}: format {description.get('format')!r}, expected {FORMAT!r}")
     model = ReIDNet(ModelSpec(**description["spec"]))
-    model.load_state_dict(load_file(directory / WEIGHTS))
+    try:
+        state = load_file(directory / WEIGHTS)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{directory / WEIGHTS}: not a readable safetensors file ({error})") from None
+    model.load_state_dict(state)
     return model.eval(), InputConfig(**description["input"])

@@ -1,26 +1,76 @@
-"""MLflow from the edges: the driver opens the run, world rank 0 logs into it, the driver registers.
+"""MLflow from the edges: the driver opens the run, the Ray Train controller logs epoch metrics into
+it (train/epoch_log.py), world rank 0 its pictures, and the driver registers the model.
 
-Workers never start their own runs: they get the run id, so every attempt of a restarted or resumed
-job writes one continuous history.
+Nobody else starts a run: every attempt of a restarted or resumed job writes into the same one. The
+tracking server is allowed to go away: training does not wait for it (``RunLogger`` queues and
+retries), and the driver retries its few calls with backoff.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import shutil
+import tempfile
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import requests
+
 from reid_platform.config import RunConfig
+from reid_platform.tracking.server import TrackingUnavailable, redact
 
 PARAM_LIMIT = 100  # MLflow accepts at most 100 params per batch call
+METRIC_LIMIT = 1000  # and 1000 metrics
+# What a server that is down, restarting or overloaded answers; anything else is a real refusal.
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+
+T = TypeVar("T")
+
+
+def is_transient(error: Exception) -> bool:
+    if isinstance(error, MlflowException):
+        return error.error_code in TRANSIENT_CODES
+    return isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
+
+
+def _short(error: Exception) -> str:
+    text = redact(str(error).strip().splitlines()[0][:200]) if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def call_with_retries(call: Callable[[], T], what: str, uri: str, timeout_s: float, first_delay_s: float = 1.0) -> T:
+    """``call()``, retried with exponential backoff while the failure looks transient, for ``timeout_s``."""
+    deadline, delay = time.monotonic() + timeout_s, first_delay_s
+    while True:
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - servers fail in many library-specific ways
+            if not is_transient(error):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise TrackingUnavailable(
+                    f"MLflow at {redact(uri)}: {what} kept failing for {timeout_s:.0f} s ({_short(error)})"
+                ) from None
+            print(f"MLflow at {redact(uri)}: {what} failed ({_short(error)}); retrying in {delay:.0f} s", flush=True)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
 
 
 def open_run(cfg: RunConfig, config_path: Path, run_id: str | None = None) -> str:
     """Create (or reopen) the MLflow run of a training job; log params and the resolved config."""
     client = MlflowClient(cfg.tracking.uri)
+    # what MLflow stores about the run must not hold the tracking server's own password
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": redact(cfg.tracking.uri)})})
     if run_id is None:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
@@ -40,26 +90,89 @@ def cfg_yaml(cfg: RunConfig) -> str:
 
 
 class RunLogger:
-    """Metric logging into an existing run (used by world rank 0)."""
+    """Metric and artifact logging into an existing run (world rank 0) that never blocks training.
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+    Calls are queued to one sender thread. While the tracking server is down the sender keeps the
+    failed call and retries it with backoff; the calls behind it wait in order, so the history
+    catches up unchanged once the server is back. ``close`` waits for the backlog.
+    """
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]
-        )
+    def __init__(self, tracking_uri: str, run_id: str, retry_delay_s: float = 1.0, max_delay_s: float = 15.0):
+        # One attempt per HTTP call: this class does the retrying, and MLflow's own backoff would hold
+        # the sender for minutes after the server is back.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self.uri, self.run_id, self.client = tracking_uri, run_id, MlflowClient(tracking_uri)
+        self._delays = (retry_delay_s, max_delay_s)
+        self._calls: queue.Queue[Callable[[], object] | None] = queue.Queue()
+        self._spool = Path(tempfile.mkdtemp(prefix="reid-mlflow-"))
+        self._failures: list[str] = []
+        self._sender = threading.Thread(target=self._send, name="mlflow-sender", daemon=True)
+        self._sender.start()
 
-    def log_series(self, key: str, values: list[tuple[int, float]]) -> None:
-        """Per-step values (step, value) of one metric in a single call."""
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, step) for step, value in values]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        now = timestamp_ms or int(time.time() * 1000)
+        self._put_metrics([Metric(key, float(value), now, step) for key, value in metrics.items()])
+
+    def log_epoch(self, metrics: dict[str, float], losses: list[tuple[int, float]], timestamp_ms: int) -> None:
+        """An epoch's metrics (at step = epoch) and its per-step ``step_loss``, all stamped ``timestamp_ms``."""
+        self._put_metrics([Metric("step_loss", float(value), timestamp_ms, step) for step, value in losses])
+        self.log_metrics(metrics, step=int(metrics["epoch"]), timestamp_ms=timestamp_ms)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Copies ``path`` first: the caller may delete it before the server is back."""
+        copy = self._spool / uuid.uuid4().hex / Path(path).name
+        copy.parent.mkdir()
+        shutil.copyfile(path, copy)
+        self._calls.put(lambda: self.client.log_artifact(self.run_id, str(copy), artifact_path))
+
+    def _put_metrics(self, metrics: list[Metric]) -> None:
+        for start in range(0, len(metrics), METRIC_LIMIT):
+            chunk = metrics[start : start + METRIC_LIMIT]
+            self._calls.put(lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk))
+
+    def _send(self) -> None:
+        while (call := self._calls.get()) is not None:
+            delay, outage_since = self._delays[0], None
+            while True:
+                try:
+                    call()
+                    break
+                except Exception as error:  # noqa: BLE001 - see is_transient
+                    if not is_transient(error):
+                        self._failures.append(_short(error))
+                        print(f"MLflow at {redact(self.uri)}: a logging call was refused: {_short(error)}", flush=True)
+                        break
+                    if outage_since is None:
+                        outage_since = time.monotonic()
+                        print(
+                            f"MLflow at {redact(self.uri)} is unavailable ({_short(error)}); training goes on, "
+                            f"{self._calls.qsize() + 1} logging calls are kept and retried",
+                            flush=True,
+                        )
+                    time.sleep(delay)
+                    delay = min(2 * delay, self._delays[1])
+            if outage_since is not None:
+                print(
+                    f"MLflow at {redact(self.uri)} is back after {time.monotonic() - outage_since:.0f} s; "
+                    "catching up the kept calls",
+                    flush=True,
+                )
+
+    def close(self, timeout_s: float) -> str | None:
+        """Wait up to ``timeout_s`` for every queued call. Returns None when all went out, else what
+        was lost (training is over and its checkpoints are complete: a lost log is not worth failing it)."""
+        self._calls.put(None)
+        self._sender.join(timeout_s)
+        if self._sender.is_alive():  # qsize: the calls behind the stuck one, plus our None, minus nothing
+            return (
+                f"MLflow at {redact(self.uri)} stayed unavailable: {self._calls.qsize()} logging calls were "
+                f"not sent within {timeout_s:.0f} s"
+            )
+        shutil.rmtree(self._spool, ignore_errors=True)
+        if self._failures:
+            return f"MLflow at {redact(self.uri)} refused {len(self._failures)} logging calls: {self._failures[0]}"
+        return None
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.train import CheckpointConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from reid_platform.config import RunConfig
 from reid_platform.data.pack import read_manifest, shard_paths
 from reid_platform.model.artifact import save_model_dir
-from reid_platform.tracking.mlflow_run import finish_run, open_run
+from reid_platform.tracking.mlflow_run import call_with_retries, finish_run, open_run
 from reid_platform.tracking.registry import log_model_dir, register_model
+from reid_platform.tracking.server import check_reachable
 from reid_platform.train.checkpoint import TRAINER_STATE
+from reid_platform.train.epoch_log import EpochMetricsToMlflow
 from reid_platform.train.loop import build_model, train_loop_per_worker
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
@@ -68,13 +70,16 @@ def publish_model(cfg: RunConfig, checkpoint_dir: Path, run_id: str) -> str | No
     return f"{cfg.tracking.registered_model}@{cfg.tracking.alias}"
 
 
-def train(cfg: RunConfig, config_path: Path) -> TrainingOutcome:
+def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> TrainingOutcome:
+    """Run (or resume) one training job; relative paths in ``cfg`` are taken from ``base_dir`` (default: cwd)."""
     started = time.perf_counter()
-    cfg = cfg.with_absolute_paths(Path.cwd())
+    cfg = cfg.with_absolute_paths(base_dir or Path.cwd())
     check_inputs(cfg)
+    check_reachable(cfg.tracking.uri)
     run_dir = cfg.run.storage_path / cfg.run.name
     id_file = run_dir / MLFLOW_RUN_ID_FILE
     run_id = open_run(cfg, config_path, id_file.read_text().strip() if id_file.is_file() else None)
+    uri, patience = cfg.tracking.uri, cfg.tracking.outage_timeout_s
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
 
@@ -96,18 +101,26 @@ def train(cfg: RunConfig, config_path: Path) -> TrainingOutcome:
             name=cfg.run.name,
             storage_path=str(cfg.run.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            # a lost worker or node restarts the whole group from the latest checkpoint
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=[EpochMetricsToMlflow(uri, run_id, cfg.train.epochs, patience)],
         ),
     )
     try:
         result = trainer.fit()
     except BaseException:
-        finish_run(cfg.tracking.uri, run_id, "FAILED")
+        try:  # best effort, briefly: the training error is the one to report
+            call_with_retries(lambda: finish_run(uri, run_id, "FAILED"), "marking the run failed", uri, 30.0)
+        except Exception as error:  # noqa: BLE001
+            print(f"warning: could not mark MLflow run {run_id} failed: {error}", flush=True)
         raise
     with result.checkpoint.as_directory() as checkpoint_dir:
-        registered = publish_model(cfg, Path(checkpoint_dir), run_id)
+        registered = call_with_retries(
+            lambda: publish_model(cfg, Path(checkpoint_dir), run_id), "publishing the model", uri, patience
+        )
     metrics = result.metrics or {}
     if "rank1" not in metrics:
-        finish_run(cfg.tracking.uri, run_id)
+        call_with_retries(lambda: finish_run(uri, run_id), "finishing the run", uri, patience)
         raise ValueError(
             f"run {cfg.run.name!r} in {cfg.run.storage_path} had already finished its {cfg.train.epochs} "
             "epochs; raise train.epochs to continue it, or choose a new run.name"
@@ -124,7 +137,7 @@ def train(cfg: RunConfig, config_path: Path) -> TrainingOutcome:
         registered_model=registered,
         checkpoint=result.checkpoint.path,
     )
-    finish_run(cfg.tracking.uri, run_id)
+    call_with_retries(lambda: finish_run(uri, run_id), "finishing the run", uri, patience)
     cfg.run.output_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run.output_dir / "results.json").write_text(json.dumps(asdict(outcome), indent=2))
     return outcome

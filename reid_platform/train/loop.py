@@ -6,6 +6,7 @@ reading this rank's part of the shards, a checkpoint every epoch, metrics from w
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -22,12 +23,14 @@ from reid_platform.evaluation.plots import write_pictures
 from reid_platform.input import train_loader
 from reid_platform.input.partition import Partition
 from reid_platform.model.backbone import ModelSpec, ReIDNet, load_pretrained_trunk
-from reid_platform.parallel.comm import broadcast_buffers, undo_ddp_averaging
+from reid_platform.parallel.comm import broadcast_buffers
 from reid_platform.parallel.losses import MarginSpec
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.tracking.mlflow_run import RunLogger
 from reid_platform.train.checkpoint import load_checkpoint, save_checkpoint
+from reid_platform.train.epoch_log import INITIAL, STEP_LOSSES
 from reid_platform.train.schedule import lr_factor
+from reid_platform.train.step import StepSettings, train_step
 
 
 def build_model(cfg: RunConfig) -> ReIDNet:
@@ -62,18 +65,21 @@ def _progress_line(metrics: dict, epochs: int) -> str:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = RunConfig.model_validate(loop_config["config"])
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint and report
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     partition = Partition(rank, world_size, device.index if device.type == "cuda" else None)
+    # rank 0 logs the pictures of the final evaluation; epoch metrics go through the controller
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
 
     num_classes = read_manifest(cfg.data.shards)["num_classes"]
     # Wrap first, then build the optimizer and restore into the wrapped module: optimizer state
     # loaded after the move lands on the parameters' device (GPU), and every rank loads the same.
-    model = ray.train.torch.prepare_model(build_model(cfg))
+    settings = StepSettings.for_device(device, cfg.train.precision, cfg.train.channels_last)
+    model = ray.train.torch.prepare_model(settings.prepare_model(build_model(cfg)))
     network = getattr(model, "module", model)  # the plain module, for evaluation and checkpoints
     classifier = ShardedClassifier(
         num_classes,
@@ -100,36 +106,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Distinct augmentation streams per (seed, rank, epoch of the start), also after a resume.
     input_seed = int(np.random.SeedSequence([cfg.train.seed, rank, progress["epoch"]]).generate_state(1)[0])
     loader = train_loader(cfg.data.shards, partition, cfg.input, seed=input_seed)
-    total_steps = cfg.train.epochs * len(loader)
-    warmup_steps = cfg.train.warmup_epochs * len(loader)
     if progress["epoch"] == 0:
-        progress["carried"] = _evaluation(network, cfg, partition, device, prefix="initial_")
+        progress["carried"] = _evaluation(network, cfg, partition, device, prefix=INITIAL)
         if logger:
-            logger.log_metrics(progress["carried"], step=0)
             print(f"before training: mAP {progress['carried']['initial_mAP']:.2%}", flush=True)
 
     for epoch in range(progress["epoch"], cfg.train.epochs):
         model.train()
-        losses, started = [], time.perf_counter()
-        for images, labels in loader:
-            factor = lr_factor(progress["step"], total_steps, warmup_steps)
+        step_losses, started = [], time.perf_counter()
+        for index, (images, labels) in enumerate(loader):
+            factor = lr_factor(epoch + index / len(loader), cfg.train.epochs, cfg.train.warmup_epochs)
             for group in backbone_optimizer.param_groups:
                 group["lr"] = cfg.train.lr * factor
-            embeddings = model(images.to(device, non_blocking=True))
-            undo_ddp_averaging(embeddings)
-            loss = classifier(embeddings, labels.to(device, non_blocking=True))
-            backbone_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            backbone_optimizer.step()
-            classifier.step(classifier_lr * factor)
-            progress["step"] += 1
-            losses.append((progress["step"], loss.item()))
+            loss = train_step(
+                model, classifier, backbone_optimizer, images, labels, classifier_lr * factor, settings
+            )
+            step_losses.append(loss)  # a tensor: reading it every step would wait for the GPU
+        first_step = progress["step"] + 1
+        losses = list(enumerate(torch.stack(step_losses).tolist(), start=first_step))
+        progress["step"] += len(losses)
         elapsed = time.perf_counter() - started
         progress["epoch"] = epoch + 1
         metrics = {
             "epoch": progress["epoch"],
             "loss": sum(value for _, value in losses) / len(losses),
-            "lr": cfg.train.lr * factor,
+            # the schedule at the epoch boundary: the same whatever the number of workers
+            "lr": cfg.train.lr * lr_factor(progress["epoch"], cfg.train.epochs, cfg.train.warmup_epochs),
             "images_per_s": len(losses) * cfg.input.batch_size * world_size / elapsed,
         }
         broadcast_buffers(network)  # one model on every rank: the one evaluated and saved
@@ -137,14 +139,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if last_epoch or (cfg.train.eval_every and progress["epoch"] % cfg.train.eval_every == 0):
             metrics.update(_evaluation(network, cfg, partition, device, "", logger if last_epoch else None))
         if logger:
-            logger.log_series("step_loss", losses)
-            logger.log_metrics(metrics, step=progress["epoch"])
             print(_progress_line(metrics, cfg.train.epochs), flush=True)
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(
-                Path(directory), rank, network, backbone_optimizer, classifier, progress
-            )
+            save_checkpoint(Path(directory), rank, network, backbone_optimizer, classifier, progress)
+            # MLflow gets these from the controller once the checkpoint is committed (epoch_log.py)
             ray.train.report(
-                {**metrics, **progress["carried"]},
+                {**metrics, **progress["carried"], STEP_LOSSES: losses},
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
             )
+    if logger and (lost := logger.close(cfg.tracking.outage_timeout_s)):
+        print(f"warning: {lost}; the evaluation pictures may be missing from MLflow", flush=True)

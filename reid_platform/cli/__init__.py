@@ -1,0 +1,49 @@
+"""`reid` command line: data, training, evaluation, jobs on a Ray cluster, MLflow and the model registry.
+
+Expected failures (a bad config, a broken dataset, unusable evaluation input, an unreachable server)
+print one line naming the file, key, sample or address and exit non-zero: 2 for usage and config
+errors, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reid_platform.cli import data, models, ops, train
+from reid_platform.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reid", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (train, data, models, ops):
+        module.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help stays instant
+
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+
+    from reid_platform.data.datasets import DatasetError
+    from reid_platform.evaluation.metrics import EvaluationError
+    from reid_platform.tracking.server import redact
+
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"reid: config error: {error}", file=sys.stderr)
+        return 2
+    except MlflowException as error:  # a refusal of the tracking server, e.g. an unknown model version
+        print(f"reid: MLflow: {redact(error.message)}", file=sys.stderr)
+        return 1
+    except (DatasetError, EvaluationError, ValueError, RuntimeError, RequestException, OSError) as error:
+        print(f"reid: error: {redact(str(error))}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

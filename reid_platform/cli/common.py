@@ -1,0 +1,45 @@
+"""Small pieces several command groups share."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from reid_platform.config import DEFAULT_TRACKING_URI, TrackingConfig
+
+MODEL_HELP = "model directory, NAME@ALIAS, NAME/VERSION or models:/ URI"
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help=f"MLflow URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
+
+
+def tracking_uri(args: argparse.Namespace) -> str:
+    return args.tracking_uri or TrackingConfig().uri  # the config's default: $MLFLOW_TRACKING_URI, then SQLite
+
+
+def format_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def format_columns(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(f"{cell!s:<{width}}" for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def load_model(reference: str, uri: str, scratch: Path):
+    """(model, input config) from a model directory, or pulled from the registry into ``scratch``."""
+    from reid_platform.model.artifact import load_model_dir
+    from reid_platform.tracking.registry import pull_model
+
+    directory = Path(reference)
+    if not directory.is_dir():
+        directory = pull_model(uri, reference, scratch)
+    return load_model_dir(directory)

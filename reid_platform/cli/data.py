@@ -1,0 +1,96 @@
+"""`reid data ...`: synthetic data, packing datasets into shards, checking shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from reid_platform.data.synth import write_synthetic_market1501
+
+    counts = write_synthetic_market1501(Path(args.out), args.identities, args.cameras, args.seed)
+    print(json.dumps(counts))
+    return 0
+
+
+def _parse_source(text: str) -> tuple[str, str]:
+    name, separator, root = text.partition("=")
+    if not separator or not name or not root:
+        raise argparse.ArgumentTypeError(f"expected DATASET=ROOT (e.g. market1501=/data/Market-1501), got {text!r}")
+    return name, root
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    height, separator, width = text.lower().partition("x")
+    if not (separator and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH (e.g. 256x128), got {text!r}")
+    return int(height), int(width)
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from reid_platform.data.pack import PackOptions, pack_dataset
+
+    started = time.perf_counter()
+    options = PackOptions(
+        samples_per_shard=args.samples_per_shard,
+        bytes_per_shard=int(args.shard_mb * 2**20),
+        seed=args.seed,
+        resize=args.resize,
+        workers=args.workers,
+    )
+    manifest = pack_dataset(args.sources, args.out, options)
+    total = sum(split["samples"] for split in manifest["splits"].values())
+    elapsed = time.perf_counter() - started
+    print(f"packed {total} images into {args.out} in {elapsed:.1f} s ({total / elapsed:.0f} images/s)")
+    for name, split in manifest["splits"].items():
+        print(f"  {name:<8} {split['samples']:>7} images  {split['identities']:>6} ids  {len(split['shards'])} shards")
+    quarantined = manifest["quarantine"]
+    if quarantined:
+        print(f"quarantined {len(quarantined)} files (listed in {Path(args.out) / 'manifest.json'}):")
+        for entry in quarantined[:10]:
+            print(f"  {entry['source']}: {entry['path']}: {entry['reason']}")
+        if len(quarantined) > 10:
+            print(f"  ... and {len(quarantined) - 10} more")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from reid_platform.data.pack import verify_shards
+
+    problems, checked = verify_shards(args.shards)
+    for problem in problems:
+        print(problem)
+    print(f"{checked} shards checked: " + (f"{len(problems)} problems" if problems else "all match the manifest"))
+    return 1 if problems else 0
+
+
+def add_commands(commands) -> None:
+    data = commands.add_parser("data", help="make, pack and check datasets").add_subparsers(
+        dest="data_command", required=True, metavar="COMMAND"
+    )
+    synth = data.add_parser("synth", help="write a synthetic dataset in the Market-1501 layout")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--identities", type=int, default=200)
+    synth.add_argument("--cameras", type=int, default=6)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_cmd_synth)
+    pack = data.add_parser("pack", help="pack datasets into WebDataset shards with DALI indexes")
+    pack.add_argument(
+        "sources", nargs="+", type=_parse_source, metavar="DATASET=ROOT",
+        help="market1501, dukemtmc, msmt17, cuhk03-np-detected, cuhk03-np-labeled or csv (ROOT is the CSV file); "
+        "several are combined with disjoint ids",
+    )
+    pack.add_argument("--out", required=True, help="new folder for shards and manifest.json")
+    pack.add_argument("--samples-per-shard", type=int, default=1000)
+    pack.add_argument("--shard-mb", type=float, default=256.0, help="largest shard size")
+    pack.add_argument("--resize", type=_parse_size, metavar="HxW", help="resize every image at pack time")
+    pack.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image-checking processes")
+    pack.add_argument("--seed", type=int, default=0, help="seed of the cross-shard shuffle")
+    pack.set_defaults(handler=_cmd_pack)
+    verify = data.add_parser("verify", help="check shards against their manifest (size, sha256, samples, index)")
+    verify.add_argument("shards", help="shards folder (with manifest.json)")
+    verify.set_defaults(handler=_cmd_verify)

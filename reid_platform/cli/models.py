@@ -1,0 +1,118 @@
+"""`reid models ...`, `reid embed`, `reid export onnx`: getting trained models back out."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from reid_platform.cli.common import MODEL_HELP, add_tracking_uri, format_columns, load_model, positive_int, tracking_uri
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from reid_platform.tracking.registry import list_models
+
+    rows = list_models(tracking_uri(args), args.name)
+    if not rows:
+        print("no registered models" + (f" named {args.name!r}" if args.name else ""))
+        return 0
+    table = [
+        [
+            row.name, row.version, ",".join(row.aliases) or "-",
+            *(f"{row.metrics[key]:.2%}" if key in row.metrics else "-" for key in ("rank1", "mAP")),
+            datetime.fromtimestamp(row.created_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            row.run_id,
+        ]
+        for row in rows
+    ]  # fmt: skip
+    print(format_columns(["NAME", "VERSION", "ALIASES", "RANK-1", "mAP", "CREATED (UTC)", "RUN"], table))
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from reid_platform.tracking.registry import pull_model
+
+    directory = pull_model(tracking_uri(args), args.reference, Path(args.out))
+    print(f"pulled {args.reference} into {directory}")
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from reid_platform.tracking.registry import promote
+
+    promote(tracking_uri(args), args.name, args.version, args.alias)
+    print(f"{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from reid_platform.model.inference import embed_images, expand_image_paths, save_embeddings
+
+    started = time.perf_counter()
+    paths = expand_image_paths(args.images)
+    with tempfile.TemporaryDirectory() as scratch:
+        model, input_cfg = load_model(args.model, tracking_uri(args), Path(scratch))
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    embeddings = embed_images(model, input_cfg, paths, args.batch_size, device)
+    out = Path(args.out)
+    save_embeddings(out, embeddings, paths)
+    elapsed = time.perf_counter() - started
+    print(f"wrote {out}: {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} ({elapsed:.1f} s)")
+    return 0
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from reid_platform.model.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model, input_cfg = load_model(args.model, tracking_uri(args), Path(scratch))
+    check = export_onnx(model, input_cfg, Path(args.out), args.tolerance)
+    print(
+        f"wrote {args.out}: input images (N, 3, {input_cfg.height}, {input_cfg.width}) normalised with mean "
+        f"{list(input_cfg.mean)} and std {list(input_cfg.std)}, output L2-normalised embeddings; onnxruntime "
+        f"matches PyTorch to {check.max_abs_diff:.1e} (tolerance {check.tolerance:.0e}, batches {check.batch_sizes})"
+    )
+    return 0
+
+
+def add_commands(commands) -> None:
+    models = commands.add_parser("models", help="the MLflow model registry").add_subparsers(
+        dest="models_command", required=True, metavar="COMMAND"
+    )
+    listing = models.add_parser("list", help="registered models: versions, aliases, metrics of their runs")
+    listing.add_argument("name", nargs="?", help="only this model")
+    add_tracking_uri(listing)
+    listing.set_defaults(handler=_cmd_list)
+    pull = models.add_parser("pull", help="download a registered model")
+    pull.add_argument("reference", help="NAME@ALIAS, NAME/VERSION or models:/ URI")
+    pull.add_argument("--out", required=True)
+    add_tracking_uri(pull)
+    pull.set_defaults(handler=_cmd_pull)
+    promote = models.add_parser("promote", help="point an alias (e.g. champion) at a model version")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", required=True)
+    add_tracking_uri(promote)
+    promote.set_defaults(handler=_cmd_promote)
+
+    embed = commands.add_parser("embed", help="embeddings of image files (an .npz with embeddings and paths)")
+    embed.add_argument("images", nargs="+", help="image files or folders of them")
+    embed.add_argument("--model", required=True, help=MODEL_HELP)
+    embed.add_argument("--out", required=True, help="output .npz")
+    embed.add_argument("--batch-size", type=positive_int, default=64)
+    add_tracking_uri(embed)
+    embed.set_defaults(handler=_cmd_embed)
+
+    export = commands.add_parser("export", help="export a model for serving").add_subparsers(
+        dest="export_format", required=True, metavar="FORMAT"
+    )
+    onnx = export.add_parser("onnx", help="ONNX graph, checked against PyTorch with onnxruntime")
+    onnx.add_argument("--model", required=True, help=MODEL_HELP)
+    onnx.add_argument("--out", required=True, help="output .onnx file")
+    onnx.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference from PyTorch")
+    add_tracking_uri(onnx)
+    onnx.set_defaults(handler=_cmd_export_onnx)

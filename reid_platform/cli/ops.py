@@ -1,0 +1,163 @@
+"""`reid cluster`, `reid submit`, `reid jobs`, `reid mlflow serve`: running training as a service."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from reid_platform.cli.common import format_columns
+
+ADDRESS_HELP = "job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS or http://127.0.0.1:8265)"
+
+
+def _cmd_cluster_start(args: argparse.Namespace) -> int:
+    from reid_platform.cluster.local import HeadOptions, start_head
+
+    address = start_head(HeadOptions(args.host, args.port, args.dashboard_port, args.num_cpus, args.num_gpus))
+    print(f"Ray head started; dashboard and job server at {address}")
+    print(f"  reid submit configs/demo.yaml --address {address}")
+    return 0
+
+
+def _cmd_cluster_stop(args: argparse.Namespace) -> int:
+    from reid_platform.cluster.local import stop_all
+
+    stop_all()
+    print("Ray stopped on this machine")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from reid_platform.cluster.jobs import JobServer, build_submission, job_address
+
+    address = job_address(args.address)
+    submission = build_submission(
+        Path(args.config), args.set, Path(args.working_dir), address,
+        check_tracking=not args.no_tracking_check, remote=args.remote,
+    )  # fmt: skip
+    server = JobServer(address)
+    job_id = server.submit(submission)
+    print(f"submitted {job_id} to {server.address}")
+    print(f"  reid jobs logs {job_id} --follow")
+    if args.follow:
+        return _follow(server, job_id)
+    return 0
+
+
+def _follow(server, job_id: str) -> int:
+    for chunk in server.follow(job_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    status = _status_name(server.status(job_id).status)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _when(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def _status_name(status) -> str:
+    return getattr(status, "value", str(status))
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from reid_platform.cluster.jobs import JobServer
+
+    server = JobServer(args.address)
+    if args.jobs_command == "list":
+        rows = [
+            [job.submission_id or job.job_id or "-", _status_name(job.status), _when(job.start_time), _when(job.end_time),
+             (job.metadata or {}).get("reid.config", job.entrypoint[:60])]
+            for job in server.list()
+        ]  # fmt: skip
+        print(format_columns(["ID", "STATUS", "STARTED (UTC)", "ENDED (UTC)", "CONFIG"], rows) if rows else "no jobs")
+    elif args.jobs_command == "status":
+        job = server.status(args.job_id)
+        print(f"{args.job_id}: {_status_name(job.status)}" + (f" ({job.message})" if job.message else ""))
+        return 1 if _status_name(job.status) in ("FAILED", "STOPPED") else 0
+    elif args.jobs_command == "logs":
+        if args.follow:
+            return _follow(server, args.job_id)
+        sys.stdout.write(server.logs(args.job_id))
+    elif args.jobs_command == "stop":
+        stopped = server.stop(args.job_id)
+        print(f"{args.job_id}: " + ("stop requested" if stopped else "not running"))
+    return 0
+
+
+def _cmd_mlflow_serve(args: argparse.Namespace) -> int:
+    from reid_platform.tracking.server import serve_arguments
+
+    Path(args.artifacts).mkdir(parents=True, exist_ok=True)
+    arguments = serve_arguments(
+        args.host, args.port, args.backend_store_uri, Path(args.artifacts), args.workers, args.allowed_hosts
+    )
+    print(f"MLflow tracking server on http://{args.host}:{args.port} (runs in {args.backend_store_uri}, artifacts in {args.artifacts})")
+    print(f"  export MLFLOW_TRACKING_URI=http://{args.host}:{args.port}", flush=True)
+    mlflow = Path(sys.executable).parent / "mlflow"
+    if not mlflow.is_file():
+        raise RuntimeError(f"{mlflow}: the mlflow command is not installed next to this Python")
+    os.execv(mlflow, [str(mlflow), *arguments])  # the server replaces this process: Ctrl-C stops it
+
+
+def add_commands(commands) -> None:
+    cluster = commands.add_parser("cluster", help="a local Ray cluster (head node)").add_subparsers(
+        dest="cluster_command", required=True, metavar="COMMAND"
+    )
+    start = cluster.add_parser("start", help="start a Ray head with its dashboard and job server")
+    start.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the job server)")
+    start.add_argument("--port", type=int, default=6379, help="Ray (GCS) port")
+    start.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server port")
+    start.add_argument("--num-cpus", type=int)
+    start.add_argument("--num-gpus", type=int)
+    start.set_defaults(handler=_cmd_cluster_start)
+    stop = cluster.add_parser("stop", help="stop Ray on this machine")
+    stop.set_defaults(handler=_cmd_cluster_stop)
+
+    submit = commands.add_parser("submit", help="submit a training config as a Ray job")
+    submit.add_argument("config", help="YAML run config inside the working directory")
+    submit.add_argument("--address", help=ADDRESS_HELP)
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument(
+        "--remote", action="store_true",
+        help="the cluster is another machine even though the address is local (kubectl port-forward): "
+        "config paths must be absolute on its storage",
+    )
+    submit.add_argument(
+        "--no-tracking-check", action="store_true",
+        help="skip the MLflow reachability check (for URIs only the cluster can resolve)",
+    )
+    submit.set_defaults(handler=_cmd_submit)
+
+    jobs = commands.add_parser("jobs", help="jobs on a Ray cluster").add_subparsers(
+        dest="jobs_command", required=True, metavar="COMMAND"
+    )
+    for name, help_text in (("list", "every job"), ("status", "one job's status"), ("logs", "one job's output"),
+                            ("stop", "stop a running job")):  # fmt: skip
+        command = jobs.add_parser(name, help=help_text)
+        if name != "list":
+            command.add_argument("job_id", metavar="ID")
+        if name == "logs":
+            command.add_argument("--follow", action="store_true", help="stream until the job ends")
+        command.add_argument("--address", help=ADDRESS_HELP)
+        command.set_defaults(handler=_cmd_jobs)
+
+    mlflow = commands.add_parser("mlflow", help="MLflow tracking service").add_subparsers(
+        dest="mlflow_command", required=True, metavar="COMMAND"
+    )
+    serve = mlflow.add_parser("serve", help="a tracking server for one machine: SQLite and local artifacts")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it)")
+    serve.add_argument("--port", type=int, default=5000)
+    serve.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
+    serve.add_argument("--artifacts", default="mlartifacts", help="artifact folder")
+    serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument(
+        "--allowed-hosts", help="Host headers to accept, e.g. mlflow.example.com:5000 (default: localhost, private IPs)"
+    )
+    serve.set_defaults(handler=_cmd_mlflow_serve)

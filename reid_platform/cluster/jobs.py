@@ -1,0 +1,186 @@
+"""Training as Ray jobs: submit a config to a cluster's job server, then list, follow and stop jobs.
+
+A job runs ``python jobs/train.py CONFIG`` in a copy of the working directory (files that .gitignore
+names, such as data, runs and the virtual environment, stay behind). The tracking URI travels as the
+environment variable MLFLOW_TRACKING_URI; credentials never do: the job's environment is stored in
+the job's metadata for anyone with dashboard access to read, so a URI with a password is refused and
+MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN must be set on the cluster (a Kubernetes Secret).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from reid_platform.config import ConfigError, RunConfig, load_config
+from reid_platform.tracking.server import check_reachable, has_password, redact
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ENTRYPOINT = "jobs/train.py"
+# Never uploaded, whatever .gitignore says. Anchored: "data" alone would also drop reid_platform/data.
+UPLOAD_EXCLUDES = ["/.git", "/.venv", "/data", "/runs", "/mlruns", "/mlartifacts", "*.db", "__pycache__"]
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def job_address(address: str | None) -> str:
+    return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+def is_local(address: str) -> bool:
+    return urlparse(address if "://" in address else f"http://{address}").hostname in LOCAL_HOSTS
+
+
+@dataclass(frozen=True)
+class Submission:
+    entrypoint: str
+    runtime_env: dict
+    submission_id: str
+    metadata: dict[str, str]
+
+
+def _relative_paths(cfg: RunConfig) -> list[str]:
+    named = {
+        "data.shards": cfg.data.shards,
+        "run.storage_path": cfg.run.storage_path,
+        "run.output_dir": cfg.run.output_dir,
+        "model.pretrained_weights": cfg.model.pretrained_weights,
+    }
+    relative = [key for key, path in named.items() if path is not None and not path.is_absolute()]
+    if cfg.tracking.uri.startswith("sqlite:///") and not cfg.tracking.uri.startswith("sqlite:////"):
+        relative.append("tracking.uri")
+    return relative
+
+
+def build_submission(
+    config: Path, overrides: list[str], working_dir: Path, address: str, check_tracking: bool = True,
+    remote: bool = False,
+) -> Submission:
+    """Validate the config here and describe the job; raises ConfigError for anything the cluster would fail on.
+
+    ``remote`` marks a loopback address that leads to another machine (``kubectl port-forward``).
+    """
+    cfg = load_config(config, overrides)
+    working_dir = working_dir.resolve()
+    try:
+        config_in_job = config.resolve().relative_to(working_dir)
+    except ValueError:
+        raise ConfigError(f"{config}: the config must be inside the uploaded working directory {working_dir}") from None
+    if not (working_dir / ENTRYPOINT).is_file():
+        raise ConfigError(f"{working_dir}: not a reid-platform checkout (no {ENTRYPOINT}); pass --working-dir")
+    uri = cfg.tracking.uri
+    if has_password(uri):
+        raise ConfigError(
+            f"tracking URI {redact(uri)} carries a password, which would be stored with the job; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on the cluster instead"
+        )
+    arguments = [ENTRYPOINT, str(config_in_job)]
+    if is_local(address) and not remote:
+        # The job runs in a copy of the working directory on this machine: relative paths in the
+        # config mean what they mean here.
+        arguments += ["--base-dir", str(working_dir)]
+        uri = cfg.with_absolute_paths(working_dir).tracking.uri
+    elif relative := _relative_paths(cfg):
+        raise ConfigError(
+            f"{config}: {', '.join(relative)} relative, but the cluster at {address} is remote; use absolute paths "
+            "on its shared storage (e.g. --set data.shards=/mnt/shared/shards/market1501)"
+        )
+    if check_tracking:
+        check_reachable(uri)
+    for assignment in overrides:
+        arguments += ["--set", assignment]
+    return Submission(
+        entrypoint="python " + shlex.join(arguments),
+        runtime_env={
+            "working_dir": str(working_dir),
+            "excludes": UPLOAD_EXCLUDES,
+            "env_vars": {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"},
+        },
+        submission_id=f"{cfg.run.name}-{uuid.uuid4().hex[:8]}",
+        metadata={"reid.config": str(config_in_job), "reid.run_name": cfg.run.name},
+    )
+
+
+def _token_headers(address: str) -> dict[str, str]:
+    """A Ray head started on this machine where a token exists (~/.ray/auth_token, Ray's default for
+    local clusters) wants it on every request. Only local addresses get it: the token is this
+    machine's, and a remote cluster's token comes from RAY_AUTH_TOKEN, which Ray sends itself."""
+    if not is_local(address) or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class JobServer:
+    """The job submission API of one cluster, with connection problems turned into one clear line."""
+
+    def __init__(self, address: str | None):
+        from ray.exceptions import AuthenticationError
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = job_address(address)
+        try:
+            self.client = JobSubmissionClient(self.address, headers=_token_headers(self.address))
+        except AuthenticationError:
+            raise RuntimeError(
+                f"the Ray job server at {self.address} wants an authentication token: set RAY_AUTH_TOKEN "
+                "or RAY_AUTH_TOKEN_PATH to the cluster's token"
+            ) from None
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise RuntimeError(
+                f"no Ray job server at {self.address} ({str(error).splitlines()[0][:160]}); start one with "
+                "`reid cluster start` or pass --address / set RAY_ADDRESS"
+            ) from None
+
+    def submit(self, submission: Submission) -> str:
+        return self.client.submit_job(
+            entrypoint=submission.entrypoint,
+            runtime_env=submission.runtime_env,
+            submission_id=submission.submission_id,
+            metadata=submission.metadata,
+        )
+
+    def _known(self, job_id: str):
+        try:
+            return self.client.get_job_info(job_id)
+        except RuntimeError as error:
+            if "404" not in str(error):
+                raise
+            raise ValueError(f"no job {job_id!r} on {self.address} (see `reid jobs list`)") from None
+
+    def list(self) -> list:
+        return sorted(self.client.list_jobs(), key=lambda job: job.start_time or 0)
+
+    def status(self, job_id: str):
+        return self._known(job_id)
+
+    def logs(self, job_id: str) -> str:
+        self._known(job_id)
+        return self.client.get_job_logs(job_id)
+
+    def follow(self, job_id: str) -> Iterator[str]:
+        """Log chunks as the job writes them, until it ends."""
+        self._known(job_id)
+        stream = self.client.tail_job_logs(job_id)
+        loop = asyncio.new_event_loop()
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(stream.aclose())
+            loop.close()
+
+    def stop(self, job_id: str) -> bool:
+        self._known(job_id)
+        return self.client.stop_job(job_id)

@@ -1,0 +1,82 @@
+"""ONNX export of a trained model, checked against PyTorch with onnxruntime before it is kept.
+
+The graph takes ``images`` (N, 3, H, W), normalised as in training (the mean and std are written into
+the model's metadata), and returns ``embeddings`` (N, D), L2-normalised: what a retrieval service
+compares. The batch dimension is dynamic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import torch.nn.functional as F
+
+from reid_platform.config import InputConfig
+from reid_platform.model.backbone import ReIDNet
+
+INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+
+
+class _RetrievalEmbedding(torch.nn.Module):
+    def __init__(self, model: ReIDNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model(images), dim=1)
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    batch_sizes: tuple[int, ...]
+    max_abs_diff: float
+    tolerance: float
+
+
+def export_onnx(model: ReIDNet, input_cfg: InputConfig, out: Path, tolerance: float = 1e-4) -> ExportCheck:
+    """Write ``out`` and compare onnxruntime with PyTorch on random inputs of two batch sizes.
+
+    Raises ValueError (and removes ``out``) when any output differs by more than ``tolerance``.
+    """
+    wrapper = _RetrievalEmbedding(model.eval().cpu()).eval()
+    example = torch.randn(2, 3, input_cfg.height, input_cfg.width)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        wrapper, (example,), str(out), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )  # fmt: skip
+    try:
+        graph = onnx.load(str(out))
+        metadata = {"spec": json.dumps(model.spec.to_dict()), "input": json.dumps(input_cfg.model_dump(mode="json"))}
+        for key, value in metadata.items():
+            graph.metadata_props.add(key=key, value=value)
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(out))
+        batch_sizes, worst = _compare_with_pytorch(out, wrapper, input_cfg)
+    except Exception:
+        out.unlink(missing_ok=True)  # never leave a graph that was not checked
+        raise
+    if worst > tolerance:
+        out.unlink()
+        raise ValueError(f"ONNX export differs from PyTorch by {worst:.2e} (> {tolerance:.0e}); nothing was written")
+    return ExportCheck(batch_sizes, worst, tolerance)
+
+
+def _compare_with_pytorch(path: Path, wrapper: torch.nn.Module, input_cfg: InputConfig) -> tuple[tuple[int, ...], float]:
+    """The largest difference between onnxruntime and PyTorch on random inputs of two batch sizes."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    batch_sizes, worst = (1, 5), 0.0
+    for batch in batch_sizes:
+        images = torch.randn(batch, 3, input_cfg.height, input_cfg.width, generator=generator)
+        with torch.no_grad():
+            expected = wrapper(images).numpy()
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return batch_sizes, worst

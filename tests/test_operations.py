@@ -1,0 +1,184 @@
+"""Operations against real services: a Ray head from `reid cluster start`, an MLflow server from
+`reid mlflow serve`, training submitted with `reid submit` through Ray's job API.
+
+The main job is disturbed on purpose. After its first epoch one training worker is killed with
+SIGKILL; later the tracking server is killed for an epoch and started again. The job must restart
+its workers from the latest checkpoint, finish every epoch and leave one continuous metric history.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from reid_platform.cli import main
+from reid_platform.cluster.jobs import JobServer
+
+REPO = Path(__file__).resolve().parents[1]
+REID = str(Path(sys.executable).parent / "reid")
+EPOCHS = 3
+DEMO = [str(REPO / "configs/demo.yaml"), "--working-dir", str(REPO)]
+pytestmark = pytest.mark.ray
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def reid(*arguments: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [REID, *arguments], cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_for(condition, what: str, timeout: float, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class MlflowServer:
+    """`reid mlflow serve` in its own process group, so that it can be killed like a crashed server."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri, self.process = f"http://127.0.0.1:{self.port}", None
+
+    def start(self) -> None:
+        log = (self.root / "server.log").open("a")
+        self.process = subprocess.Popen(
+            [REID, "mlflow", "serve", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts", str(self.root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        wait_for(self.healthy, f"the MLflow server on port {self.port}", timeout=120)
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.uri + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def head():
+    port, dashboard_port = free_port(), free_port()
+    started = reid("cluster", "start", "--port", str(port), "--dashboard-port", str(dashboard_port), "--num-cpus", "2")
+    assert started.returncode == 0, started.stderr
+    address = f"http://127.0.0.1:{dashboard_port}"
+    assert address in started.stdout
+    yield address
+    assert reid("cluster", "stop").returncode == 0
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_shards):
+    return tiny_shards
+
+
+def job_overrides(shards: Path, work: Path, name: str, epochs: int) -> list[str]:
+    settings = [
+        f"data.shards={shards}", "input.height=64", "input.width=32", "input.batch_size=8", "input.shuffle_buffer=64",
+        "train.warmup_epochs=0", f"train.epochs={epochs}", "train.seed=1",
+        f"run.name={name}", f"run.storage_path={work / 'ray'}", f"run.output_dir={work / 'out'}",
+        "run.max_failures=2", "tracking.experiment=ops", "tracking.registered_model=ops-test",
+    ]  # fmt: skip
+    return [argument for setting in settings for argument in ("--set", setting)]
+
+
+def submit(head: str, tracking_uri: str, overrides: list[str]) -> str:
+    submitted = reid("submit", "configs/demo.yaml", "--address", head, *overrides, env={"MLFLOW_TRACKING_URI": tracking_uri})
+    assert submitted.returncode == 0, submitted.stderr
+    return re.search(r"submitted (\S+) to", submitted.stdout).group(1)
+
+
+def test_unreachable_tracking_server_is_refused_before_submitting(head, shards, tmp_path, monkeypatch, capsys):
+    before = JobServer(head).list()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    assert main(["submit", *DEMO, "--address", head, *job_overrides(shards, tmp_path, "never", 1)]) == 1
+    error = capsys.readouterr().err
+    assert "MLflow tracking server http://127.0.0.1:" in error and "unreachable" in error
+    assert len(JobServer(head).list()) == len(before)  # nothing was submitted
+
+
+def test_credentials_in_the_tracking_uri_are_refused(head, shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:5000")
+    assert main(["submit", *DEMO, "--address", head, *job_overrides(shards, tmp_path, "never", 1)]) == 2
+    output = capsys.readouterr()
+    assert "s3cret" not in output.err + output.out and "alice:***@" in output.err
+
+
+def test_job_survives_a_killed_worker_and_a_tracking_outage(head, mlflow_server, shards, tmp_path):
+    job_id = submit(head, mlflow_server.uri, job_overrides(shards, tmp_path, "survivor", EPOCHS))
+    assert job_id in reid("jobs", "list", "--address", head).stdout
+    server = JobServer(head)  # polled directly: a CLI call per poll would be slower than an epoch
+
+    # 1. A training worker dies (SIGKILL, like a lost node) during epoch 3. Epoch 2's line on rank 0
+    #    means epoch 1's checkpoint was reported by every rank.
+    logs = wait_for(lambda: (text := server.logs(job_id)) and "epoch 2/" in text and text, "epoch 2", timeout=300)
+    workers = dict(re.findall(r"pid=(\d+)\) world_rank=(\d+)", logs))
+    assert len(workers) == 2, logs[-2000:]
+    os.kill(next(int(pid) for pid, rank in workers.items() if rank == "1"), signal.SIGKILL)
+
+    # 2. Once the worker group has restarted, the tracking server crashes for an epoch, then comes back.
+    restart = wait_for(lambda: (text := server.logs(job_id)).count("world_rank=1") >= 2 and len(text), "the restart", timeout=300)
+    mlflow_server.kill()
+    wait_for(lambda: re.search(r"epoch \d+/", server.logs(job_id)[restart:]), "an epoch during the outage", timeout=300)
+    mlflow_server.start()
+
+    followed = reid("jobs", "logs", job_id, "--follow", "--address", head, timeout=600)
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr
+    assert f"job {job_id}: SUCCEEDED" in followed.stdout
+    status = reid("jobs", "status", job_id, "--address", head)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    logs = server.logs(job_id)
+    assert "is unavailable" in logs and "is back after" in logs  # the outage was seen and caught up
+    assert "s3cret" not in logs
+
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ops").experiment_id], "attributes.run_name = 'survivor'")
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "epoch")
+    assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))  # every epoch once, none lost
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "step_loss"))
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == EPOCHS * 6  # (95 // 2) // 8 per epoch
+    assert len(client.get_metric_history(run.info.run_id, "initial_mAP")) >= 1
+    assert client.get_model_version_by_alias("ops-test", "champion").run_id == run.info.run_id
+
+
+def test_a_running_job_can_be_stopped(head, mlflow_server, shards, tmp_path, capsys):
+    job_id = submit(head, mlflow_server.uri, job_overrides(shards, tmp_path, "stopped", 200))
+    server = JobServer(head)
+    wait_for(lambda: str(server.status(job_id).status.value) == "RUNNING", "the job to run", timeout=120)
+    assert main(["jobs", "stop", job_id, "--address", head]) == 0
+    assert "stop requested" in capsys.readouterr().out
+    wait_for(lambda: str(server.status(job_id).status.value) == "STOPPED", "STOPPED", timeout=120)
+    assert main(["jobs", "status", "no-such-job", "--address", head]) == 1
+    assert "no job 'no-such-job'" in capsys.readouterr().err
