@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 import requests
 
 from reid_platform.config import RunConfig
+from reid_platform.console import say
 from reid_platform.tracking.server import TrackingUnavailable, redact
 
 PARAM_LIMIT = 100  # MLflow accepts at most 100 params per batch call
@@ -61,7 +62,7 @@ def call_with_retries(call: Callable[[], T], what: str, uri: str, timeout_s: flo
                 raise TrackingUnavailable(
                     f"MLflow at {redact(uri)}: {what} kept failing for {timeout_s:.0f} s ({_short(error)})"
                 ) from None
-            print(f"MLflow at {redact(uri)}: {what} failed ({_short(error)}); retrying in {delay:.0f} s", flush=True)
+            say(f"MLflow at {redact(uri)}: {what} failed ({_short(error)}); retrying in {delay:.0f} s")
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
 
@@ -141,23 +142,17 @@ class RunLogger:
                 except Exception as error:  # noqa: BLE001 - see is_transient
                     if not is_transient(error):
                         self._failures.append(_short(error))
-                        print(f"MLflow at {redact(self.uri)}: a logging call was refused: {_short(error)}", flush=True)
+                        say(f"MLflow at {redact(self.uri)}: a logging call was refused: {_short(error)}")
                         break
                     if outage_since is None:
                         outage_since = time.monotonic()
-                        print(
-                            f"MLflow at {redact(self.uri)} is unavailable ({_short(error)}); training goes on, "
-                            f"{self._calls.qsize() + 1} logging calls are kept and retried",
-                            flush=True,
-                        )
+                        say(f"MLflow at {redact(self.uri)} is unavailable ({_short(error)}); training goes on, "
+                            f"{self._calls.qsize() + 1} logging calls are kept and retried")
                     time.sleep(delay)
                     delay = min(2 * delay, self._delays[1])
             if outage_since is not None:
-                print(
-                    f"MLflow at {redact(self.uri)} is back after {time.monotonic() - outage_since:.0f} s; "
-                    "catching up the kept calls",
-                    flush=True,
-                )
+                say(f"MLflow at {redact(self.uri)} is back after {time.monotonic() - outage_since:.0f} s; "
+                    "catching up the kept calls")
 
     def close(self, timeout_s: float) -> str | None:
         """Wait up to ``timeout_s`` for every queued call. Returns None when all went out, else what

@@ -13,6 +13,7 @@ import time
 
 from ray.train import UserCallback
 
+from reid_platform.console import say
 from reid_platform.tracking.mlflow_run import RunLogger
 
 STEP_LOSSES = "step_losses"  # [(step, loss), ...] of the epoch, reported by world rank 0
@@ -39,5 +40,5 @@ class EpochMetricsToMlflow(UserCallback):
         if epoch == self.last_epoch:
             # the controller ends with the run: the backlog of an outage must go out now
             if lost := self._logger.close(self.outage_timeout_s):
-                print(f"warning: {lost}; the run's MLflow history is incomplete", flush=True)
+                say(f"warning: {lost}; the run's MLflow history is incomplete")
             self._logger = None

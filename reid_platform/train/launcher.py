@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
@@ -104,6 +104,8 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
             # a lost worker or node restarts the whole group from the latest checkpoint
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=[EpochMetricsToMlflow(uri, run_id, cfg.train.epochs, patience)],
+            # Ray Train's own INFO lines (one per checkpoint and report, per worker) drown the progress lines
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:

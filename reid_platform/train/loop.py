@@ -6,7 +6,6 @@ reading this rank's part of the shards, a checkpoint every epoch, metrics from w
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from reid_platform.config import RunConfig
+from reid_platform.console import say
 from reid_platform.data.pack import read_manifest
 from reid_platform.evaluation.features import evaluate_model
 from reid_platform.evaluation.plots import write_pictures
@@ -65,7 +65,6 @@ def _progress_line(metrics: dict, epochs: int) -> str:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = RunConfig.model_validate(loop_config["config"])
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint and report
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -102,6 +101,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             progress = load_checkpoint(Path(directory), network, backbone_optimizer, classifier)
+        if logger:
+            say(f"resumed after epoch {progress['epoch']} on {world_size} workers from {checkpoint.path}")
 
     # Distinct augmentation streams per (seed, rank, epoch of the start), also after a resume.
     input_seed = int(np.random.SeedSequence([cfg.train.seed, rank, progress["epoch"]]).generate_state(1)[0])
@@ -109,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if progress["epoch"] == 0:
         progress["carried"] = _evaluation(network, cfg, partition, device, prefix=INITIAL)
         if logger:
-            print(f"before training: mAP {progress['carried']['initial_mAP']:.2%}", flush=True)
+            say(f"before training: mAP {progress['carried']['initial_mAP']:.2%}")
 
     for epoch in range(progress["epoch"], cfg.train.epochs):
         model.train()
@@ -139,7 +140,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if last_epoch or (cfg.train.eval_every and progress["epoch"] % cfg.train.eval_every == 0):
             metrics.update(_evaluation(network, cfg, partition, device, "", logger if last_epoch else None))
         if logger:
-            print(_progress_line(metrics, cfg.train.epochs), flush=True)
+            say(_progress_line(metrics, cfg.train.epochs))
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(Path(directory), rank, network, backbone_optimizer, classifier, progress)
             # MLflow gets these from the controller once the checkpoint is committed (epoch_log.py)
@@ -148,4 +149,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
             )
     if logger and (lost := logger.close(cfg.tracking.outage_timeout_s)):
-        print(f"warning: {lost}; the evaluation pictures may be missing from MLflow", flush=True)
+        say(f"warning: {lost}; the evaluation pictures may be missing from MLflow")
