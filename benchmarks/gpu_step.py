@@ -28,7 +28,12 @@ from reid_platform.parallel.classifier import ShardedClassifier  # noqa: E402
 from reid_platform.parallel.losses import MarginSpec  # noqa: E402
 from reid_platform.train.step import StepSettings, train_step  # noqa: E402
 
-VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16_channels_last": ("bf16", True)}
+VARIANTS = {
+    "fp32": ("fp32", False),
+    "bf16": ("bf16", False),
+    "bf16_channels_last": ("bf16", True),
+    "auto": ("auto", True),  # what training uses by default: train.precision auto, train.channels_last true
+}
 
 
 def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -57,6 +62,8 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
     elapsed = time.perf_counter() - started
     return {
         "variant": name,
+        "autocast": str(settings.autocast_dtype),
+        "channels_last": settings.channels_last,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "arch": args.arch,
         "batch_size": args.batch_size,
@@ -81,7 +88,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=751)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["fp32", "bf16", "bf16_channels_last"])
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True

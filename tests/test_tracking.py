@@ -42,7 +42,7 @@ def test_redact_hides_passwords_only(uri, shown):
 
 
 def test_unreachable_servers_and_missing_folders_are_named(tmp_path):
-    with pytest.raises(TrackingUnavailable, match=rf"MLflow tracking server http://127.0.0.1:\d+ is unreachable"):
+    with pytest.raises(TrackingUnavailable, match=r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"):
         check_reachable(f"http://127.0.0.1:{closed_port()}", timeout_s=2)
     with pytest.raises(TrackingUnavailable, match=f"folder {tmp_path / 'nope'} does not exist"):
         check_reachable(f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}")
