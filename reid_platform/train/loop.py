@@ -6,6 +6,7 @@ reading this rank's part of the shards, a checkpoint every epoch, metrics from w
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -63,8 +64,17 @@ def _progress_line(metrics: dict, epochs: int) -> str:
     return line
 
 
+def _quiet_report_lines() -> None:
+    # Ray Train 2.60 logs every report at INFO, its whole metrics dict (our per-step losses included),
+    # through a logger named after its file, which its LoggingConfig does not reach.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = RunConfig.model_validate(loop_config["config"])
+    _quiet_report_lines()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
