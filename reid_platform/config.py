@@ -201,6 +201,15 @@ class RunConfig(_Section):
             }
         )
 
+    def relative_paths(self) -> list[str]:
+        """Dotted keys of the paths (and SQLite URI) that are relative: those with_absolute_paths moves."""
+        base = Path("/relative-to")
+        moved = self.with_absolute_paths(base).flat()
+        return [
+            key for key, value in self.flat().items()
+            if moved[key] != value and moved[key].removeprefix("sqlite:///").startswith(str(base))
+        ]  # fmt: skip
+
     def flat(self) -> dict[str, str]:
         """Dotted key -> value, for MLflow params."""
         flat: dict[str, str] = {}

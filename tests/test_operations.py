@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,13 @@ from mlflow.tracking import MlflowClient
 from reid_platform.cli import main
 from reid_platform.cluster.jobs import JobServer
 
+from tests.net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 REID = str(Path(sys.executable).parent / "reid")
 EPOCHS = 3
 DEMO = [str(REPO / "configs/demo.yaml"), "--working-dir", str(REPO)]
 pytestmark = pytest.mark.ray
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def reid(*arguments: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@ what `reid submit` refuses before it contacts any server."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,9 @@ from reid_platform.config import ConfigError
 from reid_platform.tracking.mlflow_run import RunLogger
 from reid_platform.tracking.server import TrackingUnavailable, check_reachable, has_password, redact
 
+from tests.net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # nothing listens once the probe is closed
 
 
 @pytest.mark.parametrize(
@@ -43,7 +38,7 @@ def test_redact_hides_passwords_only(uri, shown):
 
 def test_unreachable_servers_and_missing_folders_are_named(tmp_path):
     with pytest.raises(TrackingUnavailable, match=r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"):
-        check_reachable(f"http://127.0.0.1:{closed_port()}", timeout_s=2)
+        check_reachable(f"http://127.0.0.1:{free_port()}", timeout_s=2)
     with pytest.raises(TrackingUnavailable, match=f"folder {tmp_path / 'nope'} does not exist"):
         check_reachable(f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}")
     check_reachable(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a new file in an existing folder is fine
@@ -65,7 +60,7 @@ def test_logger_sends_in_order_and_reports_a_server_that_never_answers(tmp_path)
     assert len(client.get_metric_history(run_id, "loss")) == 1
     assert [a.path for a in client.list_artifacts(run_id, "evaluation")] == ["evaluation/picture.txt"]
 
-    offline = RunLogger(f"http://127.0.0.1:{closed_port()}", run_id, retry_delay_s=0.05, max_delay_s=0.1)
+    offline = RunLogger(f"http://127.0.0.1:{free_port()}", run_id, retry_delay_s=0.05, max_delay_s=0.1)
     offline.log_metrics({"loss": 1.0}, step=1)  # returns at once: training does not wait
     assert "stayed unavailable: 1 logging calls were not sent" in offline.close(timeout_s=1.0)
 

@@ -33,8 +33,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             ]
         )
     )
-    print(f"\nResults written to {cfg.with_absolute_paths(base_dir).run.output_dir / 'results.json'}")
-    print(f"MLflow: {redact(cfg.with_absolute_paths(base_dir).tracking.uri)} (browse a local store with: reid mlflow serve)")
+    resolved = cfg.with_absolute_paths(base_dir)
+    print(f"\nResults written to {resolved.run.output_dir / 'results.json'}")
+    print(f"MLflow: {redact(resolved.tracking.uri)} (browse a local store with: reid mlflow serve)")
     return 0
 
 

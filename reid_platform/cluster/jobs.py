@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from reid_platform.config import ConfigError, RunConfig, load_config
+from reid_platform.config import ConfigError, load_config
 from reid_platform.tracking.server import check_reachable, has_password, redact
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -42,19 +42,6 @@ class Submission:
     runtime_env: dict
     submission_id: str
     metadata: dict[str, str]
-
-
-def _relative_paths(cfg: RunConfig) -> list[str]:
-    named = {
-        "data.shards": cfg.data.shards,
-        "run.storage_path": cfg.run.storage_path,
-        "run.output_dir": cfg.run.output_dir,
-        "model.pretrained_weights": cfg.model.pretrained_weights,
-    }
-    relative = [key for key, path in named.items() if path is not None and not path.is_absolute()]
-    if cfg.tracking.uri.startswith("sqlite:///") and not cfg.tracking.uri.startswith("sqlite:////"):
-        relative.append("tracking.uri")
-    return relative
 
 
 def build_submission(
@@ -85,7 +72,7 @@ def build_submission(
         # config mean what they mean here.
         arguments += ["--base-dir", str(working_dir)]
         uri = cfg.with_absolute_paths(working_dir).tracking.uri
-    elif relative := _relative_paths(cfg):
+    elif relative := cfg.relative_paths():
         raise ConfigError(
             f"{config}: {', '.join(relative)} relative, but the cluster at {address} is remote; use absolute paths "
             "on its shared storage (e.g. --set data.shards=/mnt/shared/shards/market1501)"

@@ -52,13 +52,19 @@ def prepare_job(job: tuple[Path, tuple[int, int] | None, int]) -> tuple[bytes | 
     return prepare_image(*job)
 
 
+def decode_rgb(source: bytes | Path) -> tuple[Image.Image | None, str]:
+    """(the decoded RGB image, "") or (None, why ``source``, bytes or a file, does not decode)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return image.convert("RGB"), ""
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except Image.DecompressionBombError:
+        return None, "too large to decode safely"
+    except (OSError, SyntaxError, ValueError) as error:
+        return None, f"corrupt or truncated: {error}"
+
+
 def decode_problem(data: bytes) -> str:
     """Why ``data`` does not decode as an image ("" when it does)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except UnidentifiedImageError:
-        return "not an image"
-    except (OSError, SyntaxError, ValueError) as error:
-        return f"corrupt or truncated: {error}"
-    return ""
+    return decode_rgb(data)[1]

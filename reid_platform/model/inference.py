@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from reid_platform.config import InputConfig
 from reid_platform.data.datasets import DatasetError
+from reid_platform.data.images import decode_rgb
 from reid_platform.input.torch_loader import eval_transform
 from reid_platform.model.backbone import ReIDNet
 
@@ -34,15 +34,8 @@ def expand_image_paths(arguments: Iterable[str | Path]) -> list[Path]:
 
 
 def _load(path: Path, transform) -> tuple[torch.Tensor | None, str]:
-    try:
-        with Image.open(path) as image:
-            return transform(image.convert("RGB")), ""
-    except UnidentifiedImageError:
-        return None, "not an image"
-    except Image.DecompressionBombError:
-        return None, "too large to decode safely"
-    except (OSError, SyntaxError, ValueError) as error:
-        return None, f"unreadable or truncated: {error}"
+    image, reason = decode_rgb(path)
+    return (None, reason) if reason else (transform(image), "")
 
 
 @torch.no_grad()
