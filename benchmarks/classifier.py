@@ -30,9 +30,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from reid_platform.parallel.classifier import ShardedClassifier, shard_range
-from reid_platform.parallel.losses import MarginSpec, default_chunk_size, margin_logits
+from reid_platform.parallel.config import LossConfig
+from reid_platform.parallel.losses import default_chunk_size, margin_logits
 
-SPEC = MarginSpec("circle", 128.0, 0.25)
+SPEC = LossConfig(name="circle", scale=128.0, margin=0.25)
 MB = 1024**2
 DENSE_LIMIT_BYTES = 18 * 1024**3  # leave room for the OS on a 24 GiB machine
 
@@ -55,7 +56,8 @@ def _sharded_worker(rank, world_size, init_file, out_dir, classes, dim, batch, r
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(rank)
-    build = functools.partial(ShardedClassifier, rank=rank, world_size=world_size, loss=SPEC, sample_rate=rho, momentum=0.9, weight_decay=5e-4)
+    loss = SPEC.model_copy(update={"sample_rate": rho})
+    build = functools.partial(ShardedClassifier, rank=rank, world_size=world_size, loss=loss, momentum=0.9, weight_decay=5e-4)
     losses = []
 
     def step():

@@ -28,8 +28,7 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from reid_platform.parallel.classifier import ShardedClassifier
-from reid_platform.parallel.comm import undo_ddp_averaging
-from reid_platform.parallel.losses import MarginSpec
+from reid_platform.parallel.config import LossConfig
 
 INPUT_DIM = 64
 
@@ -46,8 +45,8 @@ def loop(config: dict) -> None:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     encoder = ray.train.torch.prepare_model(torch.nn.Linear(INPUT_DIM, config["dim"]))
     classifier = ShardedClassifier(
-        config["classes"], config["dim"], rank, world_size, MarginSpec("circle", 64.0, 0.25),
-        sample_rate=config["rho"], momentum=0.9,
+        config["classes"], config["dim"], rank, world_size,
+        LossConfig(name="circle", scale=64.0, margin=0.25, sample_rate=config["rho"]), momentum=0.9,
     )  # fmt: skip
     optimizer = torch.optim.SGD(encoder.parameters(), lr=config["lr"], momentum=0.9)
     pool = torch.linspace(0, config["classes"] - 1, config["pool"]).long()
@@ -55,9 +54,7 @@ def loop(config: dict) -> None:
     for step in range(config["steps"]):
         labels = pool[torch.randint(len(pool), (config["batch"],))]
         inputs = prototypes(labels) + 0.3 * torch.randn(config["batch"], INPUT_DIM)
-        embeddings = encoder(inputs)
-        undo_ddp_averaging(embeddings)
-        loss = classifier(embeddings, labels)
+        loss = classifier(encoder(inputs), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

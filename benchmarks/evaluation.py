@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from reid_platform.evaluation.distance import FeatureDistances
 from reid_platform.evaluation.metrics import FeatureSet, summarize
-from reid_platform.evaluation.ranking import RankingOptions, rank_queries
+from reid_platform.evaluation.config import EvaluationConfig
+from reid_platform.evaluation.ranking import rank_queries
 
 # queries, gallery, identities, cameras, distractors in the gallery, default feature size
 SIZES = {
@@ -114,7 +115,7 @@ def load_kernel() -> float:
 
 def run(size: str, dim: int, memory_mb: float, baseline_sort: str | None) -> dict:
     query, gallery = make_sets(size, dim)
-    options = RankingOptions(memory_mb=memory_mb)
+    options = EvaluationConfig(memory_mb=memory_mb)
     jit_load = load_kernel()
     started = time.perf_counter()
     distances = FeatureDistances(query.features, gallery.features)

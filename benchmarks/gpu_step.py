@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid_platform.model.backbone import ModelSpec, ReIDNet  # noqa: E402
+from reid_platform.model.backbone import ReIDNet  # noqa: E402
+from reid_platform.model.config import ModelConfig  # noqa: E402
 from reid_platform.parallel.classifier import ShardedClassifier  # noqa: E402
-from reid_platform.parallel.losses import MarginSpec  # noqa: E402
+from reid_platform.parallel.config import LossConfig  # noqa: E402
 from reid_platform.train.step import StepSettings, train_step  # noqa: E402
 
 VARIANTS = {
@@ -40,9 +41,9 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
     precision, channels_last = VARIANTS[name]
     settings = StepSettings.for_device(device, precision, channels_last)
     torch.manual_seed(0)
-    model = settings.prepare_model(ReIDNet(ModelSpec(args.arch, None, 1)).to(device)).train()
+    model = settings.prepare_model(ReIDNet(ModelConfig(arch=args.arch, last_stride=1)).to(device)).train()
     classifier = ShardedClassifier(
-        args.classes, model.spec.feature_dim, 0, 1, MarginSpec("circle", 128.0, 0.25), device=device
+        args.classes, model.feature_dim, 0, 1, LossConfig(name="circle", scale=128.0, margin=0.25), device=device
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(1)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from reid_platform.config import InputConfig
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.input.config import InputConfig
 from reid_platform.data.pack import PackOptions, pack_dataset
 from reid_platform.data.synth import write_synthetic_market1501
 from reid_platform.input import train_loader
@@ -42,7 +43,7 @@ def write_dataset(root: Path, train_images: int) -> int:
 
 
 def images_per_second(cfg: InputConfig, shards: Path, steps: int, warmup: int = 5) -> float:
-    loader = train_loader(shards, Partition(0, 1), cfg, seed=0)
+    loader = train_loader(ShardDataset.open(shards), Partition(0, 1), cfg, seed=0)
     batches = iter(loader)
     for _ in range(warmup):
         next(batches)
@@ -65,15 +66,15 @@ def main() -> None:
         started = time.perf_counter()
         manifest = pack_dataset([("market1501", root)], shards, PackOptions(workers=2), progress=False)
         pack_seconds = time.perf_counter() - started
-        packed = sum(split["samples"] for split in manifest["splits"].values())
+        packed = sum(split.samples for split in manifest.splits.values())
         base = InputConfig(height=256, width=128, batch_size=64, num_threads=2, pad=10, erasing_prob=0.5)
-        steps = min(args.steps, manifest["splits"]["train"]["samples"] // 64 - 6)
+        steps = min(args.steps, manifest.splits["train"].samples // 64 - 6)
         dali = images_per_second(base, shards, steps)
         baseline = images_per_second(base.model_copy(update={"backend": "torch"}), shards, steps)
     print(
         json.dumps(
             {
-                "images": manifest["splits"]["train"]["samples"],
+                "images": manifest.splits["train"].samples,
                 "files_packed": packed,
                 "files_written": total_files,
                 "image_size": "128x256",

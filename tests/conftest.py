@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_dataset
 from reid_platform.data.synth import write_synthetic_market1501
 
@@ -22,3 +23,9 @@ def tiny_shards(tiny_market, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "tiny"
     pack_dataset([("market1501", tiny_market)], out, PackOptions(samples_per_shard=40, workers=1), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_shards) -> ShardDataset:
+    """The tiny shards, opened (read-only: a test that changes files works on its own copy)."""
+    return ShardDataset.open(tiny_shards)

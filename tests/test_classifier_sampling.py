@@ -5,13 +5,18 @@ from __future__ import annotations
 import torch
 
 from reid_platform.parallel.classifier import ShardedClassifier
-from reid_platform.parallel.losses import MarginSpec, sharded_margin_loss
+from reid_platform.parallel.config import LossConfig
+from reid_platform.parallel.losses import sharded_margin_loss
 
-SPEC = MarginSpec("circle", 32.0, 0.25)
+SPEC = LossConfig(name="circle", scale=32.0, margin=0.25)
+
+
+def sampling(rate: float) -> LossConfig:
+    return SPEC.model_copy(update={"sample_rate": rate})
 
 
 def test_sampled_rows_keep_every_positive_and_remap_targets():
-    model = ShardedClassifier(1000, 8, rank=1, world_size=3, sample_rate=0.1)  # owns rows [334, 667)
+    model = ShardedClassifier(1000, 8, rank=1, world_size=3, loss=sampling(0.1))  # owns rows [334, 667)
     torch.manual_seed(0)
     for _ in range(20):
         labels = torch.randint(0, 1000, (64,))
@@ -25,13 +30,13 @@ def test_sampled_rows_keep_every_positive_and_remap_targets():
 
 
 def test_a_shard_without_positives_still_samples_a_row():
-    model = ShardedClassifier(40, 4, rank=1, world_size=4, sample_rate=0.05)  # 10 rows, 0.5 wanted
+    model = ShardedClassifier(40, 4, rank=1, world_size=4, loss=sampling(0.05))  # 10 rows, 0.5 wanted
     rows, remapped = model.sample_rows(model.local_target(torch.tensor([0, 1, 35])))  # none in [10, 20)
     assert len(rows) == 1 and (remapped == -1).all()
 
 
 def test_sampled_loss_is_the_exact_loss_over_the_sampled_classes():
-    model = ShardedClassifier(50, 8, sample_rate=0.3, loss=SPEC).double()
+    model = ShardedClassifier(50, 8, loss=sampling(0.3)).double()
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([1, 1, 7, 20, 33, 49])
     torch.manual_seed(3)
@@ -43,7 +48,7 @@ def test_sampled_loss_is_the_exact_loss_over_the_sampled_classes():
 
 
 def test_only_sampled_rows_and_their_momentum_change():
-    model = ShardedClassifier(200, 8, sample_rate=0.1, momentum=0.9, weight_decay=5e-4, loss=SPEC)
+    model = ShardedClassifier(200, 8, momentum=0.9, weight_decay=5e-4, loss=sampling(0.1))
     before = model.weight.detach().clone()
     x = torch.randn(16, 8, requires_grad=True)
     model(x, torch.randint(0, 200, (16,))).backward()

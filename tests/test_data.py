@@ -14,14 +14,15 @@ from PIL import Image
 
 from reid_platform.cli import main
 from reid_platform.data.datasets import (
-    DatasetError,
     load_csv,
     load_dataset,
     load_market1501,
     parse_market_style_name,
     with_labels,
 )
-from reid_platform.data.pack import MANIFEST, PackOptions, decode_meta, pack_dataset, read_manifest, shard_paths, verify_shards
+from reid_platform.data.manifest import MANIFEST, Manifest, ShardDataset
+from reid_platform.errors import DatasetError
+from reid_platform.data.pack import PackOptions, decode_meta, pack_dataset, verify_shards
 from reid_platform.data.synth import write_synthetic_market1501
 
 ONE_WORKER = PackOptions(samples_per_shard=40, workers=1)
@@ -105,8 +106,8 @@ def test_cuhk03_np_layout_packs_png_as_jpeg(tmp_path, variant):
     }
     market_style_tree(root / variant, names, fmt="PNG")
     manifest = pack_dataset([(f"cuhk03-np-{variant}", root)], tmp_path / "out", ONE_WORKER, progress=False)
-    assert manifest["splits"]["query"]["samples"] == 2 and manifest["num_classes"] == 2
-    with tarfile.open(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["file"]) as archive:
+    assert manifest.splits["query"].samples == 2 and manifest.num_classes == 2
+    with tarfile.open(tmp_path / "out" / manifest.splits["train"].shards[0].file) as archive:
         jpegs = [archive.extractfile(n).read() for n in archive.getnames() if n.endswith(".jpg")]
     assert len(jpegs) == 3 and all(data[:2] == b"\xff\xd8" for data in jpegs)
 
@@ -152,9 +153,9 @@ def test_csv_manifest(tmp_path):
     assert len(load_csv(three_columns)["train"]) == 2
     # a training-only manifest packs (no query or gallery shards), with paths relative to the CSV
     manifest = pack_dataset([("csv", three_columns)], tmp_path / "out", ONE_WORKER, progress=False)
-    assert manifest["splits"]["query"] == {"samples": 0, "identities": 0, "shards": []}
-    assert manifest["sources"][0]["root"] == str(tmp_path.resolve()) and manifest["num_classes"] == 2
-    with tarfile.open(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["file"]) as archive:
+    assert manifest.splits["query"].model_dump() == {"samples": 0, "identities": 0, "shards": []}
+    assert manifest.sources[0]["root"] == str(tmp_path.resolve()) and manifest.num_classes == 2
+    with tarfile.open(tmp_path / "out" / manifest.splits["train"].shards[0].file) as archive:
         paths = sorted(json.loads(archive.extractfile(n).read())["path"] for n in archive.getnames() if n.endswith(".json"))
     assert paths == ["imgs/a.jpg", "imgs/b.jpg"]
 
@@ -183,13 +184,13 @@ def test_combined_datasets_have_disjoint_ids_and_record_offsets(tiny_market, tmp
         },
     )
     manifest = pack_dataset([("market1501", tiny_market), ("dukemtmc", duke)], tmp_path / "out", ONE_WORKER, progress=False)
-    market_only = read_manifest(tmp_path / "out")["sources"][0]
+    market_only = Manifest.read(tmp_path / "out").sources[0]
     assert market_only["person_id_offset"] == 0 and market_only["camera_id_offset"] == 0
-    duke_entry = manifest["sources"][1]
+    duke_entry = manifest.sources[1]
     assert duke_entry["dataset"] == "dukemtmc" and duke_entry["person_id_offset"] > 16
     assert duke_entry["camera_id_offset"] == 3  # tiny_market has cameras 0..2
-    assert manifest["num_classes"] == 8 + 2 and manifest["dataset"] == "market1501+dukemtmc"
-    assert manifest["splits"]["query"]["samples"] == len(load_market1501(tiny_market)["query"]) + 1
+    assert manifest.num_classes == 8 + 2 and manifest.dataset == "market1501+dukemtmc"
+    assert manifest.splits["query"].samples == len(load_market1501(tiny_market)["query"]) + 1
 
 
 def test_manifest_matches_shards(tiny_shards):
@@ -225,9 +226,9 @@ def test_packing_is_deterministic_in_parallel_and_resizes(tiny_market, tmp_path,
     monkeypatch.chdir(tiny_market.parent)
     relative = PackOptions(samples_per_shard=30, workers=1, resize=(48, 24))
     second = pack_dataset([("market1501", tiny_market.name)], tmp_path / "b", relative, progress=False)
-    digests = lambda m: [s["sha256"] for split in m["splits"].values() for s in split["shards"]]  # noqa: E731
-    assert digests(first) == digests(second) and first["resize"] == [48, 24]
-    with tarfile.open(tmp_path / "a" / first["splits"]["gallery"]["shards"][0]["file"]) as archive:
+    digests = lambda m: [s.sha256 for split in m.splits.values() for s in split.shards]  # noqa: E731
+    assert digests(first) == digests(second) and first.resize == (48, 24)
+    with tarfile.open(tmp_path / "a" / first.splits["gallery"].shards[0].file) as archive:
         jpeg = next(archive.extractfile(n).read() for n in archive.getnames() if n.endswith(".jpg"))
     assert Image.open(io.BytesIO(jpeg)).size == (24, 48)
 
@@ -243,18 +244,18 @@ def test_bad_files_are_quarantined_with_reasons_and_the_rest_packs(tiny_market, 
     gallery[0].write_bytes(b"not an image at all")  # unreadable
     out = tmp_path / "out"
     assert main(["data", "pack", f"market1501={root}", "--out", str(out), "--workers", "2"]) == 0
-    manifest = read_manifest(out)
-    reasons = {Path(q["path"]).name: q["reason"] for q in manifest["quarantine"]}
+    manifest = Manifest.read(out)
+    reasons = {Path(q.path).name: q.reason for q in manifest.quarantine}
     assert set(reasons) == {train[0].name, train[1].name, train[2].name, gallery[0].name}
     assert reasons[train[0].name].startswith("corrupt or truncated")
     assert reasons[train[1].name] == "empty file (0 bytes)"
     assert reasons[train[2].name] == "unsupported format GIF (JPEG or PNG expected)"
     assert reasons[gallery[0].name] == "not an image file"
-    assert {q["split"] for q in manifest["quarantine"]} == {"train", "gallery"}
+    assert {q.split for q in manifest.quarantine} == {"train", "gallery"}
     original = load_market1501(tiny_market)
-    assert manifest["splits"]["train"]["samples"] == len(original["train"]) - 3
-    assert manifest["splits"]["gallery"]["samples"] == len(original["gallery"]) - 1
-    assert manifest["num_classes"] == 8  # labels are kept: no identity lost all its images
+    assert manifest.splits["train"].samples == len(original["train"]) - 3
+    assert manifest.splits["gallery"].samples == len(original["gallery"]) - 1
+    assert manifest.num_classes == 8  # labels are kept: no identity lost all its images
     assert verify_shards(out)[0] == []
 
 
@@ -262,15 +263,15 @@ def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_shards, copy)
     assert main(["data", "verify", str(copy)]) == 0
-    manifest = read_manifest(copy)
-    grown = copy / manifest["splits"]["gallery"]["shards"][0]["file"]
+    manifest = Manifest.read(copy)
+    grown = copy / manifest.splits["gallery"].shards[0].file
     with grown.open("ab") as handle:
         handle.write(b"\0" * 512)
-    flipped = copy / manifest["splits"]["query"]["shards"][0]["file"]
+    flipped = copy / manifest.splits["query"].shards[0].file
     data = bytearray(flipped.read_bytes())
     data[600] ^= 0xFF  # same size, different content
     flipped.write_bytes(bytes(data))
-    index = copy / manifest["splits"]["train"]["shards"][0]["index"]
+    index = copy / manifest.splits["train"].shards[0].index
     index.write_text(index.read_text().replace("jpg", "JPG", 1))
     problems, _ = verify_shards(copy)
     assert any(p.startswith(f"{grown}: ") and "bytes, the manifest says" in p for p in problems)
@@ -283,12 +284,12 @@ def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
 def test_changed_shard_is_refused(tiny_shards, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_shards, copy)
-    manifest = read_manifest(copy)
-    victim = copy / manifest["splits"]["gallery"]["shards"][0]["file"]
+    manifest = Manifest.read(copy)
+    victim = copy / manifest.splits["gallery"].shards[0].file
     with victim.open("ab") as handle:
         handle.write(b"\0" * 512)
     with pytest.raises(DatasetError, match=rf"{victim}: .* the shard changed after packing"):
-        shard_paths(copy, manifest, "gallery")
+        ShardDataset.open(copy)
 
 
 def test_pack_refuses_nonempty_output_and_unknown_dataset(tiny_market, tiny_shards, tmp_path):

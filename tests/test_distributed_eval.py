@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from reid_platform.evaluation.features import rank_across_ranks
+from reid_platform.evaluation.config import EvaluationConfig
+from reid_platform.evaluation.distributed import rank_across_ranks
 from reid_platform.evaluation.metrics import FeatureSet, summarize
-from reid_platform.evaluation.ranking import RankingOptions, make_distances
-from reid_platform.evaluation.rerank import RerankOptions
+from reid_platform.evaluation.ranking import make_distances
 from reid_platform.input.partition import Partition
 from tests.gloo import run_gloo
 
@@ -26,18 +26,18 @@ def problem(num_query):
 
 def evaluate_on_rank(rank, world_size, num_query, protocol, rerank):
     query, gallery = problem(num_query)
-    options = RankingOptions(protocol=protocol, memory_mb=0.002, cuhk03_repeats=3)
-    distances = make_distances(query, gallery, "cosine", rerank, options.memory_mb)
-    return rank_across_ranks(query, gallery, distances, options, Partition(rank, world_size, None))
+    cfg = EvaluationConfig(protocol=protocol, memory_mb=0.002, cuhk03_repeats=3, **rerank)
+    distances = make_distances(query, gallery, cfg)
+    return rank_across_ranks(query, gallery, distances, cfg, Partition(rank, world_size, None))
 
 
 @pytest.mark.parametrize(
     "world_size, num_query, protocol, rerank",
     [
-        (2, 37, "market", None),
-        (3, 37, "cuhk03", None),
-        (3, 2, "market", None),  # rank 0 gets no query at all
-        (2, 37, "no_camera", RerankOptions(k1=8, k2=3)),
+        (2, 37, "market", {}),
+        (3, 37, "cuhk03", {}),
+        (3, 2, "market", {}),  # rank 0 gets no query at all
+        (2, 37, "no_camera", {"rerank": True, "rerank_k1": 8, "rerank_k2": 3}),
     ],
 )
 def test_ranks_together_equal_one_process(world_size, num_query, protocol, rerank):

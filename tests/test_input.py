@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from reid_platform.config import InputConfig
-from reid_platform.data.datasets import DatasetError, load_dataset, load_market1501, with_labels
+from reid_platform.data.datasets import load_dataset, load_market1501, with_labels
+from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_splits
+from reid_platform.errors import DatasetError
+from reid_platform.input.config import InputConfig
 from reid_platform.input import eval_batches as eval_batches_for
 from reid_platform.input import train_loader
 from reid_platform.input.dali import TrainLoader, eval_batches
@@ -29,10 +31,10 @@ def test_labels_of_any_size_survive_dali(tiny_market, tmp_path):
     out = tmp_path / "shards"
     sources = [{"dataset": "market1501", "root": str(tiny_market)}]
     pack_splits(splits, sources, out, PackOptions(samples_per_shard=25, workers=1), progress=False)
-    loader = TrainLoader(out, Partition(0, 1), CFG, seed=0)
-    seen = torch.cat([labels for _, labels in loader])
+    dataset = ShardDataset.open(out)
+    seen = torch.cat([labels for _, labels in TrainLoader(dataset, Partition(0, 1), CFG, seed=0)])
     assert set(seen.tolist()) <= set(big) and len(set(seen.tolist())) >= 6
-    assert loader.num_classes == big[-1] + 1
+    assert dataset.num_classes == big[-1] + 1
 
 
 def test_label_outside_the_manifest_is_named(tiny_shards, tmp_path):
@@ -45,12 +47,12 @@ def test_label_outside_the_manifest_is_named(tiny_shards, tmp_path):
     manifest["num_classes"] = 3  # the shards hold labels 0..7
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DatasetError, match=r"training sample index \d+ has label [3-7], outside the manifest's 3 classes"):
-        list(TrainLoader(copy, Partition(0, 1), CFG, seed=0))
+        list(TrainLoader(ShardDataset.open(copy), Partition(0, 1), CFG, seed=0))
 
 
-def test_train_loader_gives_every_rank_the_same_steps(tiny_shards):
-    loaders = [TrainLoader(tiny_shards, Partition(rank, 2), CFG, seed=rank) for rank in range(2)]
-    assert len(loaders[0]) == len(loaders[1]) == (96 // 2) // 8
+def test_train_loader_gives_every_rank_the_same_steps(tiny_dataset):
+    loaders = [TrainLoader(tiny_dataset, Partition(rank, 2), CFG, seed=rank) for rank in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == (tiny_dataset.split("train").samples // 2) // 8
     for loader in loaders:
         for epoch in range(2):  # the reader wraps around; each epoch still has exactly `steps` batches
             batches = list(loader)
@@ -62,11 +64,11 @@ def test_train_loader_gives_every_rank_the_same_steps(tiny_shards):
     assert -1.5 < images.mean() < 1.5 and images.min() < -1.5
 
 
-def test_eval_pipeline_reads_each_sample_once_with_ids(tiny_market, tiny_shards):
+def test_eval_pipeline_reads_each_sample_once_with_ids(tiny_market, tiny_dataset):
     expected = load_market1501(tiny_market)["gallery"]
     metas = []
     for rank in range(2):
-        for images, meta in eval_batches(tiny_shards, "gallery", Partition(rank, 2), CFG, batch_size=16):
+        for images, meta in eval_batches(tiny_dataset, "gallery", Partition(rank, 2), CFG, batch_size=16):
             assert images.shape[1:] == (3, 64, 32)
             metas.append(meta)
     meta = torch.cat(metas)
@@ -76,15 +78,16 @@ def test_eval_pipeline_reads_each_sample_once_with_ids(tiny_market, tiny_shards)
         assert (int(by_index[index][1]), int(by_index[index][2])) == (sample.person_id, sample.camera_id)
 
 
-def test_dali_and_torch_backends_apply_the_same_augmentation(tiny_shards):
+def test_dali_and_torch_backends_apply_the_same_augmentation(tiny_dataset):
     """Both backends, same transforms: equal shapes, labels from the manifest, erased zero boxes."""
     cfg = CFG.model_copy(update=dict(erasing_prob=1.0, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05))
     erased = {}
     for backend in ("dali", "torch"):
-        loader = train_loader(tiny_shards, Partition(0, 1), cfg.model_copy(update={"backend": backend}), seed=1)
+        loader = train_loader(tiny_dataset, Partition(0, 1), cfg.model_copy(update={"backend": backend}), seed=1)
         images, labels = next(iter(loader))
         assert images.shape == (8, 3, 64, 32) and images.dtype == torch.float32
-        assert ((labels >= 0) & (labels < loader.num_classes)).all() and len(loader) == 96 // 8
+        assert ((labels >= 0) & (labels < tiny_dataset.num_classes)).all()
+        assert len(loader) == tiny_dataset.split("train").samples // 8
         # every image has one erased rectangle of zeros (normalised padding is -mean/std, never 0)
         fractions = (images == 0).all(1).flatten(1).float().mean(1)
         assert (fractions > 0).all()
@@ -93,30 +96,31 @@ def test_dali_and_torch_backends_apply_the_same_augmentation(tiny_shards):
     assert 0.02 < erased["dali"] < 0.4 and 0.02 < erased["torch"] < 0.4
 
 
-def test_torch_backend_evaluation_reads_every_sample_once(tiny_shards):
+def test_torch_backend_evaluation_reads_every_sample_once(tiny_dataset):
     cfg = CFG.model_copy(update={"backend": "torch", "num_threads": 2})
     # one rank with 2 DataLoader workers over the gallery's 2 shards, then 2 ranks with 1 shard each
     for world_size in (1, 2):
         metas = [
-            torch.cat([m for _, m in eval_batches_for(tiny_shards, "gallery", Partition(r, world_size), cfg, 16)])
+            torch.cat([m for _, m in eval_batches_for(tiny_dataset, "gallery", Partition(r, world_size), cfg, 16)])
             for r in range(world_size)
         ]
         indices = torch.cat(metas)[:, 3].sort().values
-        assert torch.equal(indices, torch.arange(58))
+        assert torch.equal(indices, torch.arange(tiny_dataset.split("gallery").samples))
     # three ranks for one query shard: two of them read nothing, and say so with no batches
-    assert list(eval_batches_for(tiny_shards, "query", Partition(2, 3), cfg, 16)) == []
+    assert len(tiny_dataset.split("query").tars) == 1
+    assert list(eval_batches_for(tiny_dataset, "query", Partition(2, 3), cfg, 16)) == []
 
 
-def test_identity_sampler_gives_p_identities_of_k_images(tiny_shards):
-    table = SampleTable.read(tiny_shards)
-    assert sorted(table.meta[:, 3].tolist()) == list(range(96))
+def test_identity_sampler_gives_p_identities_of_k_images(tiny_dataset):
+    table = SampleTable.read(tiny_dataset)
+    assert sorted(table.meta[:, 3].tolist()) == list(range(tiny_dataset.split("train").samples))
     batches = identity_batches(table.meta[:, 0], identities=4, images=5, seed=3)
     for _ in range(20):
         labels = table.meta[next(batches), 0]
         assert len(labels) == 20 and np.array_equal(np.unique(labels, return_counts=True)[1], [5] * 4)
     # through DALI: decoded, augmented batches whose labels come in 2 groups of 4
     cfg = CFG.model_copy(update={"sampler": "identity", "images_per_identity": 4})
-    loaders = [TrainLoader(tiny_shards, Partition(rank, 2), cfg, seed=rank) for rank in range(2)]
+    loaders = [TrainLoader(tiny_dataset, Partition(rank, 2), cfg, seed=rank) for rank in range(2)]
     firsts = []
     for loader in loaders:
         images, labels = next(iter(loader))
@@ -126,12 +130,12 @@ def test_identity_sampler_gives_p_identities_of_k_images(tiny_shards):
     assert not torch.equal(firsts[0], firsts[1])  # each rank draws with its own seed
 
 
-def test_identity_sampler_refuses_what_cannot_work(tiny_shards):
+def test_identity_sampler_refuses_what_cannot_work(tiny_dataset):
     with pytest.raises(ValueError, match=r"batch_size \(8\) must be a multiple of input.images_per_identity \(3\)"):
         InputConfig.model_validate({**CFG.model_dump(), "sampler": "identity", "images_per_identity": 3})
     with pytest.raises(ValueError, match="input.sampler identity needs input.backend dali"):
         InputConfig.model_validate({**CFG.model_dump(), "sampler": "identity", "backend": "torch"})
-    table = SampleTable.read(tiny_shards)
+    table = SampleTable.read(tiny_dataset)
     with pytest.raises(DatasetError, match="8 training identities cannot fill batches of 9 identities"):
         next(identity_batches(table.meta[:, 0], identities=9, images=2, seed=0))
 
@@ -146,11 +150,11 @@ def test_a_sample_that_no_longer_decodes_is_named(tiny_shards, tmp_path):
     data[1536 : 1536 + 400] = b"\x11" * 400  # the first JPEG's headers; the size stays the same
     tar.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match=rf"{tar}: sample gallery_000000000 does not decode"):
-        list(eval_batches(copy, "gallery", Partition(), CFG, 16))
+        list(eval_batches(ShardDataset.open(copy), "gallery", Partition(), CFG, 16))
     # the torch backend decodes in DataLoader workers; the message still names the sample, alone
     torch_cfg = CFG.model_copy(update={"backend": "torch"})
     with pytest.raises(DatasetError, match=rf"^{tar}: sample gallery_000000000 does not decode") as error:
-        list(eval_batches_for(copy, "gallery", Partition(), torch_cfg, 16))
+        list(eval_batches_for(ShardDataset.open(copy), "gallery", Partition(), torch_cfg, 16))
     assert "Traceback" not in str(error.value)
 
 

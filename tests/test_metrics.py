@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from reid_platform.evaluation.metrics import EvaluationError, FeatureSet
-from reid_platform.evaluation.ranking import RankingOptions, evaluate, top_ranked
+from reid_platform.errors import EvaluationError
+from reid_platform.evaluation.metrics import FeatureSet
+from reid_platform.evaluation.config import EvaluationConfig
+from reid_platform.evaluation.ranking import evaluate, top_ranked
 from reid_platform.evaluation.distance import FeatureDistances
 
 
@@ -88,22 +90,22 @@ def test_blocked_metrics_equal_reference(seed, metric, protocol):
     problem = random_problem(seed, *SIZES[seed % len(SIZES)], ties=seed % 3 == 0)
     expected = reference_metrics(*problem, max_rank=10, metric=metric, protocol=protocol)
     # a tiny budget forces blocks of one or a few query rows
-    options = RankingOptions(protocol=protocol, memory_mb=[1e-3, 0.01, 512][seed // 3 % 3])
-    assert_same(evaluate(*as_sets(*problem), metric=metric, options=options, max_rank=10), expected)
+    cfg = EvaluationConfig(metric=metric, protocol=protocol, memory_mb=[1e-3, 0.01, 512][seed // 3 % 3])
+    assert_same(evaluate(*as_sets(*problem), cfg, max_rank=10), expected)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_cuhk03_protocol_equals_reference(seed):
     problem = random_problem(seed, *SIZES[seed % len(SIZES)], ties=seed % 2 == 0)
-    options = RankingOptions(protocol="cuhk03", cuhk03_repeats=4, seed=seed, memory_mb=0.005)
+    cfg = EvaluationConfig(protocol="cuhk03", cuhk03_repeats=4, cuhk03_seed=seed, memory_mb=0.005)
     priorities = torch.rand(4, len(problem[1]), generator=torch.Generator().manual_seed(seed)).numpy()
     expected = reference_metrics(*problem, max_rank=10, metric="cosine", protocol="cuhk03", priorities=priorities)
-    assert_same(evaluate(*as_sets(*problem), options=options, max_rank=10), expected)
+    assert_same(evaluate(*as_sets(*problem), cfg, max_rank=10), expected)
 
 
 def test_cuhk03_draws_are_seeded_and_average_over_repeats():
     query, gallery = as_sets(*random_problem(3, 40, 200, 6, 2))  # identities 0..5
-    runs = [evaluate(query, gallery, options=RankingOptions(protocol="cuhk03", seed=s)).cmc for s in (0, 0, 1)]
+    runs = [evaluate(query, gallery, EvaluationConfig(protocol="cuhk03", cuhk03_seed=s)).cmc for s in (0, 0, 1)]
     np.testing.assert_array_equal(runs[0], runs[1])
     assert not np.array_equal(runs[0], runs[2])
     # one image per identity leaves six candidates, so the true match is always within rank 6
@@ -132,7 +134,7 @@ def test_junk_and_skipped_queries_are_handled_by_hand():
     result = evaluate(q, g, max_rank=3)
     assert result.cmc.tolist() == [0.0, 1.0, 1.0]
     assert result.mAP == pytest.approx(0.5) and result.mINP == pytest.approx(0.5)
-    no_camera = evaluate(q, g, max_rank=3, options=RankingOptions(protocol="no_camera"))
+    no_camera = evaluate(q, g, EvaluationConfig(protocol="no_camera"), max_rank=3)
     assert no_camera.cmc.tolist() == [1.0, 1.0, 1.0]  # the same-camera image now counts, first
     assert no_camera.mAP == pytest.approx((1 / 1 + 2 / 3) / 2) and no_camera.mINP == pytest.approx(2 / 3)
     # a second query whose only match is junk is skipped and counted
@@ -159,7 +161,7 @@ def test_junk_and_skipped_queries_are_handled_by_hand():
 def test_bad_input_is_named(change, message):
     q, g = as_sets(*random_problem(0, 4, 5, 3, 2))
     with pytest.raises(EvaluationError, match=message):
-        evaluate(*change(q, g), metric="euclidean")
+        evaluate(*change(q, g), EvaluationConfig(metric="euclidean"))
 
 
 def test_euclidean_far_from_the_origin_keeps_float64_order():
@@ -167,4 +169,4 @@ def test_euclidean_far_from_the_origin_keeps_float64_order():
     qf, gf, qp, gp, qc, gc = random_problem(4, 20, 60, 6, 3)
     problem = (qf * 0.01 + 300, gf * 0.01 + 300, qp, gp, qc, gc)
     expected = reference_metrics(*problem, max_rank=10, metric="euclidean")
-    assert_same(evaluate(*as_sets(*problem), metric="euclidean"), expected)
+    assert_same(evaluate(*as_sets(*problem), EvaluationConfig(metric="euclidean")), expected)

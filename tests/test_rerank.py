@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from reid_platform.evaluation.metrics import EvaluationError, FeatureSet
-from reid_platform.evaluation.ranking import RankingOptions, evaluate, rank_queries
-from reid_platform.evaluation.rerank import RerankedDistances, RerankOptions
+from reid_platform.errors import EvaluationError
+from reid_platform.evaluation.metrics import FeatureSet
+from reid_platform.evaluation.config import EvaluationConfig
+from reid_platform.evaluation.ranking import evaluate, rank_queries
+from reid_platform.evaluation.rerank import RerankedDistances
 
 
 def dense_re_ranking(qf, gf, k1, k2, lambda_value):
@@ -63,8 +67,8 @@ def clustered_problem(seed, num_query, num_gallery, ids, dim=6):
 def test_blocked_re_ranking_equals_dense_reference(seed, k1, k2, lam, memory_mb):
     qf, gf, qp, gp, qc, gc = clustered_problem(seed, 25, 70, 8)
     expected = dense_re_ranking(qf, gf, k1, k2, lam)
-    options = RerankOptions(k1=k1, k2=k2, lambda_value=lam)
-    distances = RerankedDistances(torch.from_numpy(qf), torch.from_numpy(gf), options, memory_mb=memory_mb)
+    cfg = EvaluationConfig(rerank=True, rerank_k1=k1, rerank_k2=k2, rerank_lambda=lam, memory_mb=memory_mb)
+    distances = RerankedDistances(torch.from_numpy(qf), torch.from_numpy(gf), cfg)
     blocks = torch.cat([distances(slice(s, min(s + 7, 25))) for s in range(0, 25, 7)])
     np.testing.assert_allclose(blocks.numpy(), expected, atol=2e-5)
     # the same ranking, hence the same metrics, as ranking the dense re-ranked matrix
@@ -78,8 +82,8 @@ def test_blocked_re_ranking_equals_dense_reference(seed, k1, k2, lam, memory_mb)
         def __call__(self, rows):
             return torch.from_numpy(expected[rows]).float()
 
-    got = rank_queries(query, gallery, distances, RankingOptions(memory_mb=memory_mb))
-    want = rank_queries(query, gallery, Dense(), RankingOptions())
+    got = rank_queries(query, gallery, distances, cfg)
+    want = rank_queries(query, gallery, Dense(), EvaluationConfig())
     assert torch.equal(got.first_rank, want.first_rank)
     torch.testing.assert_close(got.average_precision, want.average_precision, atol=1e-6, rtol=0)
 
@@ -88,22 +92,25 @@ def test_re_ranking_helps_on_clustered_data():
     qf, gf, qp, gp, qc, gc = clustered_problem(7, 60, 400, 20)
     query = FeatureSet(torch.from_numpy(qf), torch.as_tensor(qp), torch.as_tensor(qc))
     gallery = FeatureSet(torch.from_numpy(gf), torch.as_tensor(gp), torch.as_tensor(gc))
-    plain = evaluate(query, gallery, metric="euclidean")
-    reranked = evaluate(query, gallery, metric="euclidean", rerank=RerankOptions())
+    plain = evaluate(query, gallery, EvaluationConfig(metric="euclidean"))
+    reranked = evaluate(query, gallery, EvaluationConfig(metric="euclidean", rerank=True))
     assert reranked.mAP > plain.mAP
 
 
 @pytest.mark.parametrize(
-    "options, message",
+    "flags, message",
     [
-        (dict(k1=0), "k1 >= 1 and k2 >= 1 .got k1=0, k2=6"),
-        (dict(k2=0), "k1 >= 1 and k2 >= 1 .got k1=20, k2=0"),
-        (dict(lambda_value=1.5), "lambda must be within .0, 1. .got 1.5"),
+        (["--rerank-k1", "0"], r"evaluation.rerank_k1: Input should be greater than or equal to 1 \(got 0\)"),
+        (["--rerank-k2", "0"], r"evaluation.rerank_k2: Input should be greater than or equal to 1 \(got 0\)"),
+        (["--rerank-lambda", "1.5"], r"evaluation.rerank_lambda: Input should be less than or equal to 1 \(got 1.5\)"),
     ],
 )
-def test_bad_options_are_named(options, message):
-    with pytest.raises(EvaluationError, match=message):
-        RerankOptions(**options)
+def test_bad_options_are_named(flags, message, capsys):
+    """``reid eval`` builds the evaluation section from its flags: a bad value is one line, exit 2."""
+    from reid_platform.cli import main
+
+    assert main(["eval", "--model", "m", "--data", "d", "--rerank", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_identical_features_are_refused_not_scored():
@@ -111,4 +118,4 @@ def test_identical_features_are_refused_not_scored():
     query = FeatureSet(torch.ones(1, 2), torch.tensor([1]), torch.tensor([0]))
     gallery = FeatureSet(torch.ones(3, 2), torch.tensor([2, 3, 1]), torch.tensor([1, 1, 1]))
     with pytest.raises(EvaluationError, match="query 0: distances to the gallery are NaN"):
-        evaluate(query, gallery, metric="euclidean", rerank=RerankOptions(k1=2, k2=1))
+        evaluate(query, gallery, EvaluationConfig(metric="euclidean", rerank=True, rerank_k1=2, rerank_k2=1))

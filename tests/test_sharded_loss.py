@@ -1,4 +1,5 @@
-"""The sharded margin losses equal a dense single-process oracle, loss and every gradient."""
+"""The sharded margin losses equal a dense single-process oracle, loss and every gradient, and the
+classifier's gradient contract gives a DDP backbone the single-process gradient."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from reid_platform.parallel.classifier import ShardedClassifier, shard_range
-from reid_platform.parallel.losses import MarginSpec, sharded_margin_loss
+from reid_platform.parallel.config import LossConfig
+from reid_platform.parallel.losses import sharded_margin_loss
 from tests.gloo import run_gloo
 
 NUM_CLASSES, DIM, PER_RANK = 11, 6, 4
 SPECS = {
-    "circle": MarginSpec("circle", 64.0, 0.25),
-    "cosface": MarginSpec("cosface", 30.0, 0.35),
-    "arcface": MarginSpec("arcface", 30.0, 0.5),
-    "softmax": MarginSpec("softmax", 16.0, 0.0),
+    "circle": LossConfig(name="circle", scale=64.0, margin=0.25),
+    "cosface": LossConfig(name="cosface", scale=30.0, margin=0.35),
+    "arcface": LossConfig(name="arcface", scale=30.0, margin=0.5),
+    "softmax": LossConfig(name="softmax", scale=16.0, margin=0.0),
 }
 
 
@@ -80,7 +82,8 @@ def test_sharded_loss_equals_dense_oracle(world_size, name):
     for rank, result in enumerate(results):
         torch.testing.assert_close(result["loss"], dense.detach(), atol=1e-5, rtol=1e-5)
         local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        torch.testing.assert_close(result["x_grad"], x.grad[local], atol=1e-5, rtol=1e-5)
+        # the gradient contract: world size x the dense gradient, which DDP's average turns back into it
+        torch.testing.assert_close(result["x_grad"], world_size * x.grad[local], atol=1e-5, rtol=1e-5)
         start, end = result["rows"]
         torch.testing.assert_close(result["w_grad"], w.grad[start:end], atol=1e-5, rtol=1e-5)
         rows_seen.extend(range(start, end))
@@ -106,7 +109,7 @@ def test_arcface_logit_falls_monotonically_with_the_angle():
     from reid_platform.parallel.losses import margin_logits
 
     cosine = torch.linspace(-1, 1, 401)[:, None]
-    logits = margin_logits(cosine, torch.zeros(401, dtype=torch.long), MarginSpec("arcface", 1.0, 0.5))[:, 0]
+    logits = margin_logits(cosine, torch.zeros(401, dtype=torch.long), LossConfig(name="arcface", scale=1.0, margin=0.5))[:, 0]
     assert (logits[1:] >= logits[:-1]).all()  # a larger cosine (smaller angle) never lowers it
 
 
@@ -114,10 +117,37 @@ def test_loss_is_exact_where_probabilities_underflow():
     # gamma 256: z_p spans about [-1008, 16]; a -log(softmax) form would saturate near 69-104.
     weight = torch.tensor([[-0.9, math.sqrt(1 - 0.81)], [0.95, math.sqrt(1 - 0.9025)]], dtype=torch.float64)
     x = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
-    loss = sharded_margin_loss(x, weight, torch.tensor([0]), MarginSpec("circle", 256.0, 0.25))
-    expected = dense_oracle(x, weight, torch.tensor([0]), MarginSpec("circle", 256.0, 0.25))
+    gamma_256 = LossConfig(name="circle", scale=256.0, margin=0.25)
+    loss = sharded_margin_loss(x, weight, torch.tensor([0]), gamma_256)
+    expected = dense_oracle(x, weight, torch.tensor([0]), gamma_256)
     assert loss.item() > 500
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-6)
+
+
+def ddp_backbone_rank(rank, world_size, spec):
+    """A DDP linear backbone under the sharded classifier, each rank its part of the global batch."""
+    inputs, labels, weight = make_problem(world_size, seed=7)
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(DIM, DIM).double()
+    model = torch.nn.parallel.DistributedDataParallel(backbone) if world_size > 1 else backbone
+    classifier = ShardedClassifier(NUM_CLASSES, DIM, rank, world_size, spec).double()
+    with torch.no_grad():
+        classifier.weight.copy_(weight[classifier.start : classifier.end])
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    classifier(model(inputs[mine]), labels[mine]).backward()
+    return {name: p.grad for name, p in backbone.named_parameters()}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_backbone_gradients_equal_the_single_process_dense_computation(world_size):
+    spec = SPECS["circle"]
+    inputs, labels, weight = make_problem(world_size, seed=7)
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(DIM, DIM).double()
+    dense_oracle(backbone(inputs), weight, labels, spec).backward()  # the whole batch, one process
+    for grads in run_gloo(world_size, ddp_backbone_rank, spec):
+        for name, parameter in backbone.named_parameters():
+            torch.testing.assert_close(grads[name], parameter.grad, atol=1e-10, rtol=1e-8)
 
 
 def test_shard_range_partitions_rows():

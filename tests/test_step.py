@@ -9,17 +9,18 @@ import copy
 import pytest
 import torch
 
-from reid_platform.model.backbone import ModelSpec, ReIDNet
+from reid_platform.model.backbone import ReIDNet
+from reid_platform.model.config import ModelConfig
 from reid_platform.parallel.classifier import ShardedClassifier
-from reid_platform.parallel.losses import MarginSpec
+from reid_platform.parallel.config import LossConfig
 from reid_platform.train.schedule import lr_factor
 from reid_platform.train.step import StepSettings, train_step
 
 
 def one_step(settings: StepSettings) -> tuple[float, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = settings.prepare_model(ReIDNet(ModelSpec("resnet18", 32, 1))).train()
-    classifier = ShardedClassifier(10, 32, 0, 1, MarginSpec("circle", 32.0, 0.25))
+    model = settings.prepare_model(ReIDNet(ModelConfig(arch="resnet18", embedding_dim=32))).train()
+    classifier = ShardedClassifier(10, 32, 0, 1, LossConfig(name="circle", scale=32.0, margin=0.25))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(8, 3, 64, 32, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(8) % 10

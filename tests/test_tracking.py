@@ -3,6 +3,7 @@ what `reid submit` refuses before it contacts any server."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ from mlflow.tracking import MlflowClient
 from ray._private.runtime_env.packaging import _get_excludes  # the matcher of Ray's uploads (pinned Ray)
 
 from reid_platform.cluster.jobs import build_submission
-from reid_platform.config import ConfigError
+from reid_platform.errors import ConfigError, TrackingUnavailable
 from reid_platform.tracking.mlflow_run import RunLogger
-from reid_platform.tracking.server import TrackingUnavailable, check_reachable, has_password, redact
+from reid_platform.tracking.server import check_reachable, has_password, redact
+from reid_platform.train.record import EpochRecord
 
 from tests.net import free_port
 
@@ -51,13 +53,21 @@ def test_logger_sends_in_order_and_reports_a_server_that_never_answers(tmp_path)
     logger = RunLogger(uri, run_id)
     picture = tmp_path / "picture.txt"
     picture.write_text("x")
-    logger.log_epoch({"epoch": 1, "loss": 2.0}, [(1, 3.0), (2, 2.5)], timestamp_ms=1000)
-    logger.log_epoch({"epoch": 1, "loss": 2.0}, [(1, 3.0), (2, 2.5)], timestamp_ms=1000)  # a restart's re-send
+    first = EpochRecord(
+        epoch=1, epochs=2, world_size=2, step_losses=[(1, 3.0), (2, 2.5)], lr=0.1, images_per_s=10.0,
+        evaluation=None, before_training={"mAP": 0.05, "rank1": 0.1},
+    )  # fmt: skip
+    second = dataclasses.replace(first, epoch=2, step_losses=[(3, 2.0), (4, 1.5)], evaluation={"mAP": 0.5, "rank1": 0.6})
+    logger.log_epoch(first)
+    logger.log_epoch(second)
     logger.log_artifact(picture, "evaluation")
     picture.unlink()  # the logger kept its own copy
     assert logger.close(timeout_s=60) is None
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "step_loss")] == [(1, 3.0), (2, 2.5)]
-    assert len(client.get_metric_history(run_id, "loss")) == 1
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "step_loss")] == [(1, 3.0), (2, 2.5), (3, 2.0), (4, 1.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 2.75), (2, 1.75)]
+    # the untrained model is step 0 of the same curve; the run's latest mAP is the final one
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "mAP")] == [(0, 0.05), (2, 0.5)]
+    assert client.get_run(run_id).data.metrics["mAP"] == 0.5
     assert [a.path for a in client.list_artifacts(run_id, "evaluation")] == ["evaluation/picture.txt"]
 
     offline = RunLogger(f"http://127.0.0.1:{free_port()}", run_id, retry_delay_s=0.05, max_delay_s=0.1)

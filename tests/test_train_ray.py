@@ -1,6 +1,9 @@
-"""A real 2-worker Ray Train run: DALI CPU input, sharded Circle loss, SQLite MLflow, registry.
+"""A real Ray Train run: DALI CPU input, sharded Circle loss, SQLite MLflow, registry.
 
-One run is shared by the tests below (it is the slow part of the suite).
+One run is shared by the tests below (it is the slow part of the suite), and they only read it: two
+epochs on 2 workers, then the same job started again for a third epoch on 3 workers (an elastic
+resume: the classifier re-sharded, the schedule continued). A test that changes a registry works
+on its own copy of the store.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from mlflow.tracking import MlflowClient
 
 from reid_platform.cli import main
 from reid_platform.config import load_config
+from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_dataset
+from reid_platform.errors import RunAlreadyFinished
+from reid_platform.input.partition import steps_per_epoch
 from reid_platform.model.artifact import load_model_dir
-from reid_platform.tracking.registry import register_model
-from reid_platform.train.schedule import lr_factor
+from reid_platform.parallel.classifier import shard_range
 from reid_platform.train.launcher import train
+from reid_platform.train.schedule import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -64,28 +70,36 @@ def damaged_shards(tiny_market, tmp_path_factory):
     sorted((root / "bounding_box_test").glob("0*.jpg"))[3].write_bytes(b"")
     out = root.parent / "shards"
     manifest = pack_dataset([("market1501", root)], out, PackOptions(samples_per_shard=40, workers=2), progress=False)
-    assert len(manifest["quarantine"]) == 2
+    assert len(manifest.quarantine) == 2
     return out
 
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, damaged_shards, tmp_path_factory):
+    """(config of the final attempt, work folder, outcome of the 2-worker attempt, final outcome)."""
     work = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(damaged_shards, work, epochs=3)
-    outcome = train(cfg, REPO / "configs/demo.yaml")
-    return cfg, work, outcome
+    first = train(tiny_config(damaged_shards, work, epochs=2), REPO / "configs/demo.yaml")
+    cfg = tiny_config(damaged_shards, work, epochs=3, workers=3)
+    return cfg, work, first, train(cfg, REPO / "configs/demo.yaml")
 
 
-def test_run_trains_evaluates_and_registers(trained):
-    cfg, work, outcome = trained
+def steps(shards: Path, cfg, workers: int) -> int:
+    return steps_per_epoch(ShardDataset.open(shards).split("train").samples, workers, cfg.input.batch_size)
+
+
+def test_run_trains_evaluates_and_registers(trained, damaged_shards):
+    cfg, work, first, outcome = trained
     client = MlflowClient(cfg.tracking.uri)
     run = client.get_run(outcome.mlflow_run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and outcome.mlflow_run_id == first.mlflow_run_id  # one run
     assert run.data.params["loss.name"] == "circle" and run.data.params["scaling.num_workers"] == "2"
     losses = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "loss")]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
-    assert len(client.get_metric_history(outcome.mlflow_run_id, "step_loss")) == 3 * 5  # (95 // 2) // 8
-    assert {"initial_mAP", "mAP", "rank1", "mINP", "images_per_s", "lr"} <= set(run.data.metrics)
+    assert {"mAP", "rank1", "mINP", "images_per_s", "lr", "world_size"} <= set(run.data.metrics)
+    # the untrained model is step 0 of the evaluation curves; each attempt evaluated its last epoch
+    history = {m.step: m.value for m in client.get_metric_history(outcome.mlflow_run_id, "mAP")}
+    assert history == {0: first.mAP_before_training, 2: first.mAP, 3: outcome.mAP}
+    assert outcome.mAP_before_training == first.mAP_before_training
     version = client.get_model_version_by_alias("reid-test", "champion")
     assert version.run_id == outcome.mlflow_run_id
     results = json.loads((work / "out/results.json").read_text())
@@ -99,13 +113,13 @@ def test_run_trains_evaluates_and_registers(trained):
 
 
 def test_pulled_model_reproduces_logged_map(trained, damaged_shards, tmp_path, capsys):
-    cfg, _, outcome = trained
+    cfg, _, _, outcome = trained
     uri = ["--tracking-uri", cfg.tracking.uri]
     assert main(["models", "pull", "reid-test@champion", "--out", str(tmp_path / "pulled"), *uri]) == 0
     model_dir = next((tmp_path / "pulled").rglob("model.json")).parent
     assert main(["eval", "--model", str(model_dir), "--data", str(damaged_shards), "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
-    # evaluated on 2 workers during training, in one process here: the same numbers
+    # evaluated on 3 workers during training, in one process here: the same numbers
     assert metrics["mAP"] == pytest.approx(outcome.mAP, abs=1e-6)
     assert metrics["rank1"] == pytest.approx(outcome.rank1, abs=1e-6)
     table = capsys.readouterr().out
@@ -113,29 +127,36 @@ def test_pulled_model_reproduces_logged_map(trained, damaged_shards, tmp_path, c
     for picture in ("cmc.png", "ranked_lists.png"):
         with Image.open(tmp_path / "eval" / picture) as image:
             assert image.format == "PNG" and image.width > 300
-    assert main(["eval", "--model", str(model_dir), "--data", str(damaged_shards), "--rerank", "--k1", "6", "--k2", "2",
-                 "--out", str(tmp_path / "rerank")]) == 0  # fmt: skip
+    assert main(["eval", "--model", str(model_dir), "--data", str(damaged_shards), "--rerank", "--rerank-k1", "6",
+                 "--rerank-k2", "2", "--out", str(tmp_path / "rerank")]) == 0  # fmt: skip
     reranked = json.loads((tmp_path / "rerank/metrics.json").read_text())
-    assert reranked["rerank"] == {"k1": 6, "k2": 2, "lambda": 0.3}
+    settings = reranked["evaluation"]
+    assert (settings["rerank"], settings["rerank_k1"], settings["rerank_k2"], settings["rerank_lambda"]) == (True, 6, 2, 0.3)
     assert reranked["valid_queries"] == metrics["valid_queries"] and 0 < reranked["mAP"] < 1
     assert reranked["mAP"] != metrics["mAP"]
 
 
 def test_registry_round_trip_promote_list_embed_export(trained, tiny_market, tmp_path, capsys):
-    cfg, _, outcome = trained
-    uri = ["--tracking-uri", cfg.tracking.uri]
-    client = MlflowClient(cfg.tracking.uri)
+    cfg, work, _, outcome = trained
+    shutil.copyfile(work / "mlflow.db", tmp_path / "mlflow.db")  # this test moves aliases: its own registry
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = ["--tracking-uri", store]
+    client = MlflowClient(store)
     first = client.get_model_version_by_alias("reid-test", "champion")
-    second = str(register_model(cfg.tracking.uri, outcome.mlflow_run_id, first.source, "reid-test", "challenger"))
+    second = str(client.create_model_version("reid-test", first.source, run_id=outcome.mlflow_run_id).version)
+    client.set_registered_model_alias("reid-test", "challenger", second)
     assert main(["models", "promote", "reid-test", second, "--alias", "champion", *uri]) == 0
     assert str(client.get_model_version_by_alias("reid-test", "champion").version) == second
     capsys.readouterr()
     assert main(["models", "list", *uri]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert [row[:3] for row in rows] == [["reid-test", second, "challenger,champion"], ["reid-test", str(first.version), "-"]]
+    versions = sorted((int(v.version) for v in client.search_model_versions("name = 'reid-test'")), reverse=True)
+    assert versions[0] == int(second)  # each attempt of the run published its own version before it
+    expected = [["reid-test", second, "challenger,champion"]] + [["reid-test", str(v), "-"] for v in versions[1:]]
+    assert [row[:3] for row in rows] == expected
     assert rows[0][3] == f"{outcome.rank1:.2%}" and rows[0][-1] == outcome.mlflow_run_id
     assert main(["models", "promote", "reid-test", "99", "--alias", "champion", *uri]) == 1
-    assert f"has no version 99 (versions: {first.version}, {second})" in capsys.readouterr().err
+    assert f"has no version 99 (versions: {', '.join(map(str, sorted(versions)))})" in capsys.readouterr().err
 
     # embeddings of image files, with their paths; the oracle preprocesses by hand (PIL + numpy)
     images = sorted((tiny_market / "query").glob("*.jpg"))[:5]
@@ -145,10 +166,10 @@ def test_registry_round_trip_promote_list_embed_export(trained, tiny_market, tmp
         embeddings, paths = saved["embeddings"], saved["paths"]
     assert list(paths) == [str(p) for p in images]
     assert main(["models", "pull", "reid-test@champion", "--out", str(tmp_path / "m"), *uri]) == 0
-    model, input_cfg = load_model_dir(next((tmp_path / "m").rglob("model.json")).parent)
+    model, preprocessing = load_model_dir(next((tmp_path / "m").rglob("model.json")).parent)
     batch = np.stack([
-        (np.asarray(Image.open(p).convert("RGB").resize((input_cfg.width, input_cfg.height), Image.Resampling.BILINEAR),
-                    np.float32) / 255.0 - input_cfg.mean) / input_cfg.std
+        (np.asarray(Image.open(p).convert("RGB").resize((preprocessing.width, preprocessing.height), Image.Resampling.BILINEAR),
+                    np.float32) / 255.0 - preprocessing.mean) / preprocessing.std
         for p in images
     ]).transpose(0, 3, 1, 2).astype(np.float32)  # fmt: skip
     expected = model.embed(torch.from_numpy(batch)).numpy()
@@ -168,24 +189,30 @@ def test_registry_round_trip_promote_list_embed_export(trained, tiny_market, tmp
     (onnx_embeddings,) = session.run(["embeddings"], {"images": batch})
     np.testing.assert_allclose(onnx_embeddings, expected, atol=1e-4)
     metadata = session.get_modelmeta().custom_metadata_map
-    assert json.loads(metadata["input"])["height"] == input_cfg.height
+    assert json.loads(metadata["preprocessing"]) == preprocessing.model_dump(mode="json")
 
 
-def test_resume_with_3_workers_continues_epochs_and_schedule(trained, damaged_shards):
-    """Elastic resume: the 2-worker checkpoint is re-sharded over 3 workers (1 worker is covered
-    without Ray in test_checkpoint.py)."""
-    cfg, work, first = trained
-    three = train(tiny_config(damaged_shards, work, epochs=5, workers=3), REPO / "configs/demo.yaml")
-    ranges = sorted(re.findall(r"rows-(\d+)-(\d+)", " ".join(p.name for p in Path(three.checkpoint, "classifier").iterdir())))
-    assert [(int(a), int(b)) for a, b in ranges] == [(0, 3), (3, 6), (6, 8)]  # 8 classes over 3 workers
-
+def test_restarting_a_finished_run_registers_nothing(trained, capsys):
+    cfg, _, _, outcome = trained
     client = MlflowClient(cfg.tracking.uri)
-    assert three.mlflow_run_id == first.mlflow_run_id
-    history = {m.step: m.value for m in client.get_metric_history(three.mlflow_run_id, "lr")}
-    # epochs 4-5 continue on the 5-epoch schedule instead of starting again at epoch 1
-    assert list(history) == [1, 2, 3, 4, 5]
-    assert history[4] == pytest.approx(0.01 * lr_factor(4, 5, 0)) and history[5] == pytest.approx(0.01 * lr_factor(5, 5, 0))
-    steps = [m.step for m in client.get_metric_history(three.mlflow_run_id, "step_loss")]
-    assert steps == list(range(1, 15 + 2 * 3 + 1))  # 5 steps per epoch on 2 workers, then 3 on 3
-    assert len(client.get_metric_history(three.mlflow_run_id, "initial_mAP")) == 1
-    assert 0.0 < three.mAP <= 1.0 and three.mAP > first.mAP_before_training
+    versions = len(client.search_model_versions("name = 'reid-test'"))
+    with pytest.raises(RunAlreadyFinished, match=r"run 'tiny' in .* finished its 3 epochs already"):
+        train(cfg, REPO / "configs/demo.yaml")
+    assert len(client.search_model_versions("name = 'reid-test'")) == versions
+    assert client.get_run(outcome.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_the_resume_on_3_workers_continued_epochs_schedule_and_steps(trained, damaged_shards):
+    """Elastic resume through Ray (test_engine.py checks the state bit for bit on gloo processes)."""
+    cfg, _, first, final = trained
+    num_classes = ShardDataset.open(damaged_shards).num_classes
+    ranges = sorted(re.findall(r"rows-(\d+)-(\d+)", " ".join(p.name for p in Path(final.checkpoint, "classifier").iterdir())))
+    assert [(int(a), int(b)) for a, b in ranges] == [shard_range(num_classes, rank, 3) for rank in range(3)]
+    client = MlflowClient(cfg.tracking.uri)
+    history = {m.step: m.value for m in client.get_metric_history(final.mlflow_run_id, "lr")}
+    # epoch 3 continues on the schedule of 3 epochs instead of starting again at epoch 1
+    assert list(history) == [1, 2, 3] and history[3] == pytest.approx(0.01 * lr_factor(3, 3, 0))
+    assert [m.value for m in client.get_metric_history(final.mlflow_run_id, "world_size")] == [2, 2, 3]
+    steps_logged = [m.step for m in client.get_metric_history(final.mlflow_run_id, "step_loss")]
+    assert steps_logged == list(range(1, 2 * steps(damaged_shards, cfg, 2) + steps(damaged_shards, cfg, 3) + 1))
+    assert 0.0 < final.mAP <= 1.0 and final.mAP > first.mAP_before_training

@@ -1,8 +1,9 @@
 """`reid` command line: data, training, evaluation, jobs on a Ray cluster, MLflow and the model registry.
 
 Expected failures (a bad config, a broken dataset, unusable evaluation input, an unreachable server)
-print one line naming the file, key, sample or address and exit non-zero: 2 for usage and config
-errors, 1 otherwise.
+print one line naming the file, key, sample or address and exit non-zero: each error type of
+``reid_platform.errors`` carries its exit status (2 for a config or command line that cannot be used,
+1 otherwise).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 from reid_platform.cli import data, models, ops, train
-from reid_platform.config import ConfigError
+from reid_platform.errors import ConfigError, ReidError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,19 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
     from requests import RequestException
 
-    from reid_platform.data.datasets import DatasetError
-    from reid_platform.evaluation.metrics import EvaluationError
     from reid_platform.tracking.server import redact
 
     try:
         return args.handler(args)
-    except ConfigError as error:
-        print(f"reid: config error: {error}", file=sys.stderr)
-        return 2
+    except ReidError as error:
+        kind = "config error" if isinstance(error, ConfigError) else "error"
+        print(f"reid: {kind}: {redact(str(error))}", file=sys.stderr)
+        return error.exit_code
     except MlflowException as error:  # a refusal of the tracking server, e.g. an unknown model version
         print(f"reid: MLflow: {redact(error.message)}", file=sys.stderr)
         return 1
-    except (DatasetError, EvaluationError, ValueError, RuntimeError, RequestException, OSError) as error:
+    except (ValueError, RuntimeError, RequestException, OSError) as error:  # what libraries raise for bad input
         print(f"reid: error: {redact(str(error))}", file=sys.stderr)
         return 1
 

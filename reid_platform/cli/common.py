@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
-from reid_platform.config import DEFAULT_TRACKING_URI, TrackingConfig
+from reid_platform.section import S, validate
+from reid_platform.tracking.config import DEFAULT_TRACKING_URI, TrackingConfig
 
 MODEL_HELP = "model directory, NAME@ALIAS, NAME/VERSION or models:/ URI"
 
@@ -14,6 +16,28 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return int(text)
+
+
+def add_section_flags(parser: argparse.ArgumentParser, section: type[S]) -> None:
+    """One flag per field of a config section (``memory_mb`` -> ``--memory-mb``), typed, documented and
+    defaulted as the field, so that a command line and a config file say the same things."""
+    for name, field in section.model_fields.items():
+        flag, annotation = "--" + name.replace("_", "-"), field.annotation
+        options: dict = {"dest": name, "default": argparse.SUPPRESS}
+        if annotation is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            options["choices"] = typing.get_args(annotation)
+        else:
+            options["type"] = annotation
+        options["help"] = f"{field.description or ''} (default {field.default})".strip()
+        parser.add_argument(flag, **options)
+
+
+def section_from_flags(args: argparse.Namespace, section: type[S], name: str) -> S:
+    """The section from the flags ``add_section_flags`` added (defaults for those not given)."""
+    given = {key: getattr(args, key) for key in section.model_fields if hasattr(args, key)}
+    return validate(section, given, "command line", prefix=name)
 
 
 def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +59,7 @@ def format_columns(header: list[str], rows: list[list[str]]) -> str:
 
 
 def load_model(reference: str, uri: str, scratch: Path):
-    """(model, input config) from a model directory, or pulled from the registry into ``scratch``."""
+    """(model, preprocessing) from a model directory, or pulled from the registry into ``scratch``."""
     from reid_platform.model.artifact import load_model_dir
     from reid_platform.tracking.registry import pull_model
 

@@ -43,16 +43,16 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     manifest = pack_dataset(args.sources, args.out, options)
-    total = sum(split["samples"] for split in manifest["splits"].values())
+    total = sum(split.samples for split in manifest.splits.values())
     elapsed = time.perf_counter() - started
     print(f"packed {total} images into {args.out} in {elapsed:.1f} s ({total / elapsed:.0f} images/s)")
-    for name, split in manifest["splits"].items():
-        print(f"  {name:<8} {split['samples']:>7} images  {split['identities']:>6} ids  {len(split['shards'])} shards")
-    quarantined = manifest["quarantine"]
+    for name, split in manifest.splits.items():
+        print(f"  {name:<8} {split.samples:>7} images  {split.identities:>6} ids  {len(split.shards)} shards")
+    quarantined = manifest.quarantine
     if quarantined:
         print(f"quarantined {len(quarantined)} files (listed in {Path(args.out) / 'manifest.json'}):")
         for entry in quarantined[:10]:
-            print(f"  {entry['source']}: {entry['path']}: {entry['reason']}")
+            print(f"  {entry.source}: {entry.path}: {entry.reason}")
         if len(quarantined) > 10:
             print(f"  ... and {len(quarantined) - 10} more")
     return 0

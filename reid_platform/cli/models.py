@@ -55,9 +55,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     paths = expand_image_paths(args.images)
     with tempfile.TemporaryDirectory() as scratch:
-        model, input_cfg = load_model(args.model, tracking_uri(args), Path(scratch))
+        model, preprocessing = load_model(args.model, tracking_uri(args), Path(scratch))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    embeddings = embed_images(model, input_cfg, paths, args.batch_size, device)
+    embeddings = embed_images(model, preprocessing, paths, args.batch_size, device)
     out = Path(args.out)
     save_embeddings(out, embeddings, paths)
     elapsed = time.perf_counter() - started
@@ -69,11 +69,11 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from reid_platform.model.export import export_onnx
 
     with tempfile.TemporaryDirectory() as scratch:
-        model, input_cfg = load_model(args.model, tracking_uri(args), Path(scratch))
-    check = export_onnx(model, input_cfg, Path(args.out), args.tolerance)
+        model, preprocessing = load_model(args.model, tracking_uri(args), Path(scratch))
+    check = export_onnx(model, preprocessing, Path(args.out), args.tolerance)
     print(
-        f"wrote {args.out}: input images (N, 3, {input_cfg.height}, {input_cfg.width}) normalised with mean "
-        f"{list(input_cfg.mean)} and std {list(input_cfg.std)}, output L2-normalised embeddings; onnxruntime "
+        f"wrote {args.out}: input images (N, 3, {preprocessing.height}, {preprocessing.width}) normalised with "
+        f"mean {list(preprocessing.mean)} and std {list(preprocessing.std)}, output L2-normalised embeddings; onnxruntime "
         f"matches PyTorch to {check.max_abs_diff:.1e} (tolerance {check.tolerance:.0e}, batches {check.batch_sizes})"
     )
     return 0

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
-from reid_platform.cli.common import MODEL_HELP, add_tracking_uri, format_table, load_model, tracking_uri
+from reid_platform.cli.common import (
+    MODEL_HELP,
+    add_section_flags,
+    add_tracking_uri,
+    format_table,
+    load_model,
+    section_from_flags,
+    tracking_uri,
+)
+from reid_platform.evaluation.config import EvaluationConfig
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -50,35 +60,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from reid_platform.config import EvaluationConfig
-    from reid_platform.evaluation.features import evaluate_model
+    from reid_platform.data.manifest import ShardDataset
+    from reid_platform.evaluation.distributed import evaluate_model
     from reid_platform.evaluation.plots import write_pictures
-    from reid_platform.evaluation.rerank import RerankOptions
+    from reid_platform.input.config import InputConfig
     from reid_platform.input.partition import Partition
 
     started = time.perf_counter()
+    settings = section_from_flags(args, EvaluationConfig, "evaluation")
+    dataset = ShardDataset.open(args.data)
     with tempfile.TemporaryDirectory() as scratch:
-        model, input_cfg = load_model(args.model, tracking_uri(args), Path(scratch))
+        model, preprocessing = load_model(args.model, tracking_uri(args), Path(scratch))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     partition = Partition(0, 1, 0 if cuda else None)
-    settings = EvaluationConfig(metric=args.metric, protocol=args.protocol, memory_mb=args.memory_mb)
-    rerank = RerankOptions(args.k1, args.k2, args.lambda_value) if args.rerank else None
-    evaluation = evaluate_model(
-        model.to(device), args.data, input_cfg, partition, device, settings, rerank, progress=True
-    )
+    # the model's preprocessing, read with every core of this machine
+    reader = InputConfig.model_validate({**preprocessing.model_dump(), "num_threads": os.cpu_count() or 1})
+    evaluation = evaluate_model(model.to(device), dataset, reader, partition, device, settings, progress=True)
     summary = {**evaluation.metrics.summary(), "seconds": time.perf_counter() - started}
     print(format_table([(key, _format_metric(key, value)) for key, value in summary.items()]))
     out = Path(args.out)
-    pictures = write_pictures(evaluation, args.data, out)
+    pictures = write_pictures(evaluation, dataset, out)
     report = {
         **summary,
         "cmc": evaluation.metrics.cmc.tolist(),
         "model": args.model,
         "data": str(args.data),
-        "metric": args.metric,
-        "protocol": args.protocol,
-        "rerank": None if rerank is None else {"k1": rerank.k1, "k2": rerank.k2, "lambda": rerank.lambda_value},
+        "evaluation": settings.model_dump(mode="json"),
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(p) for p in pictures))
@@ -98,16 +106,7 @@ def add_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a model on packed query/gallery shards")
     evaluate.add_argument("--model", required=True, help=MODEL_HELP)
     evaluate.add_argument("--data", required=True, help="shards folder (with manifest.json)")
-    evaluate.add_argument("--metric", choices=["cosine", "euclidean"], default="cosine")
-    evaluate.add_argument(
-        "--protocol", choices=["market", "cuhk03", "no_camera"], default="market",
-        help="market: also DukeMTMC-reID and MSMT17; cuhk03: old single-shot protocol; no_camera: no camera ids",
-    )
-    evaluate.add_argument("--memory-mb", type=float, default=512.0, help="budget for one block of ranking work")
-    evaluate.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
-    evaluate.add_argument("--k1", type=int, default=20, help="re-ranking: k-reciprocal neighbours")
-    evaluate.add_argument("--k2", type=int, default=6, help="re-ranking: local query expansion")
-    evaluate.add_argument("--lambda", dest="lambda_value", type=float, default=0.3, help="re-ranking: weight of the original distance")
+    add_section_flags(evaluate, EvaluationConfig)  # the evaluation section of a run config, as flags
     evaluate.add_argument("--out", default="eval", help="folder for metrics.json, cmc.png and ranked_lists.png")
     add_tracking_uri(evaluate)
     evaluate.set_defaults(handler=_cmd_eval)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from reid_platform.config import ConfigError, load_config
+from reid_platform.config import load_config
+from reid_platform.errors import ConfigError
 from reid_platform.tracking.server import check_reachable, has_password, redact
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

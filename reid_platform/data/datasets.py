@@ -16,12 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from reid_platform.errors import DatasetError
+
 SPLITS = ("train", "query", "gallery")
 Splits = dict[str, list["Sample"]]
-
-
-class DatasetError(ValueError):
-    """A dataset tree that cannot be parsed; the message names the file or folder."""
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,10 @@ import webdataset as wds
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
-from reid_platform.data.datasets import SPLITS, DatasetError, Sample, combine, load_dataset, with_labels
+from reid_platform.data.datasets import SPLITS, Sample, combine, load_dataset, with_labels
 from reid_platform.data.images import prepare_job
-
-MANIFEST = "manifest.json"
-META_FIELDS = ("label", "person_id", "camera_id", "index")
-FORMAT_VERSION = 1
+from reid_platform.data.manifest import META_FIELDS, Manifest, QuarantineEntry, ShardDataset, ShardEntry, SplitEntry
+from reid_platform.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -83,9 +81,9 @@ def _write_split(
     out: Path,
     options: PackOptions,
     pool: multiprocessing.pool.Pool,
-    quarantine: list[dict],
+    quarantine: list[QuarantineEntry],
     progress: bool,
-) -> tuple[list[dict], list[Sample]]:
+) -> tuple[list[ShardEntry], list[Sample]]:
     """Write the shards of one split; returns their manifest entries and the samples written."""
     if not samples:  # e.g. a CSV manifest with training rows only
         return [], []
@@ -103,7 +101,7 @@ def _write_split(
             sample = samples[i]
             where = {"source": sample.source, "path": _relative(sample, roots)}
             if data is None:
-                quarantine.append({**where, "split": split, "reason": reason})
+                quarantine.append(QuarantineEntry(**where, split=split, reason=reason))
                 continue
             index = len(written)  # contiguous over the written samples, in write order
             writer.write(
@@ -116,7 +114,7 @@ def _write_split(
             )
             written.append(sample)
     if samples and not written:
-        reasons = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantine if q["split"] == split)
+        reasons = "; ".join(f"{q.path}: {q.reason}" for q in quarantine if q.split == split)
         raise DatasetError(f"{out}: every {split} image was quarantined ({reasons[:500]})")
     shards = []
     for tar in sorted(out.glob(f"{split}-*.tar")):
@@ -124,13 +122,13 @@ def _write_split(
         with IndexCreator(str(tar), str(index_path), verbose=False) as creator:
             creator.create_index()
         shards.append(
-            {
-                "file": tar.name,
-                "index": index_path.name,
-                "samples": index_sample_count(index_path),
-                "bytes": tar.stat().st_size,
-                "sha256": _sha256(tar),
-            }
+            ShardEntry(
+                file=tar.name,
+                index=index_path.name,
+                samples=index_sample_count(index_path),
+                bytes=tar.stat().st_size,
+                sha256=_sha256(tar),
+            )
         )
     return shards, written
 
@@ -152,7 +150,7 @@ def pack_dataset(
     out: str | Path,
     options: PackOptions = PackOptions(),
     progress: bool = True,
-) -> dict:
+) -> Manifest:
     """Parse, check and write every split of ``sources`` (dataset name, root) into ``out``.
 
     Several sources are combined into one dataset with disjoint person and camera ids. Returns the
@@ -170,79 +168,40 @@ def pack_dataset(
 
 def pack_splits(
     splits: dict[str, list[Sample]], sources: list[dict], out: str | Path, options: PackOptions, progress: bool = True
-) -> dict:
+) -> Manifest:
     """Write labelled splits (``Sample.source`` naming an entry of ``sources``) and the manifest."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out}: output folder is not empty; choose a new one or remove it")
     out.mkdir(parents=True, exist_ok=True)
     roots = {source["dataset"]: Path(source["root"]) for source in sources}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dataset": "+".join(roots),
-        "sources": sources,
-        "seed": options.seed,
-        "resize": list(options.resize) if options.resize else None,
-        "meta_fields": list(META_FIELDS),
-        "num_classes": max((s.label for s in splits["train"]), default=-1) + 1,
-        "splits": {},
-        "quarantine": [],
-    }
+    quarantine: list[QuarantineEntry] = []
+    written_splits = {}
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
     with context.Pool(options.workers) as pool:
         for split in SPLITS:
-            shards, written = _write_split(
-                split, splits[split], roots, out, options, pool, manifest["quarantine"], progress
+            shards, written = _write_split(split, splits[split], roots, out, options, pool, quarantine, progress)
+            written_splits[split] = SplitEntry(
+                samples=len(written), identities=len({s.person_id for s in written}), shards=shards
             )
-            manifest["splits"][split] = {
-                "samples": len(written),
-                "identities": len({s.person_id for s in written}),
-                "shards": shards,
-            }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest = Manifest(
+        dataset="+".join(roots),
+        sources=sources,
+        seed=options.seed,
+        resize=options.resize,
+        num_classes=max((s.label for s in splits["train"]), default=-1) + 1,
+        splits=written_splits,
+        quarantine=quarantine,
+    )
+    manifest.write(out)
     return manifest
 
 
-def read_manifest(shards_dir: str | Path) -> dict:
-    path = Path(shards_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no manifest; run `reid data pack` to create the shards") from None
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"{path}: manifest is not valid JSON: {error}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(
-            f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
-        )
-    return manifest
-
-
-def shard_paths(shards_dir: str | Path, manifest: dict, split: str) -> tuple[list[str], list[str]]:
-    """(tar paths, index paths) of a split; refuses shards whose size differs from the manifest."""
-    shards_dir = Path(shards_dir)
-    tars, indexes = [], []
-    for shard in manifest["splits"][split]["shards"]:
-        tar, index = shards_dir / shard["file"], shards_dir / shard["index"]
-        for path in (tar, index):
-            if not path.is_file():
-                raise DatasetError(f"{path}: shard file listed in the manifest is missing")
-        if tar.stat().st_size != shard["bytes"]:
-            raise DatasetError(
-                f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard['bytes']}; "
-                "the shard changed after packing"
-            )
-        tars.append(str(tar))
-        indexes.append(str(index))
-    return tars, indexes
-
-
-def read_images(shards_dir: str | Path, split: str, indices: Iterable[int]) -> dict[int, bytes]:
+def read_images(dataset: ShardDataset, split: str, indices: Iterable[int]) -> dict[int, bytes]:
     """JPEG bytes of the samples of ``split`` with the given dataset indices (for pictures)."""
     wanted = {f"{split}_{index:09d}.jpg": index for index in indices}
     found: dict[int, bytes] = {}
-    tars, _ = shard_paths(shards_dir, read_manifest(shards_dir), split)
-    for tar_path in tars:
+    for tar_path in dataset.split(split).tars:
         with tarfile.open(tar_path) as tar:
             for member in tar:
                 if member.name in wanted:
@@ -251,7 +210,7 @@ def read_images(shards_dir: str | Path, split: str, indices: Iterable[int]) -> d
             break
     missing = sorted(set(wanted.values()) - set(found))
     if missing:
-        raise DatasetError(f"{shards_dir}: {split} samples {missing[:5]} are not in its shards")
+        raise DatasetError(f"{dataset.root}: {split} samples {missing[:5]} are not in its shards")
     return found
 
 
@@ -264,26 +223,26 @@ def verify_shards(shards_dir: str | Path) -> tuple[list[str], int]:
     """Every mismatch between the shards and the manifest (size, sha256, sample count, DALI index),
     and the number of shards checked."""
     shards_dir = Path(shards_dir)
-    manifest = read_manifest(shards_dir)
+    manifest = Manifest.read(shards_dir)
     problems, checked = [], 0
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
+    for split, info in manifest.splits.items():
+        for shard in info.shards:
             checked += 1
-            tar, index = shards_dir / shard["file"], shards_dir / shard["index"]
+            tar, index = shards_dir / shard.file, shards_dir / shard.index
             if not tar.is_file():
                 problems.append(f"{tar}: missing ({split} shard listed in the manifest)")
                 continue
-            if tar.stat().st_size != shard["bytes"]:
-                problems.append(f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard['bytes']}")
-            if (digest := _sha256(tar)) != shard["sha256"]:
-                problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard['sha256'][:16]}...")
+            if tar.stat().st_size != shard.bytes:
+                problems.append(f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard.bytes}")
+            if (digest := _sha256(tar)) != shard.sha256:
+                problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}...")
             try:
                 samples = _tar_sample_count(tar)
             except (tarfile.TarError, OSError) as error:
                 problems.append(f"{tar}: not a readable tar file: {error}")
                 continue
-            if samples != shard["samples"]:
-                problems.append(f"{tar}: {samples} samples, the manifest says {shard['samples']}")
+            if samples != shard.samples:
+                problems.append(f"{tar}: {samples} samples, the manifest says {shard.samples}")
             if not index.is_file():
                 problems.append(f"{index}: missing DALI index")
                 continue

@@ -7,18 +7,16 @@ distances and k-reciprocal re-ranking (``rerank.py``) both fit behind that one c
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from reid_platform.evaluation.metrics import EvaluationError
+from reid_platform.errors import EvaluationError
+from reid_platform.evaluation.config import Metric
 
 # Squared norms below this keep every squared Euclidean distance, |a|^2 + |b|^2 - 2ab, finite in float32.
 LARGEST_SQUARED_NORM = torch.finfo(torch.float32).max / 4
-
-Metric = Literal["cosine", "euclidean"]
-
 
 class Distances(Protocol):
     num_gallery: int

@@ -8,20 +8,11 @@ between processes, which is what makes a distributed evaluation equal a single-p
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
 
 import numpy as np
 import torch
 
-# "market": Market-1501, DukeMTMC-reID and MSMT17 (same id and same camera removed).
-# "cuhk03": the old CUHK03 protocol (one gallery image per identity, repeated and averaged CMC).
-# "no_camera": data without camera ids; every gallery image of the query's id is a true match.
-Protocol = Literal["market", "cuhk03", "no_camera"]
-
-
-class EvaluationError(ValueError):
-    """Inputs that cannot be evaluated; the message names the problem and the count."""
-
+from reid_platform.errors import EvaluationError
 
 @dataclass(frozen=True)
 class FeatureSet:

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import read_images
-from reid_platform.evaluation.features import Evaluation
+from reid_platform.evaluation.distributed import Evaluation
 from reid_platform.evaluation.metrics import summarize
 from reid_platform.evaluation.ranking import top_ranked
 
@@ -62,15 +63,17 @@ def plot_ranked_lists(rows: list[tuple[bytes, list[bytes], list[bool]]], path: P
     return path
 
 
-def write_pictures(evaluation: Evaluation, shards_dir, out_dir: Path, num_queries: int = 8, top: int = 10) -> list[Path]:
+def write_pictures(
+    evaluation: Evaluation, dataset: ShardDataset, out_dir: Path, num_queries: int = 8, top: int = 10
+) -> list[Path]:
     """``cmc.png`` and ``ranked_lists.png`` (queries spread evenly over the valid ones) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cmc = summarize(evaluation.results, max_rank=min(CMC_RANKS, len(evaluation.gallery))).cmc
     valid = torch.nonzero(evaluation.results.valid).squeeze(1)
     picks = valid[torch.linspace(0, len(valid) - 1, min(num_queries, len(valid))).long()].tolist()
-    ranked = top_ranked(evaluation.query, evaluation.gallery, evaluation.distances, picks, top, evaluation.options.protocol)
-    query_images = read_images(shards_dir, "query", picks)
-    gallery_images = read_images(shards_dir, "gallery", {index for indices, _ in ranked for index in indices})
+    ranked = top_ranked(evaluation.query, evaluation.gallery, evaluation.distances, picks, top, evaluation.cfg.protocol)
+    query_images = read_images(dataset, "query", picks)
+    gallery_images = read_images(dataset, "gallery", {index for indices, _ in ranked for index in indices})
     rows = [
         (query_images[q], [gallery_images[g] for g in indices], matches)
         for q, (indices, matches) in zip(picks, ranked)

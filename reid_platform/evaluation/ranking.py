@@ -11,7 +11,7 @@ Ties in distance are broken by gallery index, exactly like a stable sort. Query 
 in blocks whose float32 distances fit the memory budget, so peak memory is ``budget + features``,
 never query x gallery.
 
-Protocols (``metrics.Protocol``): "market" removes gallery images with the query's id and camera
+Protocols (``config.Protocol``): "market" removes gallery images with the query's id and camera
 (Market-1501, DukeMTMC-reID, MSMT17); "no_camera" keeps them all; "cuhk03" is the old CUHK03 protocol:
 CMC averaged over repeats that each keep one random gallery image per identity (the query's own
 identity draws among its kept images), while mAP and mINP use the whole kept gallery, as torchreid.
@@ -19,39 +19,16 @@ identity draws among its kept images), while mAP and mINP use the whole kept gal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from reid_platform.evaluation.distance import Distances, FeatureDistances, Metric, unit_rows
+from reid_platform.errors import EvaluationError
+from reid_platform.evaluation.config import EvaluationConfig, Protocol
+from reid_platform.evaluation.distance import Distances, FeatureDistances, unit_rows
 from reid_platform.evaluation.kernels import negatives_before_matches
-from reid_platform.evaluation.metrics import (
-    EvaluationError,
-    FeatureSet,
-    Protocol,
-    QueryResults,
-    RetrievalMetrics,
-    check_sets,
-    summarize,
-)
-from reid_platform.evaluation.rerank import RerankedDistances, RerankOptions
+from reid_platform.evaluation.metrics import FeatureSet, QueryResults, RetrievalMetrics, check_sets, summarize
+from reid_platform.evaluation.rerank import RerankedDistances
 
 NO_INDEX = torch.iinfo(torch.int64).max
-
-
-@dataclass(frozen=True)
-class RankingOptions:
-    protocol: Protocol = "market"
-    memory_mb: float = 512  # float32 distances of one block of query rows
-    cuhk03_repeats: int = 10
-    seed: int = 0  # CUHK03 gallery sampling
-
-    @property
-    def repeats(self) -> int:
-        return self.cuhk03_repeats if self.protocol == "cuhk03" else 1
-
-    def block_rows(self, num_gallery: int) -> int:
-        return max(1, int(self.memory_mb * 2**20 // (4 * num_gallery)))
 
 
 class GalleryByIdentity:
@@ -78,39 +55,32 @@ class GalleryByIdentity:
         return self.order[by_priority[self.starts]]
 
 
-def make_distances(
-    query: FeatureSet, gallery: FeatureSet, metric: Metric, rerank: RerankOptions | None, memory_mb: float
-) -> Distances:
-    if rerank is None:
-        return FeatureDistances(query.features, gallery.features, metric)
+def make_distances(query: FeatureSet, gallery: FeatureSet, cfg: EvaluationConfig) -> Distances:
+    """The distances ``cfg`` asks for: plain ``cfg.metric`` ones, or those re-ranked."""
+    if not cfg.rerank:
+        return FeatureDistances(query.features, gallery.features, cfg.metric)
     query_features, gallery_features = query.features, gallery.features
-    if metric == "cosine":
+    if cfg.metric == "cosine":
         query_features, gallery_features = unit_rows(query_features), unit_rows(gallery_features)
-    return RerankedDistances(query_features, gallery_features, rerank, memory_mb)
+    return RerankedDistances(query_features, gallery_features, cfg)
 
 
 def evaluate(
-    query: FeatureSet,
-    gallery: FeatureSet,
-    metric: Metric = "cosine",
-    options: RankingOptions = RankingOptions(),
-    max_rank: int = 10,
-    rerank: RerankOptions | None = None,
+    query: FeatureSet, gallery: FeatureSet, cfg: EvaluationConfig = EvaluationConfig(), max_rank: int = 10
 ) -> RetrievalMetrics:
     """Query-vs-gallery metrics in one process."""
     check_sets(query, gallery)
-    distances = make_distances(query, gallery, metric, rerank, options.memory_mb)
-    return summarize(rank_queries(query, gallery, distances, options), max_rank)
+    return summarize(rank_queries(query, gallery, make_distances(query, gallery, cfg), cfg), max_rank)
 
 
 def rank_queries(
     query: FeatureSet,
     gallery: FeatureSet,
     distances: Distances,
-    options: RankingOptions = RankingOptions(),
+    cfg: EvaluationConfig = EvaluationConfig(),
     rows: slice = slice(None),
 ) -> QueryResults:
-    """Per-query results for ``query[rows]``, a block of rows at a time within ``options.memory_mb``.
+    """Per-query results for ``query[rows]``, a block of rows at a time within ``cfg.memory_mb``.
 
     Inputs are checked whole, so every process of a distributed evaluation agrees on whether they are
     valid, even one whose slice of queries is empty. Draws are seeded, so every process samples the
@@ -121,16 +91,16 @@ def rank_queries(
         raise EvaluationError(f"distances cover {distances.num_gallery} gallery images, the gallery has {len(gallery)}")
     by_identity = GalleryByIdentity(gallery.person_ids)
     draws = None
-    if options.protocol == "cuhk03":
-        generator = torch.Generator().manual_seed(options.seed)
-        priorities = torch.rand(options.repeats, len(gallery), generator=generator)
+    if cfg.protocol == "cuhk03":
+        generator = torch.Generator().manual_seed(cfg.cuhk03_seed)
+        priorities = torch.rand(cfg.repeats, len(gallery), generator=generator)
         draws = (priorities, torch.stack([by_identity.one_per_identity(p) for p in priorities]))
-    block_rows = options.block_rows(len(gallery))
+    block_rows = cfg.block_rows(len(gallery))
     first, last, _ = rows.indices(len(query))
-    parts = [_no_queries(options.repeats)]
+    parts = [_no_queries(cfg.repeats)]
     for start in range(first, last, block_rows):
         block = slice(start, min(start + block_rows, last))
-        parts.append(_rank_block(distances(block), query, block, gallery, by_identity, options.protocol, draws))
+        parts.append(_rank_block(distances(block), query, block, gallery, by_identity, cfg.protocol, draws))
     return QueryResults.concat(parts)
 
 

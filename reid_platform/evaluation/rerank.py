@@ -18,32 +18,17 @@ the metric is cosine).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import scipy.sparse
 import torch
 
+from reid_platform.evaluation.config import EvaluationConfig
 from reid_platform.evaluation.distance import check_magnitude, squared_euclidean, squared_norms
-from reid_platform.evaluation.metrics import EvaluationError
 
 # per query x gallery cell of a Jaccard sub-block: float64 sums from bincount + float32 temporaries
 JACCARD_BYTES_PER_CELL = 20
 # per shared non-zero pair: its entry, row, gallery position, minimum and cell index
 JACCARD_BYTES_PER_PAIR = 48
-
-
-@dataclass(frozen=True)
-class RerankOptions:
-    k1: int = 20
-    k2: int = 6
-    lambda_value: float = 0.3
-
-    def __post_init__(self) -> None:
-        if self.k1 < 1 or self.k2 < 1:
-            raise EvaluationError(f"re-ranking needs k1 >= 1 and k2 >= 1 (got k1={self.k1}, k2={self.k2})")
-        if not 0.0 <= self.lambda_value <= 1.0:
-            raise EvaluationError(f"re-ranking lambda must be within [0, 1] (got {self.lambda_value})")
 
 
 def _row_blocks(total: int, bytes_per_row: int, memory_mb: float):
@@ -53,17 +38,19 @@ def _row_blocks(total: int, bytes_per_row: int, memory_mb: float):
 
 
 class RerankedDistances:
-    def __init__(self, query: torch.Tensor, gallery: torch.Tensor, options: RerankOptions = RerankOptions(), memory_mb: float = 512):
-        self.options, self.memory_mb = options, memory_mb
+    """Re-ranked distances with ``cfg``'s rerank_k1, rerank_k2 and rerank_lambda, within ``cfg.memory_mb``."""
+
+    def __init__(self, query: torch.Tensor, gallery: torch.Tensor, cfg: EvaluationConfig = EvaluationConfig()):
+        self.lambda_value, self.memory_mb = cfg.rerank_lambda, cfg.memory_mb
         self.num_query, self.num_gallery = query.shape[0], gallery.shape[0]
         self.features = torch.cat([query, gallery]).float()
         self.norms = squared_norms(self.features)
         check_magnitude("query and gallery", self.norms, "euclidean")
         total = len(self.features)
-        self.neighbours, self.row_max = self._nearest(min(options.k1 + 1, total))
-        encoding = self._encoding(min(round(options.k1 / 2) + 1, total))
-        if options.k2 != 1:
-            encoding = self._expand(encoding, min(options.k2, total))
+        self.neighbours, self.row_max = self._nearest(min(cfg.rerank_k1 + 1, total))
+        encoding = self._encoding(min(round(cfg.rerank_k1 / 2) + 1, total))
+        if cfg.rerank_k2 != 1:
+            encoding = self._expand(encoding, min(cfg.rerank_k2, total))
         self.query_encoding = encoding[: self.num_query].tocsr()
         self.gallery_by_column = encoding[self.num_query :].tocsc()
         self.column_sizes = np.diff(self.gallery_by_column.indptr)
@@ -162,7 +149,7 @@ class RerankedDistances:
     def __call__(self, rows: slice) -> torch.Tensor:
         start, stop, _ = rows.indices(self.num_query)
         final = torch.empty(stop - start, self.num_gallery)
-        lam = self.options.lambda_value
+        lam = self.lambda_value
         gallery = slice(self.num_query, None)
         for part in self._sub_blocks(start, stop):
             shared = self._shared_minimum(part)

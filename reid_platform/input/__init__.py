@@ -12,38 +12,38 @@ from typing import Protocol
 
 import torch
 
-from reid_platform.config import InputConfig
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition
 
 
 class TrainBatches(Protocol):
-    steps: int
-    num_classes: int
+    steps: int  # batches per epoch, the same on every rank
 
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def train_loader(shards_dir, partition: Partition, cfg: InputConfig, seed: int) -> TrainBatches:
+def train_loader(dataset: ShardDataset, partition: Partition, cfg: InputConfig, seed: int) -> TrainBatches:
     """Endless augmented batches of this rank's part; iterating yields one epoch (images, labels)."""
     if cfg.backend == "torch":
         from reid_platform.input.torch_loader import TorchTrainLoader
 
-        return TorchTrainLoader(shards_dir, partition, cfg, seed)
+        return TorchTrainLoader(dataset, partition, cfg, seed)
     from reid_platform.input.dali import TrainLoader
 
-    return TrainLoader(shards_dir, partition, cfg, seed)
+    return TrainLoader(dataset, partition, cfg, seed)
 
 
 def eval_batches(
-    shards_dir, split: str, partition: Partition, cfg: InputConfig, batch_size: int
+    dataset: ShardDataset, split: str, partition: Partition, cfg: InputConfig, batch_size: int
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's part of ``split``, each sample once, unaugmented: (images, meta rows)."""
     if cfg.backend == "torch":
         from reid_platform.input.torch_loader import torch_eval_batches
 
-        return torch_eval_batches(shards_dir, split, partition, cfg, batch_size)
+        return torch_eval_batches(dataset, split, partition, cfg, batch_size)
     from reid_platform.input.dali import eval_batches as dali_eval_batches
 
-    return dali_eval_batches(shards_dir, split, partition, cfg, batch_size)
+    return dali_eval_batches(dataset, split, partition, cfg, batch_size)

@@ -24,20 +24,20 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from reid_platform.config import InputConfig
-from reid_platform.data.datasets import DatasetError
 from reid_platform.data.images import decode_problem
-from reid_platform.data.pack import read_manifest, shard_paths
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.errors import DatasetError
+from reid_platform.input.config import InputConfig
 from reid_platform.input.identity import identity_source
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
 
 READER = "Reader"
 
 
-def _read(tars: list[str], indexes: list[str], partition: Partition, shuffle: bool, cfg: InputConfig):
+def _read(tars: tuple[str, ...], indexes: tuple[str, ...], partition: Partition, shuffle: bool, cfg: InputConfig):
     images, meta = fn.readers.webdataset(
-        paths=tars,
-        index_paths=indexes,
+        paths=list(tars),
+        index_paths=list(indexes),
         ext=["jpg", "meta"],
         dtypes=[types.UINT8, types.INT64],
         missing_component_behavior="error",
@@ -160,12 +160,10 @@ def _eval_graph(tars, indexes, partition: Partition, cfg: InputConfig):
     return _crop_normalize(images, cfg, random_crop=False), meta
 
 
-def _pipeline(graph, split: str, shards_dir, partition: Partition, cfg: InputConfig, batch_size: int, seed: int, **extra):
-    manifest = read_manifest(shards_dir)
-    tars, indexes = shard_paths(shards_dir, manifest, split)
+def _pipeline(graph, split: str, dataset: ShardDataset, partition: Partition, cfg: InputConfig, batch_size: int, seed: int, **extra):
     pipe = graph(
-        tars,
-        indexes,
+        dataset.split(split).tars,
+        dataset.split(split).indexes,
         partition,
         cfg,
         **extra,
@@ -176,47 +174,46 @@ def _pipeline(graph, split: str, shards_dir, partition: Partition, cfg: InputCon
         prefetch_queue_depth=2,
     )
     pipe.build()
-    return pipe, manifest
+    return pipe
 
 
 class TrainLoader:
     """Endless augmented batches; iterate it for one epoch of ``steps`` (images, labels)."""
 
-    def __init__(self, shards_dir, partition: Partition, cfg: InputConfig, seed: int):
+    def __init__(self, dataset: ShardDataset, partition: Partition, cfg: InputConfig, seed: int):
         extra = {"erasing_seed": seed}
         if cfg.sampler == "identity":
             identities = cfg.batch_size // cfg.images_per_identity
-            extra["batch_source"] = identity_source(shards_dir, identities, cfg.images_per_identity, seed)
-        pipe, manifest = _pipeline(_train_graph, "train", shards_dir, partition, cfg, cfg.batch_size, seed, **extra)
-        self.steps = steps_per_epoch(manifest["splits"]["train"]["samples"], partition.world_size, cfg.batch_size)
-        self.num_classes = manifest["num_classes"]
-        self.shards_dir = shards_dir
-        self._batches = _named_failures(_endless(pipe), shards_dir, "train")
+            extra["batch_source"] = identity_source(dataset, identities, cfg.images_per_identity, seed)
+        pipe = _pipeline(_train_graph, "train", dataset, partition, cfg, cfg.batch_size, seed, **extra)
+        self.steps = steps_per_epoch(dataset.split("train").samples, partition.world_size, cfg.batch_size)
+        self.dataset = dataset
+        self._batches = _named_failures(_endless(pipe), dataset, "train")
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in islice(self._batches, self.steps):
-            yield batch[0]["images"], checked_labels(batch[0]["meta"], self.num_classes, self.shards_dir)
+            yield batch[0]["images"], checked_labels(batch[0]["meta"], self.dataset)
 
 
 def _endless(pipe):
     yield from DALIGenericIterator(pipe, ["images", "meta"], size=-1)
 
 
-def eval_batches(shards_dir, split: str, partition: Partition, cfg: InputConfig, batch_size: int):
+def eval_batches(dataset: ShardDataset, split: str, partition: Partition, cfg: InputConfig, batch_size: int):
     """This rank's part of ``split``, each sample once: yields (images, meta rows)."""
-    pipe, _ = _pipeline(_eval_graph, split, shards_dir, partition, cfg, batch_size, seed=0)
+    pipe = _pipeline(_eval_graph, split, dataset, partition, cfg, batch_size, seed=0)
 
     def batches():  # the iterator runs the pipeline as it is made: make it inside the guard
         yield from DALIGenericIterator(pipe, ["images", "meta"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL)
 
-    for batch in _named_failures(batches(), shards_dir, split):
+    for batch in _named_failures(batches(), dataset, split):
         yield batch[0]["images"], batch[0]["meta"]
 
 
-def _named_failures(batches, shards_dir, split: str):
+def _named_failures(batches, dataset: ShardDataset, split: str):
     """DALI's batches; a failure (a sample that no longer decodes) is traced to its shard and key.
 
     DALI's own error names only the operator, so the split's shards are searched with PIL for the
@@ -232,14 +229,13 @@ def _named_failures(batches, shards_dir, split: str):
             message = " ".join(line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith("  "))
             if "decoders" not in message:
                 raise
-            tars, _ = shard_paths(shards_dir, read_manifest(shards_dir), split)
-            for tar, key, problem in undecodable_samples(tars):
+            for tar, key, problem in undecodable_samples(dataset.split(split).tars):
                 raise DatasetError(f"{tar}: sample {key} does not decode ({problem}); repack or restore the shard") from None
-            raise DatasetError(f"{shards_dir}: decoding the {split} shards failed: {message}") from None
+            raise DatasetError(f"{dataset.root}: decoding the {split} shards failed: {message}") from None
         yield batch
 
 
-def undecodable_samples(tars: list[str]):
+def undecodable_samples(tars: tuple[str, ...]):
     """(tar, key, reason) of every JPEG member of ``tars`` that PIL cannot decode."""
     for tar in tars:
         with tarfile.open(tar) as archive:

@@ -16,23 +16,23 @@ from pathlib import Path
 
 import numpy as np
 
-from reid_platform.data.datasets import DatasetError
-from reid_platform.data.pack import read_manifest, shard_paths
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.errors import DatasetError
 
 
 @dataclass(frozen=True)
 class SampleTable:
     """Where every sample of a split lies: shard, byte offset and size of its JPEG, and its meta row."""
 
-    tars: list[str]
+    tars: tuple[str, ...]
     shard: np.ndarray  # (N,) int64
     offset: np.ndarray  # (N,) int64
     size: np.ndarray  # (N,) int64
     meta: np.ndarray  # (N, 4) int64: label, person id, camera id, index
 
     @staticmethod
-    def read(shards_dir: str | Path, split: str = "train") -> SampleTable:
-        tars, indexes = shard_paths(shards_dir, read_manifest(shards_dir), split)
+    def read(dataset: ShardDataset, split: str = "train") -> SampleTable:
+        tars, indexes = dataset.split(split).tars, dataset.split(split).indexes
         shard, offset, size, meta = [], [], [], []
         for number, (tar, index) in enumerate(zip(tars, indexes)):
             lines = Path(index).read_text().splitlines()[1:]
@@ -83,9 +83,9 @@ def identity_batches(labels: np.ndarray, identities: int, images: int, seed: int
         )
 
 
-def identity_source(shards_dir, identities: int, images: int, seed: int):
+def identity_source(dataset: ShardDataset, identities: int, images: int, seed: int):
     """A DALI external-source callable: each call returns one P x K batch (JPEG bytes, meta rows)."""
-    table = SampleTable.read(shards_dir)
+    table = SampleTable.read(dataset)
     batches, read = identity_batches(table.meta[:, 0], identities, images, seed), table.reader()
 
     def next_batch():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from reid_platform.data.datasets import DatasetError
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,13 @@ def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
     return steps
 
 
-def checked_labels(meta: torch.Tensor, num_classes: int, shards_dir: str | Path) -> torch.Tensor:
+def checked_labels(meta: torch.Tensor, dataset: ShardDataset) -> torch.Tensor:
     """The label column of a batch's meta rows, refusing labels no classifier shard owns."""
     labels = meta[:, 0].clone()
-    bad = (labels < 0) | (labels >= num_classes)
+    bad = (labels < 0) | (labels >= dataset.num_classes)
     if bad.any():  # the loss would be silently wrong
         raise DatasetError(
-            f"{shards_dir}: training sample index {int(meta[bad][0, 3])} has label "
-            f"{int(labels[bad][0])}, outside the manifest's {num_classes} classes"
+            f"{dataset.root}: training sample index {int(meta[bad][0, 3])} has label "
+            f"{int(labels[bad][0])}, outside the manifest's {dataset.num_classes} classes"
         )
     return labels

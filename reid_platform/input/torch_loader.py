@@ -20,13 +20,14 @@ import webdataset as wds
 from PIL import Image
 from torchvision.transforms import v2
 
-from reid_platform.config import InputConfig
-from reid_platform.data.datasets import DatasetError
-from reid_platform.data.pack import read_manifest, shard_paths
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.errors import DatasetError
+from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
+from reid_platform.model.config import Preprocessing
 
 
-def _to_tensor(cfg: InputConfig) -> list:
+def _to_tensor(cfg: Preprocessing) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
 
 
@@ -42,7 +43,7 @@ def train_transform(cfg: InputConfig) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def eval_transform(cfg: InputConfig) -> v2.Compose:
+def eval_transform(cfg: Preprocessing) -> v2.Compose:
     return v2.Compose([v2.Resize((cfg.height, cfg.width)), *_to_tensor(cfg)])
 
 
@@ -60,9 +61,8 @@ class _Decode:
         return self.transform(image), torch.from_numpy(np.frombuffer(sample["meta"], "<i8").copy())
 
 
-def _rank_shards(shards_dir, manifest: dict, split: str, partition: Partition) -> list[str]:
-    tars, _ = shard_paths(shards_dir, manifest, split)
-    return tars[partition.rank :: partition.world_size]
+def _rank_shards(dataset: ShardDataset, split: str, partition: Partition) -> list[str]:
+    return list(dataset.split(split).tars[partition.rank :: partition.world_size])
 
 
 def _loader(dataset, batch_size: int, cfg: InputConfig, drop_last: bool) -> torch.utils.data.DataLoader:
@@ -81,16 +81,15 @@ def _worker_errors_named(batches):
 
 
 class TorchTrainLoader:
-    def __init__(self, shards_dir, partition: Partition, cfg: InputConfig, seed: int):
-        manifest = read_manifest(shards_dir)
-        tars = _rank_shards(shards_dir, manifest, "train", partition)
+    def __init__(self, dataset: ShardDataset, partition: Partition, cfg: InputConfig, seed: int):
+        tars = _rank_shards(dataset, "train", partition)
         if not tars:
             raise DatasetError(
-                f"{shards_dir}: {len(manifest['splits']['train']['shards'])} training shards cannot feed "
+                f"{dataset.root}: {len(dataset.split('train').tars)} training shards cannot feed "
                 f"{partition.world_size} workers with input.backend torch; pack smaller shards"
             )
-        self.steps = steps_per_epoch(manifest["splits"]["train"]["samples"], partition.world_size, cfg.batch_size)
-        self.num_classes, self.shards_dir = manifest["num_classes"], shards_dir
+        self.steps = steps_per_epoch(dataset.split("train").samples, partition.world_size, cfg.batch_size)
+        self.dataset = dataset
         dataset = (
             wds.WebDataset(tars, resampled=True, shardshuffle=False, nodesplitter=None, seed=seed)
             .shuffle(cfg.shuffle_buffer, seed=seed)
@@ -103,11 +102,11 @@ class TorchTrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, meta in islice(self._batches, self.steps):
-            yield images, checked_labels(meta, self.num_classes, self.shards_dir)
+            yield images, checked_labels(meta, self.dataset)
 
 
-def torch_eval_batches(shards_dir, split: str, partition: Partition, cfg: InputConfig, batch_size: int):
-    tars = _rank_shards(shards_dir, read_manifest(shards_dir), split, partition)
+def torch_eval_batches(dataset: ShardDataset, split: str, partition: Partition, cfg: InputConfig, batch_size: int):
+    tars = _rank_shards(dataset, split, partition)
     if not tars:  # more ranks than shards: this rank has nothing to read
         return
     workers = min(cfg.num_threads, len(tars))  # a worker without a shard would read nothing

@@ -10,7 +10,6 @@ L2-normalised.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,43 +17,27 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from reid_platform.errors import ModelFormatError
+from reid_platform.model.config import ModelConfig
+
 ARCH_WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild the network around a saved state dict."""
-
-    arch: str = "resnet50"
-    embedding_dim: int | None = None
-    last_stride: int = 1
-
-    @property
-    def feature_dim(self) -> int:
-        return self.embedding_dim or ARCH_WIDTHS[self.arch]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 class ReIDNet(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if spec.arch not in ARCH_WIDTHS:
-            raise ValueError(f"unknown arch {spec.arch!r}; choose one of {sorted(ARCH_WIDTHS)}")
-        self.spec = spec
-        resnet = getattr(torchvision.models, spec.arch)(weights=None)
-        if spec.last_stride == 1:
+        self.cfg = cfg
+        resnet = getattr(torchvision.models, cfg.arch)(weights=None)
+        if cfg.last_stride == 1:
             _remove_last_stride(resnet.layer4)
         self.trunk = nn.Sequential(
             resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
             resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
         )  # fmt: skip
-        width = ARCH_WIDTHS[spec.arch]
-        self.projection = (
-            nn.Linear(width, spec.embedding_dim, bias=False) if spec.embedding_dim else nn.Identity()
-        )
-        self.bnneck = nn.BatchNorm1d(spec.feature_dim)
+        width = ARCH_WIDTHS[cfg.arch]
+        self.feature_dim = cfg.embedding_dim or width
+        self.projection = nn.Linear(width, cfg.embedding_dim, bias=False) if cfg.embedding_dim else nn.Identity()
+        self.bnneck = nn.BatchNorm1d(self.feature_dim)
         self.bnneck.bias.requires_grad_(False)
         nn.init.ones_(self.bnneck.weight)
         nn.init.zeros_(self.bnneck.bias)
@@ -78,12 +61,20 @@ def _remove_last_stride(layer4: nn.Sequential) -> None:
         block.downsample[0].stride = (1, 1)
 
 
+def build_model(cfg: ModelConfig) -> ReIDNet:
+    """The network of ``cfg``, with its pretrained trunk weights when it names a file."""
+    model = ReIDNet(cfg)
+    if cfg.pretrained_weights is not None:
+        load_pretrained_trunk(model, cfg.pretrained_weights)
+    return model
+
+
 def load_pretrained_trunk(model: ReIDNet, path: Path) -> None:
     """Load a local torchvision ImageNet state dict into the trunk (fc weights are ignored)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"{path}: cannot load pretrained weights: {error}") from None
+        raise ModelFormatError(f"{path}: cannot load pretrained weights: {error}") from None
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
     renamed = {}
     for key, value in state.items():
@@ -93,6 +84,6 @@ def load_pretrained_trunk(model: ReIDNet, path: Path) -> None:
     try:
         missing, _ = model.trunk.load_state_dict(renamed, strict=False)
     except RuntimeError as error:  # shape mismatches: another architecture
-        raise ValueError(f"{path}: not a {model.spec.arch} state dict: {str(error).splitlines()[1].strip()}") from None
+        raise ModelFormatError(f"{path}: not a {model.cfg.arch} state dict: {str(error).splitlines()[1].strip()}") from None
     if missing:
-        raise ValueError(f"{path}: not a {model.spec.arch} state dict; missing {missing[:3]}...")
+        raise ModelFormatError(f"{path}: not a {model.cfg.arch} state dict; missing {missing[:3]}...")

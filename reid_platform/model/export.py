@@ -17,8 +17,8 @@ import onnxruntime
 import torch
 import torch.nn.functional as F
 
-from reid_platform.config import InputConfig
 from reid_platform.model.backbone import ReIDNet
+from reid_platform.model.config import Preprocessing
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 
@@ -39,13 +39,13 @@ class ExportCheck:
     tolerance: float
 
 
-def export_onnx(model: ReIDNet, input_cfg: InputConfig, out: Path, tolerance: float = 1e-4) -> ExportCheck:
+def export_onnx(model: ReIDNet, preprocessing: Preprocessing, out: Path, tolerance: float = 1e-4) -> ExportCheck:
     """Write ``out`` and compare onnxruntime with PyTorch on random inputs of two batch sizes.
 
     Raises ValueError (and removes ``out``) when any output differs by more than ``tolerance``.
     """
     wrapper = _RetrievalEmbedding(model.eval().cpu()).eval()
-    example = torch.randn(2, 3, input_cfg.height, input_cfg.width)
+    example = torch.randn(2, 3, preprocessing.height, preprocessing.width)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         wrapper, (example,), str(out), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -53,12 +53,15 @@ def export_onnx(model: ReIDNet, input_cfg: InputConfig, out: Path, tolerance: fl
     )  # fmt: skip
     try:
         graph = onnx.load(str(out))
-        metadata = {"spec": json.dumps(model.spec.to_dict()), "input": json.dumps(input_cfg.model_dump(mode="json"))}
+        metadata = {
+            "model": json.dumps(model.cfg.architecture()),
+            "preprocessing": json.dumps(Preprocessing.of(preprocessing).model_dump(mode="json")),
+        }
         for key, value in metadata.items():
             graph.metadata_props.add(key=key, value=value)
         onnx.checker.check_model(graph)
         onnx.save(graph, str(out))
-        batch_sizes, worst = _compare_with_pytorch(out, wrapper, input_cfg)
+        batch_sizes, worst = _compare_with_pytorch(out, wrapper, preprocessing)
     except Exception:
         out.unlink(missing_ok=True)  # never leave a graph that was not checked
         raise
@@ -68,13 +71,13 @@ def export_onnx(model: ReIDNet, input_cfg: InputConfig, out: Path, tolerance: fl
     return ExportCheck(batch_sizes, worst, tolerance)
 
 
-def _compare_with_pytorch(path: Path, wrapper: torch.nn.Module, input_cfg: InputConfig) -> tuple[tuple[int, ...], float]:
+def _compare_with_pytorch(path: Path, wrapper: torch.nn.Module, preprocessing: Preprocessing) -> tuple[tuple[int, ...], float]:
     """The largest difference between onnxruntime and PyTorch on random inputs of two batch sizes."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     batch_sizes, worst = (1, 5), 0.0
     for batch in batch_sizes:
-        images = torch.randn(batch, 3, input_cfg.height, input_cfg.width, generator=generator)
+        images = torch.randn(batch, 3, preprocessing.height, preprocessing.width, generator=generator)
         with torch.no_grad():
             expected = wrapper(images).numpy()
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reid_platform.config import InputConfig
-from reid_platform.data.datasets import DatasetError
 from reid_platform.data.images import decode_rgb
+from reid_platform.errors import DatasetError
 from reid_platform.input.torch_loader import eval_transform
 from reid_platform.model.backbone import ReIDNet
+from reid_platform.model.config import Preprocessing
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -40,7 +40,7 @@ def _load(path: Path, transform) -> tuple[torch.Tensor | None, str]:
 
 @torch.no_grad()
 def embed_images(
-    model: ReIDNet, input_cfg: InputConfig, paths: list[Path], batch_size: int = 64, device: torch.device | None = None
+    model: ReIDNet, preprocessing: Preprocessing, paths: list[Path], batch_size: int = 64, device: torch.device | None = None
 ) -> np.ndarray:
     """(len(paths), feature_dim) float32 L2-normalised embeddings, in the order of ``paths``.
 
@@ -49,7 +49,7 @@ def embed_images(
     """
     device = device or next(model.parameters()).device
     model = model.eval().to(device)
-    transform = eval_transform(input_cfg)
+    transform = eval_transform(preprocessing)
     problems: list[str] = []
     chunks, batch = [], []
     for path in paths:
@@ -66,7 +66,7 @@ def embed_images(
         raise DatasetError(f"{len(problems)} of {len(paths)} images cannot be read: " + "; ".join(problems[:10]) + more)
     if batch:
         chunks.append(model.embed(torch.stack(batch).to(device)).float().cpu())
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.spec.feature_dim), np.float32)
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.feature_dim), np.float32)
 
 
 def save_embeddings(path: Path, embeddings: np.ndarray, image_paths: list[Path]) -> None:

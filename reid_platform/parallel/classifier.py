@@ -2,39 +2,48 @@
 
 Forward, on every rank:
 
-    X = all_gather(embeddings)            (global batch x d; backward sums into the owner's rows)
+    X = all_gather(embeddings)            (global batch x d; see comm.gather_global_batch for its backward)
     Y = all_gather(labels)
     rows = every local class in Y + random local negatives, up to sample_rate x C_r (Partial FC)
     loss = sharded_margin_loss(X, W_r[rows])  (chunked; distributed log-sum-exp over ranks)
 
 Communication per step, whatever the number of classes: a gather of the B x d features and the
-labels, three all-reduces of B-vectors, and in backward one all-reduce of the gathered features'
-gradient (W*B x d, the largest transfer). The weight is not in DDP: its gradient is already
-complete on the owner because every rank sees the whole global batch. The classifier updates its own
-rows (SGD with momentum) so that with sampling only the sampled rows and their momentum are touched.
+labels, two all-reduces of B-vectors (the row maximum; the sums of exponentials and positive logits),
+and in backward one all-reduce of the gathered features' gradient (W*B x d, the largest transfer).
+The weight is not in DDP: its gradient is already complete on the owner because every rank sees the
+whole global batch. The classifier updates its own rows (SGD with momentum) so that with sampling
+only the sampled rows and their momentum are touched.
 
-Checkpoints store each slice with its global row range, so a run saved with W workers loads with any
-other W' (each rank reads just the rows it now owns).
+Gradient contract: the gradient this module sends back to each rank's embeddings is what a DDP
+backbone needs (DDP's averaging over ranks is compensated inside the gather); callers scale nothing.
+
+State is world-size independent: each rank's rows are kept under their global row range, so a run
+saved with W workers loads with any other W' (each rank reads just the rows it now owns).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from reid_platform.parallel.comm import all_gather_with_grad
-from reid_platform.parallel.losses import MarginSpec, columns_in_range, sharded_margin_loss
+from reid_platform.errors import ModelFormatError
+from reid_platform.parallel.comm import gather_global_batch
+from reid_platform.parallel.config import LossConfig
+from reid_platform.parallel.losses import columns_in_range, sharded_margin_loss
 
 SHARD_FILE = "rows-{start:012d}-{end:012d}.safetensors"
 ROWS_NAME = re.compile(r"rows-(\d{12})-(\d{12})\.safetensors")
 LAYOUT_FILE = "classifier.json"
+ROW_TENSORS = ("weight", "momentum")
+INIT_BLOCK_ROWS = 4096
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -46,6 +55,23 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return start, start + base + (rank < extra)
 
 
+def initial_rows(start: int, end: int, dim: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """Rows [start, end) of the initial class weights, N(0, 0.01^2), the same whatever the world size.
+
+    Each rank draws only the rows it owns (a huge classifier never exists whole anywhere), in fixed
+    blocks of INIT_BLOCK_ROWS rows seeded by (seed, block): a run on 1 or on 8 workers starts from
+    the same classifier.
+    """
+    weight = torch.empty(end - start, dim, device=device)
+    for block in range(start // INIT_BLOCK_ROWS, (end - 1) // INIT_BLOCK_ROWS + 1):
+        first = block * INIT_BLOCK_ROWS
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + block)
+        rows = torch.empty(INIT_BLOCK_ROWS, dim, device=device).normal_(0.0, 0.01, generator=generator)
+        lo, hi = max(first, start), min(first + INIT_BLOCK_ROWS, end)
+        weight[lo - start : hi - start] = rows[lo - first : hi - first]
+    return weight
+
+
 class ShardedClassifier(nn.Module):
     def __init__(
         self,
@@ -53,24 +79,19 @@ class ShardedClassifier(nn.Module):
         dim: int,
         rank: int = 0,
         world_size: int = 1,
-        loss: MarginSpec = MarginSpec(),
-        sample_rate: float = 1.0,
+        loss: LossConfig = LossConfig(),
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         seed: int = 0,
         device: torch.device | str = "cpu",
     ):
         super().__init__()
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_classes, self.dim, self.loss = num_classes, dim, loss
         self.rank, self.world_size = rank, world_size
-        self.sample_rate, self.momentum, self.weight_decay = sample_rate, momentum, weight_decay
+        self.sample_rate, self.momentum, self.weight_decay = loss.sample_rate, momentum, weight_decay
         self.start, self.end = shard_range(num_classes, rank, world_size)
-        # Each rank draws its own rows in place: a huge classifier never exists whole anywhere.
-        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + self.start)
-        weight = torch.empty(self.end - self.start, dim, device=device)
-        self.weight = nn.Parameter(weight.normal_(0.0, 0.01, generator=generator))
+        weight = initial_rows(self.start, self.end, dim, seed, device)
+        self.weight = nn.Parameter(weight)
         self.register_buffer("momentum_buffer", torch.zeros_like(weight))
         # negatives differ per rank and do not depend on anything else drawing random numbers
         self._sampler = torch.Generator(device).manual_seed(seed * 1_000_003 + self.start + 1)
@@ -80,18 +101,9 @@ class ShardedClassifier(nn.Module):
     def local_classes(self) -> int:
         return self.end - self.start
 
-    def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global batch, identical on every rank; gradients flow back to each sample's owner."""
-        if self.world_size == 1:
-            return embeddings, labels
-        all_labels = [torch.empty_like(labels) for _ in range(self.world_size)]
-        dist.all_gather(all_labels, labels)
-        return all_gather_with_grad(embeddings), torch.cat(all_labels)
-
     def local_target(self, labels: torch.Tensor) -> torch.Tensor:
         """Column of each label in this shard, -1 where another rank owns the class."""
         return columns_in_range(labels, self.start, self.local_classes)
-
     def sample_rows(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted local rows to use, target remapped to positions in them).
 
@@ -109,8 +121,12 @@ class ShardedClassifier(nn.Module):
         return rows, torch.where(target >= 0, remapped, -1)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Margin loss of this rank's (embeddings, labels) over all classes of all ranks."""
-        embeddings, labels = self.gather(embeddings, labels)
+        """Margin loss of the global batch over all classes of all ranks, from this rank's part of it.
+
+        The gradient reaching ``embeddings`` is the world size times this rank's share of the
+        global-batch loss's gradient (``comm.gather_global_batch``): what a DDP backbone needs.
+        """
+        embeddings, labels = gather_global_batch(embeddings, labels)
         target = self.local_target(labels)
         if self.sample_rate < 1.0 and self.training:
             rows, target = self.sample_rows(target)
@@ -144,45 +160,73 @@ class ShardedClassifier(nn.Module):
         active.grad = None
         self._active = None
 
-    # -- world-size-independent checkpoints ---------------------------------------------------
+    # -- world-size-independent state ----------------------------------------------------------
 
-    def save_shard(self, directory: Path) -> None:
-        """Write this rank's rows and momentum under their global row range."""
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"weight": self.weight.detach().contiguous(), "momentum": self.momentum_buffer.contiguous()}
-        save_file({k: v.cpu() for k, v in tensors.items()}, directory / SHARD_FILE.format(start=self.start, end=self.end))
-        if self.rank == 0:
-            layout = {"num_classes": self.num_classes, "dim": self.dim}
-            (directory / LAYOUT_FILE).write_text(json.dumps(layout))
+    def shard_state(self) -> dict:
+        """This rank's rows and their momentum under their global row range.
+
+        The states of all ranks together describe the classifier whatever the world size was; any
+        world size loads them (``load_shards``).
+        """
+        rows = {"start": self.start, "end": self.end, "weight": self.weight.detach(), "momentum": self.momentum_buffer}
+        return {"num_classes": self.num_classes, "dim": self.dim, "slices": [rows]}
 
     @torch.no_grad()
-    def load_shards(self, directory: Path) -> None:
-        """Fill this rank's rows from slices saved with any world size."""
-        try:
-            layout = json.loads((directory / LAYOUT_FILE).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{directory}: not a classifier checkpoint (no {LAYOUT_FILE})") from None
-        if (layout["num_classes"], layout["dim"]) != (self.num_classes, self.dim):
-            raise ValueError(
-                f"{directory}: classifier checkpoint has {layout['num_classes']} classes x "
-                f"{layout['dim']} dims, this run expects {self.num_classes} x {self.dim}"
-            )
+    def load_shards(self, states: Iterable[dict], where: str = "classifier state") -> None:
+        """Fill this rank's rows from the ``shard_state()`` of every rank of a run of any world size.
+
+        Each slice's tensors only need ``[lo:hi]`` indexing, so views into files that are read
+        lazily (safetensors slices) work as well as tensors: a rank reads just the rows it owns.
+        """
         filled = torch.zeros(self.local_classes, dtype=torch.bool)
+        for state in states:
+            if (state["num_classes"], state["dim"]) != (self.num_classes, self.dim):
+                raise ModelFormatError(
+                    f"{where}: classifier has {state['num_classes']} classes x {state['dim']} dims, "
+                    f"this run expects {self.num_classes} x {self.dim}"
+                )
+            for rows in state["slices"]:
+                lo, hi = max(rows["start"], self.start), min(rows["end"], self.end)
+                if lo >= hi:
+                    continue
+                source = slice(lo - rows["start"], hi - rows["start"])
+                self.weight[lo - self.start : hi - self.start] = rows["weight"][source]
+                self.momentum_buffer[lo - self.start : hi - self.start] = rows["momentum"][source]
+                filled[lo - self.start : hi - self.start] = True
+        if not filled.all():
+            missing = self.start + int(torch.nonzero(~filled)[0])
+            raise ModelFormatError(
+                f"{where}: classifier slices cover {int(filled.sum())} of rows [{self.start}, {self.end}); "
+                f"row {missing} is in none"
+            )
+
+
+def write_shards(states: Iterable[dict], directory: Path) -> None:
+    """Write ``shard_state()``s, one safetensors file per slice named by its global row range."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for state in states:
+        for rows in state["slices"]:
+            tensors = {name: rows[name].contiguous().cpu() for name in ROW_TENSORS}
+            save_file(tensors, directory / SHARD_FILE.format(start=rows["start"], end=rows["end"]))
+        # every rank writes the same layout into its copy of the checkpoint
+        (directory / LAYOUT_FILE).write_text(json.dumps({"num_classes": state["num_classes"], "dim": state["dim"]}))
+
+
+@contextmanager
+def saved_shards(directory: Path) -> Iterator[list[dict]]:
+    """The shard states ``write_shards`` left in ``directory`` (by every rank of a run), their
+    tensors read lazily while the context is open: pass them to ``load_shards``."""
+    try:
+        layout = json.loads((directory / LAYOUT_FILE).read_text())
+    except FileNotFoundError:
+        raise ModelFormatError(f"{directory}: not a classifier checkpoint (no {LAYOUT_FILE})") from None
+    with ExitStack() as files:
+        slices = []
         for path in sorted(directory.glob("rows-*.safetensors")):
             match = ROWS_NAME.fullmatch(path.name)
             if match is None:
-                raise ValueError(f"{path}: not a classifier slice name ({SHARD_FILE})")
+                raise ModelFormatError(f"{path}: not a classifier slice name ({SHARD_FILE})")
+            opened = files.enter_context(safe_open(path, framework="pt"))
             start, end = int(match.group(1)), int(match.group(2))
-            lo, hi = max(start, self.start), min(end, self.end)
-            if lo >= hi:
-                continue
-            with safe_open(path, framework="pt") as saved:  # reads only the overlapping rows
-                for name, target in (("weight", self.weight), ("momentum", self.momentum_buffer)):
-                    target[lo - self.start : hi - self.start] = saved.get_slice(name)[lo - start : hi - start]
-            filled[lo - self.start : hi - self.start] = True
-        if not filled.all():
-            missing = self.start + int(torch.nonzero(~filled)[0])
-            raise ValueError(
-                f"{directory}: classifier slices cover {int(filled.sum())} of rows [{self.start}, {self.end}); "
-                f"row {missing} is in none"
-            )
+            slices.append({"start": start, "end": end, **{name: opened.get_slice(name) for name in ROW_TENSORS}})
+        yield [{**layout, "slices": slices}]

@@ -14,42 +14,34 @@ different workers and be visited in chunks (``sharded_margin_loss``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-LossName = Literal["circle", "cosface", "arcface", "softmax"]
+from reid_platform.parallel.comm import all_reduce
+from reid_platform.parallel.config import LossConfig
 
 
-@dataclass(frozen=True)
-class MarginSpec:
-    name: LossName = "circle"
-    scale: float = 128.0  # gamma for Circle, s for CosFace / ArcFace / softmax
-    margin: float = 0.25  # m: Circle relaxation, CosFace additive cosine, ArcFace additive angle
-
-
-def margin_logits(cosine: torch.Tensor, target: torch.Tensor, spec: MarginSpec) -> torch.Tensor:
+def margin_logits(cosine: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Per-class logits for a (rows x classes) cosine matrix.
 
     ``target[i]`` is the column of row i's own class, or -1 when that class is not among these columns
     (another shard or chunk owns it).
     """
-    s, m = spec.scale, spec.margin
-    if spec.name == "circle":
+    s, m = cfg.scale, cfg.margin
+    if cfg.name == "circle":
         logits = s * (cosine.detach() + m).clamp_min(0.0) * (cosine - m)
     else:
         logits = s * cosine
     rows = torch.nonzero(target >= 0).squeeze(1)
-    if rows.numel() == 0 or spec.name == "softmax":
+    if rows.numel() == 0 or cfg.name == "softmax":
         return logits
     cols = target[rows]
     positive = cosine[rows, cols]
-    if spec.name == "circle":
+    if cfg.name == "circle":
         value = s * (1.0 + m - positive.detach()).clamp_min(0.0) * (positive - (1.0 - m))
-    elif spec.name == "cosface":
+    elif cfg.name == "cosface":
         value = s * (positive - m)
     else:  # arcface: cos(theta + m) while theta + m <= pi, where it still falls as theta grows;
         # beyond, the CosFace-like cos(theta) - m sin(m) keeps the logit monotonic (InsightFace's form)
@@ -58,11 +50,6 @@ def margin_logits(cosine: torch.Tensor, target: torch.Tensor, spec: MarginSpec) 
             positive > math.cos(math.pi - m), torch.cos(theta + m), positive - m * math.sin(m)
         )
     return logits.index_put((rows, cols), value)
-
-
-def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op)
 
 
 class _ShardedMarginLoss(torch.autograd.Function):
@@ -76,26 +63,26 @@ class _ShardedMarginLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, embeddings, weight, target, spec: MarginSpec, chunk_size: int):
+    def forward(ctx, embeddings, weight, target, cfg: LossConfig, chunk_size: int):
         dtype = _compute_dtype(embeddings, weight)
         x = F.normalize(embeddings.detach().to(dtype), dim=1)
         logits = x.new_empty((x.shape[0], weight.shape[0]))
         for start in range(0, weight.shape[0], chunk_size):
             block = slice(start, start + chunk_size)
             cosine = x @ F.normalize(weight[block].detach().to(dtype), dim=1).t()
-            logits[:, block] = margin_logits(cosine, columns_in_range(target, start, cosine.shape[1]), spec)
+            logits[:, block] = margin_logits(cosine, columns_in_range(target, start, cosine.shape[1]), cfg)
         row_max = logits.max(dim=1).values
-        _all_reduce(row_max, dist.ReduceOp.MAX)
+        all_reduce(row_max, dist.ReduceOp.MAX)
         rows = torch.nonzero(target >= 0).squeeze(1)
         positive = torch.zeros_like(row_max)
         positive[rows] = logits[rows, target[rows]]
         probabilities = logits.sub_(row_max[:, None]).exp_()  # the buffer is reused from here on
-        sum_exp = probabilities.sum(dim=1)
-        _all_reduce(sum_exp)
-        _all_reduce(positive)
+        sums = torch.stack([probabilities.sum(dim=1), positive])
+        all_reduce(sums)  # one collective for both sums over the class shards
+        sum_exp, positive = sums[0], sums[1]
         probabilities.div_(sum_exp[:, None])
         ctx.save_for_backward(embeddings, weight, target, probabilities)
-        ctx.spec, ctx.chunk_size = spec, chunk_size
+        ctx.cfg, ctx.chunk_size = cfg, chunk_size
         # max + log(sum exp) - positive: exact even for gamma = 256, where -log(p) would underflow.
         return (row_max + sum_exp.log() - positive).mean()
 
@@ -116,7 +103,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
                 x_leaf = x.requires_grad_(True)
                 w_leaf = weight[block].detach().to(dtype).requires_grad_(True)
                 cosine = F.normalize(x_leaf, dim=1) @ F.normalize(w_leaf, dim=1).t()
-                logits = margin_logits(cosine, columns_in_range(target, start, cosine.shape[1]), ctx.spec)
+                logits = margin_logits(cosine, columns_in_range(target, start, cosine.shape[1]), ctx.cfg)
                 grad_x, grad_w = torch.autograd.grad(logits, (x_leaf, w_leaf), grad_logits[:, block])
             grad_embeddings += grad_x
             if grad_weight is not None:
@@ -148,7 +135,7 @@ def sharded_margin_loss(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
-    spec: MarginSpec,
+    cfg: LossConfig,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Mean margin-softmax loss of ``embeddings`` (the global batch) against this rank's ``weight`` rows.
@@ -157,4 +144,4 @@ def sharded_margin_loss(
     initialised process group this is the plain single-process loss. Computed in float32 at least.
     """
     chunk = chunk_size or default_chunk_size(*embeddings.shape)
-    return _ShardedMarginLoss.apply(embeddings, weight, target, spec, chunk)
+    return _ShardedMarginLoss.apply(embeddings, weight, target, cfg, chunk)

@@ -1,5 +1,5 @@
-"""MLflow from the edges: the driver opens the run, the Ray Train controller logs epoch metrics into
-it (train/epoch_log.py), world rank 0 its pictures, and the driver registers the model.
+"""MLflow from the edges: the driver opens the run, the Ray Train controller logs each epoch's record
+into it (train/epoch_log.py, pictures included), and the driver registers the model and closes it.
 
 Nobody else starts a run: every attempt of a restarted or resumed job writes into the same one. The
 tracking server is allowed to go away: training does not wait for it (``RunLogger`` queues and
@@ -28,7 +28,9 @@ import requests
 
 from reid_platform.config import RunConfig
 from reid_platform.console import say
-from reid_platform.tracking.server import TrackingUnavailable, redact
+from reid_platform.errors import TrackingUnavailable
+from reid_platform.tracking.server import redact
+from reid_platform.train.record import EpochRecord
 
 PARAM_LIMIT = 100  # MLflow accepts at most 100 params per batch call
 METRIC_LIMIT = 1000  # and 1000 metrics
@@ -67,14 +69,27 @@ def call_with_retries(call: Callable[[], T], what: str, uri: str, timeout_s: flo
             delay = min(2 * delay, 30.0)
 
 
+def local_artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a SQLite store keeps an experiment's artifacts: beside its database file (MLflow's own
+    default is ./mlruns of whichever folder the process runs in). A server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / folder)
+
+
 def open_run(cfg: RunConfig, config_path: Path, run_id: str | None = None) -> str:
     """Create (or reopen) the MLflow run of a training job; log params and the resolved config."""
     client = MlflowClient(cfg.tracking.uri)
+    name = cfg.tracking.experiment
     # what MLflow stores about the run must not hold the tracking server's own password
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": redact(cfg.tracking.uri)})})
     if run_id is None:
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = (
+            experiment.experiment_id if experiment
+            else client.create_experiment(name, artifact_location=local_artifact_location(client.tracking_uri, name))
+        )  # fmt: skip
         run_id = client.create_run(experiment_id, run_name=cfg.run.name).info.run_id
         params = [Param(key, value[:6000]) for key, value in sorted(cfg.flat().items())]
         for start in range(0, len(params), PARAM_LIMIT):
@@ -91,7 +106,7 @@ def cfg_yaml(cfg: RunConfig) -> str:
 
 
 class RunLogger:
-    """Metric and artifact logging into an existing run (world rank 0) that never blocks training.
+    """Metric and artifact logging into an existing run that never blocks training.
 
     Calls are queued to one sender thread. While the tracking server is down the sender keeps the
     failed call and retries it with backoff; the calls behind it wait in order, so the history
@@ -115,10 +130,19 @@ class RunLogger:
         now = timestamp_ms or int(time.time() * 1000)
         self._put_metrics([Metric(key, float(value), now, step) for key, value in metrics.items()])
 
-    def log_epoch(self, metrics: dict[str, float], losses: list[tuple[int, float]], timestamp_ms: int) -> None:
-        """An epoch's metrics (at step = epoch) and its per-step ``step_loss``, all stamped ``timestamp_ms``."""
-        self._put_metrics([Metric("step_loss", float(value), timestamp_ms, step) for step, value in losses])
-        self.log_metrics(metrics, step=int(metrics["epoch"]), timestamp_ms=timestamp_ms)
+    def log_epoch(self, record: EpochRecord) -> None:
+        """An epoch's metrics at step = epoch and its per-step ``step_loss``; with the first epoch, the
+        untrained model's evaluation as step 0 of the same metrics, so that both read as one curve.
+        """
+        now = int(time.time() * 1000)
+        if record.epoch == 1:
+            self.log_metrics(record.before_training, step=0, timestamp_ms=now)
+        self._put_metrics([Metric("step_loss", float(value), now, step) for step, value in record.step_losses])
+        epoch_metrics = {
+            "epoch": record.epoch, "loss": record.loss, "lr": record.lr, "images_per_s": record.images_per_s,
+            "world_size": record.world_size, **(record.evaluation or {}),
+        }  # fmt: skip
+        self.log_metrics(epoch_metrics, step=record.epoch, timestamp_ms=now)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copies ``path`` first: the caller may delete it before the server is back."""

@@ -11,25 +11,31 @@ from mlflow.tracking import MlflowClient
 
 from reid_platform.tracking.server import redact
 
-MODEL_ARTIFACT = "model"
-
-
-def log_model_dir(tracking_uri: str, run_id: str, model_dir: Path) -> str:
-    """Log a model directory as the run's ``model`` artifact; returns its artifact URI."""
+def log_model_dir(tracking_uri: str, run_id: str, model_dir: Path, artifact_path: str) -> str:
+    """Log a model directory as the run's ``artifact_path`` artifact; returns its artifact URI."""
     client = MlflowClient(tracking_uri)
-    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-    return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    client.log_artifacts(run_id, str(model_dir), artifact_path)
+    return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
 
 def register_model(tracking_uri: str, run_id: str, source: str, name: str, alias: str) -> str:
-    """Register ``source`` as a new version of ``name`` and point ``alias`` at it; returns the version."""
+    """Register ``source`` of ``run_id`` as a version of ``name`` and point ``alias`` at it; returns
+    the version.
+
+    Idempotent: a version of this run and source that exists already is reused, so a retry after a
+    lost reply (or a restart of a finished run) never creates a second version of the same model.
+    """
     client = MlflowClient(tracking_uri)
     try:
         client.create_registered_model(name)
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = str(client.create_model_version(name, source, run_id=run_id).version)
+    found = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'") if v.source == source]
+    if found:
+        version = str(min(int(v.version) for v in found))
+    else:
+        version = str(client.create_model_version(name, source, run_id=run_id).version)
     client.set_registered_model_alias(name, alias, version)
     return version
 

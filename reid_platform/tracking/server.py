@@ -9,12 +9,10 @@ from urllib.parse import urlsplit
 
 import requests
 
+from reid_platform.errors import TrackingUnavailable
+
 # scheme://user:password@ anywhere in a text; the password runs to the last '@' before a '/' or space
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^\s/@:]*):[^\s/]*@", re.IGNORECASE)
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server cannot be reached (before a run), or stayed away too long (during one)."""
 
 
 def redact(text: str) -> str:

@@ -1,50 +1,48 @@
-"""Training checkpoints that load with any number of workers.
+"""Training checkpoints on disk, in the engine's world-size-independent form.
 
 Layout of one checkpoint directory (every rank writes into its own copy; Ray merges them):
 
-    trainer.pt           rank 0: epoch, step, backbone and its optimizer, carried-over metrics
-    classifier/          every rank: rows-START-END.safetensors, its own rows and their momentum
+    trainer.pt     rank 0: progress (epochs, steps, the untrained model's metrics), backbone, its optimizer
+    classifier/    every rank: rows-START-END.safetensors, its own class rows and their momentum
+    evaluation/    rank 0, after the last epoch: the final evaluation's pictures
+
+Loading reads ``trainer.pt`` whole and, of the classifier, only the rows this rank now owns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from reid_platform.parallel.classifier import ShardedClassifier
+from reid_platform.errors import ModelFormatError
+from reid_platform.parallel.classifier import saved_shards, write_shards
 
 TRAINER_STATE = "trainer.pt"
 CLASSIFIER_DIR = "classifier"
 
 
-def save_checkpoint(
-    directory: Path,
-    rank: int,
-    backbone: torch.nn.Module,
-    backbone_optimizer: torch.optim.Optimizer,
-    classifier: ShardedClassifier,
-    progress: dict,
-) -> None:
+def save_checkpoint(state: dict, directory: Path, rank: int) -> None:
+    """Write one rank's ``Engine.state_dict()``."""
     if rank == 0:
-        state = {
-            "backbone": backbone.state_dict(),
-            "backbone_optimizer": backbone_optimizer.state_dict(),
-            "progress": progress,
-        }
-        torch.save(state, directory / TRAINER_STATE)
-    classifier.save_shard(directory / CLASSIFIER_DIR)
+        torch.save({key: value for key, value in state.items() if key != "classifier"}, directory / TRAINER_STATE)
+    write_shards(state["classifier"], directory / CLASSIFIER_DIR)
 
 
-def load_checkpoint(
-    directory: Path,
-    backbone: torch.nn.Module,
-    backbone_optimizer: torch.optim.Optimizer,
-    classifier: ShardedClassifier,
-) -> dict:
-    """Restore everything in place; returns the saved progress (epoch, step, metrics)."""
-    state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
-    backbone.load_state_dict(state["backbone"])
-    backbone_optimizer.load_state_dict(state["backbone_optimizer"])
-    classifier.load_shards(directory / CLASSIFIER_DIR)
-    return state["progress"]
+def read_trainer_state(directory: Path) -> dict:
+    """Progress, backbone and optimizer state (tensors and plain types only: no code is unpickled)."""
+    try:
+        return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelFormatError(f"{directory}: not a training checkpoint (no {TRAINER_STATE})") from None
+
+
+@contextmanager
+def open_checkpoint(directory: Path) -> Iterator[dict]:
+    """The ``Engine.state_dict()`` of the whole run saved in ``directory``, every rank's classifier rows
+    included, read lazily while the context is open (for ``Engine.load_state_dict``)."""
+    trainer = read_trainer_state(directory)
+    with saved_shards(directory / CLASSIFIER_DIR) as classifier:
+        yield {**trainer, "classifier": classifier}

@@ -1,7 +1,11 @@
 """Driver side of a training job: check inputs, open the MLflow run, run Ray Train, publish the model.
 
 Starting the same job again (same ``run.name`` and ``run.storage_path``) resumes it: Ray Train hands
-the workers the latest checkpoint and the job keeps logging into the same MLflow run.
+the workers the latest checkpoint and the job keeps logging into the same MLflow run. A run that
+already trained all its epochs is recognised before anything starts and left as it is.
+
+The driver only opens, publishes and closes the MLflow run; every epoch's metrics and pictures are
+logged by the Ray Train controller (``epoch_log.py``).
 """
 
 from __future__ import annotations
@@ -13,20 +17,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
-import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from reid_platform.config import RunConfig
-from reid_platform.data.pack import read_manifest, shard_paths
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.errors import ConfigError, RunAlreadyFinished
 from reid_platform.model.artifact import save_model_dir
+from reid_platform.model.backbone import ReIDNet
+from reid_platform.model.config import Preprocessing
 from reid_platform.tracking.mlflow_run import call_with_retries, finish_run, open_run
 from reid_platform.tracking.registry import log_model_dir, register_model
 from reid_platform.tracking.server import check_reachable
-from reid_platform.train.checkpoint import TRAINER_STATE
+from reid_platform.train.checkpoint import read_trainer_state
 from reid_platform.train.epoch_log import EpochMetricsToMlflow
-from reid_platform.train.loop import build_model, train_loop_per_worker
+from reid_platform.train.record import EpochRecord
+from reid_platform.train.worker import train_loop_per_worker
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 
@@ -45,53 +53,46 @@ class TrainingOutcome:
     checkpoint: str
 
 
-def check_inputs(cfg: RunConfig) -> None:
-    """Fail before any process starts if the shards are missing or changed."""
-    manifest = read_manifest(cfg.data.shards)
-    for split in ("train", "query", "gallery"):
-        shard_paths(cfg.data.shards, manifest, split)
-    if manifest["num_classes"] < cfg.scaling.num_workers:
-        raise ValueError(
-            f"{cfg.data.shards}: {manifest['num_classes']} classes cannot be sharded over "
+def check_inputs(cfg: RunConfig) -> ShardDataset:
+    """The dataset, opened: fails before any process starts if the shards are missing or changed."""
+    dataset = ShardDataset.open(cfg.data.shards)
+    if dataset.num_classes < cfg.scaling.num_workers:
+        raise ConfigError(
+            f"scaling.num_workers: {dataset.num_classes} classes of {cfg.data.shards} cannot be sharded over "
             f"{cfg.scaling.num_workers} workers"
         )
+    return dataset
 
 
-def publish_model(cfg: RunConfig, checkpoint_dir: Path, run_id: str) -> str | None:
-    """Turn the final checkpoint into a pickle-free model directory, log it and register it."""
-    model = build_model(cfg)
-    state = torch.load(checkpoint_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["backbone"])
+def publish_model(cfg: RunConfig, checkpoint_dir: Path, run_id: str, epoch: int) -> str | None:
+    """Turn the checkpoint of ``epoch`` into a pickle-free model directory, log it and register it.
+
+    Safe to repeat: the artifact of an epoch always goes to the same path, and registering reuses the
+    version of that source. A run continued to more epochs publishes a new version.
+    """
+    model = ReIDNet(cfg.model)
+    model.load_state_dict(read_trainer_state(checkpoint_dir)["backbone"])
     with tempfile.TemporaryDirectory() as tmp:
-        source = log_model_dir(cfg.tracking.uri, run_id, save_model_dir(model, cfg.input, Path(tmp) / "model"))
+        directory = save_model_dir(model, Preprocessing.of(cfg.input), Path(tmp) / "model")
+        source = log_model_dir(cfg.tracking.uri, run_id, directory, f"model/epoch-{epoch}")
     if cfg.tracking.registered_model is None:
         return None
     register_model(cfg.tracking.uri, run_id, source, cfg.tracking.registered_model, cfg.tracking.alias)
     return f"{cfg.tracking.registered_model}@{cfg.tracking.alias}"
 
 
-def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> TrainingOutcome:
-    """Run (or resume) one training job; relative paths in ``cfg`` are taken from ``base_dir`` (default: cwd)."""
-    started = time.perf_counter()
-    cfg = cfg.with_absolute_paths(base_dir or Path.cwd())
-    check_inputs(cfg)
-    check_reachable(cfg.tracking.uri)
-    run_dir = cfg.run.storage_path / cfg.run.name
-    id_file = run_dir / MLFLOW_RUN_ID_FILE
-    run_id = open_run(cfg, config_path, id_file.read_text().strip() if id_file.is_file() else None)
-    uri, patience = cfg.tracking.uri, cfg.tracking.outage_timeout_s
-    run_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+def _committed(run_dir: Path) -> Result | None:
+    """Ray Train's latest committed checkpoint and report of an earlier attempt of this run, if any."""
+    try:
+        return Result.from_path(str(run_dir))
+    except RuntimeError:  # no such run folder, or no checkpoint was ever committed
+        return None
 
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING", log_to_driver=True)
-    trainer = TorchTrainer(
+
+def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "tracking_uri": cfg.tracking.uri,
-            "run_id": run_id,
-        },
+        train_loop_config={"config": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -103,37 +104,59 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             # a lost worker or node restarts the whole group from the latest checkpoint
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=[EpochMetricsToMlflow(uri, run_id, cfg.train.epochs, patience)],
+            callbacks=[EpochMetricsToMlflow(cfg.tracking.uri, run_id, cfg.tracking.outage_timeout_s)],
             # Ray Train's own INFO lines (one per checkpoint and report, per worker) drown the progress lines
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> TrainingOutcome:
+    """Run (or resume) one training job; relative paths in ``cfg`` are taken from ``base_dir`` (default: cwd)."""
+    started = time.perf_counter()
+    cfg = cfg.with_absolute_paths(base_dir or Path.cwd())
+    check_inputs(cfg)
+    check_reachable(cfg.tracking.uri)
+    uri, patience = cfg.tracking.uri, cfg.tracking.outage_timeout_s
+    run_dir = cfg.run.storage_path / cfg.run.name
+    id_file = run_dir / MLFLOW_RUN_ID_FILE
+    known_run = id_file.read_text().strip() if id_file.is_file() else None
+    previous = _committed(run_dir) if known_run else None
+    if previous is not None:
+        record = EpochRecord.from_report(previous.metrics or {})
+        finished = MlflowClient(uri).get_run(known_run).info.status == "FINISHED"
+        if record is not None and record.epoch >= cfg.train.epochs and finished:
+            raise RunAlreadyFinished(
+                f"run {cfg.run.name!r} in {cfg.run.storage_path} finished its {record.epoch} epochs already "
+                f"(MLflow run {known_run}); raise train.epochs to continue it, or choose a new run.name"
+            )
+    run_id = open_run(cfg, config_path, known_run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING", log_to_driver=True)
     try:
-        result = trainer.fit()
+        result = _trainer(cfg, run_id).fit()
     except BaseException:
         try:  # best effort, briefly: the training error is the one to report
             call_with_retries(lambda: finish_run(uri, run_id, "FAILED"), "marking the run failed", uri, 30.0)
         except Exception as error:  # noqa: BLE001
             print(f"warning: could not mark MLflow run {run_id} failed: {error}", flush=True)
         raise
+    record = EpochRecord.from_report(result.metrics or {})
     with result.checkpoint.as_directory() as checkpoint_dir:
         registered = call_with_retries(
-            lambda: publish_model(cfg, Path(checkpoint_dir), run_id), "publishing the model", uri, patience
+            lambda: publish_model(cfg, Path(checkpoint_dir), run_id, record.epoch), "publishing the model", uri, patience
         )
-    metrics = result.metrics or {}
-    if "rank1" not in metrics:
-        call_with_retries(lambda: finish_run(uri, run_id), "finishing the run", uri, patience)
-        raise ValueError(
-            f"run {cfg.run.name!r} in {cfg.run.storage_path} had already finished its {cfg.train.epochs} "
-            "epochs; raise train.epochs to continue it, or choose a new run.name"
-        )
+    evaluation = record.evaluation or {}
     outcome = TrainingOutcome(
-        rank1=metrics["rank1"],
-        rank5=metrics["rank5"],
-        mAP=metrics["mAP"],
-        mINP=metrics["mINP"],
-        mAP_before_training=metrics["initial_mAP"],
-        images_per_s=metrics["images_per_s"],
+        rank1=evaluation["rank1"],
+        rank5=evaluation["rank5"],
+        mAP=evaluation["mAP"],
+        mINP=evaluation["mINP"],
+        mAP_before_training=record.before_training["mAP"],
+        images_per_s=record.images_per_s,
         wall_s=time.perf_counter() - started,
         mlflow_run_id=run_id,
         registered_model=registered,

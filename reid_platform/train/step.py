@@ -11,15 +11,16 @@ Nothing here imports Ray or the config, so the GPU benchmark runs this step on a
 from __future__ import annotations
 
 import contextlib
+import time
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from reid_platform.parallel.classifier import ShardedClassifier
-from reid_platform.parallel.comm import undo_ddp_averaging
+from reid_platform.train.config import Precision
 
-PrecisionName = Literal["auto", "fp32", "bf16"]
+PHASES = ("input", "forward", "classifier", "backward", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class StepSettings:
     channels_last: bool
 
     @classmethod
-    def for_device(cls, device: torch.device, precision: PrecisionName, channels_last: bool) -> StepSettings:
+    def for_device(cls, device: torch.device, precision: Precision, channels_last: bool) -> StepSettings:
         cuda = device.type == "cuda"
         if precision == "auto":
             # native bf16 only (Ampere and newer): emulated bf16 on older GPUs is slower than fp32
@@ -52,6 +53,41 @@ class StepSettings:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
+class PhaseTimer:
+    """Seconds spent per phase of the steps (``PHASES``), for benchmarks.
+
+    On CUDA it synchronises at every phase boundary, which costs throughput: only benchmarks use it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self._cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        yield
+        if self._cuda:
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - started
+
+    def batches(self, batches):
+        """``batches``, with the wait for each one counted as input time."""
+        iterator = iter(batches)
+        while True:
+            with self.phase("input"):
+                batch = next(iterator, None)
+            if batch is None:
+                return
+            yield batch
+
+
+def _phase(timer: PhaseTimer | None, name: str):
+    return timer.phase(name) if timer else contextlib.nullcontext()
+
+
 def train_step(
     model: torch.nn.Module,
     classifier: ShardedClassifier,
@@ -60,16 +96,22 @@ def train_step(
     labels: torch.Tensor,
     classifier_lr: float,
     settings: StepSettings,
+    timer: PhaseTimer | None = None,
 ) -> torch.Tensor:
-    """Forward, backward and update of backbone and classifier; returns the loss (not synchronised)."""
+    """Forward, backward and update of backbone and classifier; returns the loss (not synchronised).
+
+    ``model`` may be wrapped in DDP: the classifier's gradient contract makes DDP's average of the
+    backbone gradients the gradient of the global-batch loss.
+    """
     device = next(model.parameters()).device
-    with settings.autocast(device):
+    with _phase(timer, "forward"), settings.autocast(device):
         embeddings = model(settings.prepare_images(images, device))
-    embeddings = embeddings.float()
-    undo_ddp_averaging(embeddings)
-    loss = classifier(embeddings, labels.to(device, non_blocking=True))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    classifier.step(classifier_lr)
+    with _phase(timer, "classifier"):
+        loss = classifier(embeddings.float(), labels.to(device, non_blocking=True))
+    with _phase(timer, "backward"):  # the classifier's backward, the backbone's and DDP's all-reduce
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with _phase(timer, "optimizer"):
+        optimizer.step()
+        classifier.step(classifier_lr)
     return loss.detach()

@@ -1,4 +1,4 @@
-"""Feature extraction and evaluation across the workers of a run.
+"""The distributed evaluator: feature extraction and ranking across the workers of a run.
 
 Each rank embeds its own part of query and gallery (DALI reads ``shard_id = rank``); the parts are
 gathered (features only, N x d, never a distance matrix) and put back in dataset order. Each rank then
@@ -16,20 +16,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from reid_platform.config import EvaluationConfig, InputConfig
-from reid_platform.data.pack import read_manifest
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.errors import EvaluationError
+from reid_platform.evaluation.config import EvaluationConfig
 from reid_platform.evaluation.distance import Distances
-from reid_platform.evaluation.metrics import (
-    EvaluationError,
-    FeatureSet,
-    QueryResults,
-    RetrievalMetrics,
-    check_sets,
-    summarize,
-)
-from reid_platform.evaluation.ranking import RankingOptions, make_distances, rank_queries
-from reid_platform.evaluation.rerank import RerankOptions
+from reid_platform.evaluation.metrics import FeatureSet, QueryResults, RetrievalMetrics, check_sets, summarize
+from reid_platform.evaluation.ranking import make_distances, rank_queries
 from reid_platform.input import eval_batches
+from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.parallel.comm import all_gather_rows
@@ -42,7 +36,7 @@ class Evaluation:
     query: FeatureSet
     gallery: FeatureSet
     distances: Distances
-    options: RankingOptions
+    cfg: EvaluationConfig
 
 
 @torch.no_grad()
@@ -56,7 +50,7 @@ def extract_features(
     was_training = model.training
     model.eval()
     # a rank whose part is empty (more ranks than shards) still joins the gather with no rows
-    features = [torch.zeros(0, model.spec.feature_dim)]
+    features = [torch.zeros(0, model.feature_dim)]
     metas = [torch.zeros(0, 4, dtype=torch.int64)]
     for images, meta in tqdm(batches, desc=description, unit="batch", disable=description is None):
         features.append(model.embed(images.to(device)).float().cpu())
@@ -77,14 +71,14 @@ def _in_dataset_order(split: str, expected: int, features: torch.Tensor, meta: t
 
 
 def rank_across_ranks(
-    query: FeatureSet, gallery: FeatureSet, distances: Distances, options: RankingOptions, partition: Partition
+    query: FeatureSet, gallery: FeatureSet, distances: Distances, cfg: EvaluationConfig, partition: Partition
 ) -> QueryResults:
     """Every rank ranks its slice of the queries; every rank returns all per-query results."""
     if partition.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"rank {partition.rank} of {partition.world_size}: no process group to gather results")
     rank, world_size, total = partition.rank, partition.world_size, len(query)
     mine = slice(total * rank // world_size, total * (rank + 1) // world_size)
-    local = rank_queries(query, gallery, distances, options, rows=mine)
+    local = rank_queries(query, gallery, distances, cfg, rows=mine)
     if partition.world_size == 1:
         return local
     gathered = {f.name: getattr(local, f.name) for f in fields(QueryResults)}
@@ -95,32 +89,28 @@ def rank_across_ranks(
 
 def evaluate_model(
     model: ReIDNet,
-    shards_dir,
+    dataset: ShardDataset,
     input_cfg: InputConfig,
     partition: Partition,
     device: torch.device,
-    settings: EvaluationConfig = EvaluationConfig(),
-    rerank: RerankOptions | None = None,
+    cfg: EvaluationConfig = EvaluationConfig(),
     batch_size: int = 128,
     progress: bool = False,
 ) -> Evaluation:
     """Query-vs-gallery evaluation of ``model``; every rank of the group returns the same numbers.
 
-    With re-ranking, every rank builds the same re-ranked distances from the gathered features (the
-    neighbour search is repeated per rank rather than exchanged).
+    ``input_cfg`` gives the preprocessing and the reader (backend, threads); no augmentation is
+    applied. With re-ranking, every rank builds the same re-ranked distances from the gathered
+    features (the neighbour search is repeated per rank rather than exchanged).
     """
-    manifest = read_manifest(shards_dir)
     sets = {}
     for split in ("query", "gallery"):
-        batches = eval_batches(shards_dir, split, partition, input_cfg, batch_size)
+        batches = eval_batches(dataset, split, partition, input_cfg, batch_size)
         description = f"embedding {split}" if progress else None
-        expected = manifest["splits"][split]["samples"]
+        expected = dataset.split(split).samples
         sets[split] = _in_dataset_order(split, expected, *extract_features(model, batches, device, description))
     query, gallery = sets["query"], sets["gallery"]
     check_sets(query, gallery)
-    if rerank is None and settings.rerank:
-        rerank = RerankOptions()
-    options = RankingOptions(protocol=settings.protocol, memory_mb=settings.memory_mb)
-    distances = make_distances(query, gallery, settings.metric, rerank, settings.memory_mb)
-    results = rank_across_ranks(query, gallery, distances, options, partition)
-    return Evaluation(summarize(results), results, query, gallery, distances, options)
+    distances = make_distances(query, gallery, cfg)
+    results = rank_across_ranks(query, gallery, distances, cfg, partition)
+    return Evaluation(summarize(results), results, query, gallery, distances, cfg)

@@ -1,0 +1,137 @@
+"""A packed dataset as one typed object: ``manifest.json`` read, validated and checked against the
+shard files once per process, then handed to every stage (input, evaluation, the launcher).
+
+``Manifest`` is the file's schema (packing writes it through the same model); ``ShardDataset`` is
+the opened dataset: its splits with their shard and index paths, class count and quarantine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from reid_platform.data.datasets import SPLITS
+from reid_platform.errors import DatasetError
+from reid_platform.section import describe
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+META_FIELDS = ("label", "person_id", "camera_id", "index")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardEntry(_Record):
+    file: str
+    index: str  # the DALI index file of the tar
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class SplitEntry(_Record):
+    samples: int
+    identities: int
+    shards: list[ShardEntry]
+
+
+class QuarantineEntry(_Record):
+    source: str
+    path: str
+    split: str
+    reason: str
+
+
+class Manifest(_Record):
+    format_version: Literal[1] = FORMAT_VERSION
+    dataset: str
+    sources: list[dict]  # per source dataset: name, root and its person / camera id offsets
+    seed: int
+    resize: tuple[int, int] | None
+    meta_fields: tuple[str, ...] = META_FIELDS
+    num_classes: int
+    splits: dict[str, SplitEntry]
+    quarantine: list[QuarantineEntry]
+
+    @classmethod
+    def read(cls, shards_dir: str | Path) -> Manifest:
+        path = Path(shards_dir) / MANIFEST
+        try:
+            tree = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: no manifest; run `reid data pack` to create the shards") from None
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{path}: manifest is not valid JSON: {error}") from None
+        if isinstance(tree, dict) and tree.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(f"{path}: format_version {tree.get('format_version')!r}, expected {FORMAT_VERSION}")
+        try:
+            manifest = cls.model_validate(tree)
+        except ValidationError as error:
+            raise DatasetError(f"{path}: not a manifest of `reid data pack`: {describe(error)}") from None
+        missing = [split for split in SPLITS if split not in manifest.splits]
+        if missing:
+            raise DatasetError(f"{path}: no {', '.join(missing)} split")
+        return manifest
+
+    def write(self, shards_dir: Path) -> None:
+        (shards_dir / MANIFEST).write_text(json.dumps(self.model_dump(mode="json"), indent=2))
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    samples: int
+    identities: int
+    tars: tuple[str, ...]
+    indexes: tuple[str, ...]  # DALI index of each tar, in the same order
+
+
+@dataclass(frozen=True)
+class ShardDataset:
+    root: Path
+    manifest: Manifest
+    splits: dict[str, Split]
+
+    @classmethod
+    def open(cls, root: str | Path) -> ShardDataset:
+        """Read the manifest and check that every shard it lists is there with its packed size.
+
+        A shard whose size changed is refused here, before a worker reads it (``reid data verify``
+        compares the contents too).
+        """
+        root = Path(root)
+        manifest = Manifest.read(root)
+        splits = {}
+        for name, entry in manifest.splits.items():
+            tars, indexes = [], []
+            for shard in entry.shards:
+                tar, index = root / shard.file, root / shard.index
+                for path in (tar, index):
+                    if not path.is_file():
+                        raise DatasetError(f"{path}: shard file listed in the manifest is missing")
+                size = tar.stat().st_size
+                if size != shard.bytes:
+                    raise DatasetError(
+                        f"{tar}: {size} bytes, the manifest says {shard.bytes}; the shard changed after packing"
+                    )
+                tars.append(str(tar))
+                indexes.append(str(index))
+            splits[name] = Split(name, entry.samples, entry.identities, tuple(tars), tuple(indexes))
+        return cls(root, manifest, splits)
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    @property
+    def quarantine(self) -> list[QuarantineEntry]:
+        return self.manifest.quarantine
+
+    def split(self, name: str) -> Split:
+        return self.splits[name]

@@ -1,0 +1,26 @@
+"""The ``tracking`` section: where the MLflow run and the registered model go."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+
+from reid_platform.section import Section
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingConfig(Section):
+    uri: str = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+        description="Defaults to $MLFLOW_TRACKING_URI, then a local SQLite file. Credentials never go here: "
+        "MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN from the environment.",
+    )
+    experiment: str = Field("reid", min_length=1)
+    registered_model: str | None = None
+    alias: str = Field("champion", min_length=1)
+    outage_timeout_s: float = Field(
+        900.0, gt=0.0,
+        description="How long the end of training waits for an unreachable tracking server before failing.",
+    )

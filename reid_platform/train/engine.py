@@ -1,0 +1,203 @@
+"""The training engine: everything one worker does to train, with no Ray in it.
+
+Built from the run config, the opened dataset, this process's ``Partition`` and (for more than one
+worker) an initialised default process group, it owns the pieces and composes them:
+
+    model        model.backbone.build_model, wrapped in DDP from outside when there are several ranks
+    classifier   parallel.ShardedClassifier: this rank's class rows (its gradient contract fits DDP)
+    optimizer    SGD on the backbone; the classifier updates its own rows
+    schedule     train.schedule.lr_factor, a function of epochs done
+    epoch loop   train_epoch / run: input -> step -> a record per epoch
+    evaluation   evaluation.distributed.evaluate_model, after BatchNorm statistics are averaged
+    state        state_dict / load_state_dict, world-size independent (classifier rows by global range)
+
+Whoever runs it (the Ray Train worker, a test on gloo processes, a benchmark) only provides the
+process group and decides what to do with each epoch's record and state: ``train/worker.py`` reports
+them to Ray Train and checkpoints them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from reid_platform.config import RunConfig
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.evaluation.distributed import Evaluation, evaluate_model
+from reid_platform.input import TrainBatches, train_loader
+from reid_platform.input.partition import Partition
+from reid_platform.model.backbone import build_model
+from reid_platform.parallel.classifier import ShardedClassifier
+from reid_platform.parallel.comm import average_buffers, world
+from reid_platform.train.record import EpochRecord
+from reid_platform.train.schedule import lr_factor
+from reid_platform.train.step import PhaseTimer, StepSettings, train_step
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimisation steps completed (every rank counts the same)
+    before_training: dict[str, float] = field(default_factory=dict)  # evaluation of the untrained model
+
+
+@dataclass(frozen=True)
+class EpochOutcome:
+    record: EpochRecord
+    evaluation: Evaluation | None  # the full evaluation behind record.evaluation (for pictures)
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig, dataset: ShardDataset, partition: Partition, device: torch.device):
+        if world() != (partition.rank, partition.world_size):
+            raise RuntimeError(
+                f"partition {partition.rank} of {partition.world_size} does not match the process group "
+                f"(rank {world()[0]} of {world()[1]}): initialise it first"
+            )
+        self.cfg, self.dataset, self.partition, self.device = cfg, dataset, partition, device
+        self.settings = StepSettings.for_device(device, cfg.train.precision, cfg.train.channels_last)
+        torch.manual_seed(cfg.train.seed)
+        self.network = self.settings.prepare_model(build_model(cfg.model).to(device))
+        self.model = self._data_parallel(self.network)
+        self.classifier = ShardedClassifier(
+            dataset.num_classes,
+            self.network.feature_dim,
+            partition.rank,
+            partition.world_size,
+            cfg.loss,
+            momentum=cfg.train.momentum,
+            weight_decay=cfg.train.weight_decay,
+            seed=cfg.train.seed,
+            device=device,
+        )
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+        )
+        self.progress = Progress()
+        self.timer: PhaseTimer | None = None  # set by benchmarks to split each step's time
+
+    def _data_parallel(self, network: torch.nn.Module) -> torch.nn.Module:
+        if self.partition.world_size == 1:
+            return network
+        # No buffer broadcast before every forward (a collective per step): BatchNorm statistics are
+        # averaged over ranks once per epoch instead (average_buffers), before evaluating and saving.
+        return DistributedDataParallel(
+            network,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False,
+            gradient_as_bucket_view=True,
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's state. ``classifier`` lists shard states by global row range: the list of every
+        rank's states (concatenated) loads into an engine of any world size."""
+        return {
+            "progress": asdict(self.progress),
+            "backbone": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "classifier": [self.classifier.shard_state()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.network.load_state_dict(state["backbone"])
+        self.optimizer.load_state_dict(state["optimizer"])  # lands on the parameters' device
+        self.classifier.load_shards(state["classifier"])
+        self.progress = Progress(**state["progress"])
+
+    # -- training ------------------------------------------------------------------------------
+
+    @property
+    def classifier_lr(self) -> float:
+        return self.cfg.train.classifier_lr or self.cfg.train.lr
+
+    def lr_factor(self, epochs_done: float) -> float:
+        return lr_factor(epochs_done, self.cfg.train.epochs, self.cfg.train.warmup_epochs)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, epochs_done: float) -> torch.Tensor:
+        """One optimisation step at the schedule's rate for ``epochs_done``; returns the loss (a tensor:
+        reading it would wait for the GPU)."""
+        factor = self.lr_factor(epochs_done)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.train.lr * factor
+        loss = train_step(
+            self.model, self.classifier, self.optimizer, images, labels, self.classifier_lr * factor,
+            self.settings, self.timer,
+        )  # fmt: skip
+        self.progress.step += 1
+        return loss
+
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int) -> list[tuple[int, float]]:
+        """One epoch of ``steps`` batches; returns (global step, loss) of each. BatchNorm statistics are
+        averaged over ranks at the end, so that every rank holds the same model."""
+        self.model.train()
+        epoch, first_step = self.progress.epoch, self.progress.step + 1
+        losses = []
+        batches = self.timer.batches(batches) if self.timer else batches
+        for index, (images, labels) in enumerate(batches):
+            losses.append(self.step(images, labels, epoch + index / steps))
+        if len(losses) != steps:
+            raise RuntimeError(f"epoch {epoch + 1}: the input gave {len(losses)} batches, {steps} expected")
+        average_buffers(self.network)
+        self.progress.epoch += 1
+        return list(enumerate(torch.stack(losses).tolist(), start=first_step))
+
+    def evaluate(self) -> Evaluation:
+        """Every rank's model on query and gallery (all ranks must call it together)."""
+        return evaluate_model(
+            self.network, self.dataset, self.cfg.input, self.partition, self.device, self.cfg.evaluation
+        )
+
+    def evaluate_untrained(self) -> bool:
+        """Evaluate the model before its first step, once per run: False when the progress (of a
+        resumed run) already holds that evaluation."""
+        if self.progress.before_training:
+            return False
+        self.progress.before_training = self.evaluate().metrics.summary()
+        return True
+
+    def evaluation_due(self) -> bool:
+        epoch, every = self.progress.epoch, self.cfg.train.eval_every
+        return epoch == self.cfg.train.epochs or bool(every and epoch % every == 0)
+
+    def input_seed(self) -> int:
+        """Distinct augmentation streams per (seed, rank, epoch of the start), also after a resume."""
+        entropy = [self.cfg.train.seed, self.partition.rank, self.progress.epoch]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+    def run(self, loader: TrainBatches | None = None) -> Iterator[EpochOutcome]:
+        """Train from the current progress to the last epoch, yielding after every epoch: the caller
+        saves ``state_dict()`` (and reports the record) before asking for the next one.
+
+        The untrained model is evaluated first, unless that evaluation is done already.
+        """
+        loader = loader or train_loader(self.dataset, self.partition, self.cfg.input, self.input_seed())
+        self.evaluate_untrained()
+        while self.progress.epoch < self.cfg.train.epochs:
+            started = _now(self.device)
+            losses = self.train_epoch(loader, len(loader))
+            elapsed = _now(self.device) - started
+            evaluation = self.evaluate() if self.evaluation_due() else None
+            record = EpochRecord(
+                epoch=self.progress.epoch,
+                epochs=self.cfg.train.epochs,
+                world_size=self.partition.world_size,
+                step_losses=losses,
+                lr=self.cfg.train.lr * self.lr_factor(self.progress.epoch),
+                images_per_s=len(losses) * self.cfg.input.batch_size * self.partition.world_size / elapsed,
+                evaluation=evaluation.metrics.summary() if evaluation else None,
+                before_training=self.progress.before_training,
+            )
+            yield EpochOutcome(record, evaluation)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,79 @@
+"""The function Ray Train runs on every worker: a thin adapter around the engine.
+
+Ray gives the process group, the device and the latest checkpoint; the engine does the training;
+after every epoch its state goes into a checkpoint and its record into ``ray.train.report``, which
+hands both to the controller (``epoch_log.py`` logs the record once the checkpoint is committed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from reid_platform.config import RunConfig
+from reid_platform.console import say
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.evaluation.plots import write_pictures
+from reid_platform.input.partition import Partition
+from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
+from reid_platform.train.engine import Engine, EpochOutcome
+from reid_platform.train.record import EVALUATION_DIR, EpochRecord
+
+
+def progress_line(record: EpochRecord) -> str:
+    line = (
+        f"epoch {record.epoch}/{record.epochs}: loss {record.loss:.3f}, lr {record.lr:.4g}, "
+        f"{record.images_per_s:.1f} images/s"
+    )
+    if record.evaluation:
+        line += f", rank-1 {record.evaluation['rank1']:.2%}, mAP {record.evaluation['mAP']:.2%}"
+    return line
+
+
+def _quiet_report_lines() -> None:
+    # Ray Train 2.60 logs every report at INFO, its whole metrics dict (our per-step losses included),
+    # through a logger named after its file, which its LoggingConfig does not reach.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _save(engine: Engine, outcome: EpochOutcome, directory: Path) -> EpochRecord:
+    """The engine's state (and after the last epoch, rank 0's pictures) into ``directory``."""
+    save_checkpoint(engine.state_dict(), directory, engine.partition.rank)
+    record = outcome.record
+    if engine.partition.rank == 0 and record.last and outcome.evaluation is not None:
+        pictures = write_pictures(outcome.evaluation, engine.dataset, directory / EVALUATION_DIR)
+        record = dataclasses.replace(record, pictures=[picture.name for picture in pictures])
+    return record
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = RunConfig.model_validate(loop_config["config"])
+    _quiet_report_lines()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    partition = Partition(rank, world_size, device.index if device.type == "cuda" else None)
+    engine = Engine(cfg, ShardDataset.open(cfg.data.shards), partition, device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory, open_checkpoint(Path(directory)) as state:
+            engine.load_state_dict(state)
+        if rank == 0:
+            say(f"resumed after epoch {engine.progress.epoch} on {world_size} workers from {checkpoint.path}")
+    elif engine.evaluate_untrained() and rank == 0:
+        say(f"before training: mAP {engine.progress.before_training['mAP']:.2%}")
+    for outcome in engine.run():
+        if rank == 0:
+            say(progress_line(outcome.record))
+        with tempfile.TemporaryDirectory() as directory:
+            record = _save(engine, outcome, Path(directory))
+            ray.train.report(record.to_report(), checkpoint=ray.train.Checkpoint.from_directory(directory))
