@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO := data/demo
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# everything but the tests that run Ray Train jobs (marked `ray`): about a minute and a half on 2 cores
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not ray"
 
 clean:
 	rm -rf $(DEMO) runs mlflow.db mlartifacts

@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny synthetic Market-1501 tree and its shards, made once per session."""
+"""Shared fixtures: a tiny synthetic Market-1501 tree and its shards, made once per session.
+
+Session fixtures are read-only: a test that changes files or a store works on its own copy. The
+suite passes in any order; ``pytest --reverse`` runs it backwards to show it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,15 @@ import pytest
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_dataset
 from reid_platform.data.synth import write_synthetic_market1501
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true", help="run the tests in reverse order")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,11 @@ import numba
 import numpy as np
 import torch
 
+# numba's own thread pool, not its OpenMP layer: that one shares libgomp with torch, and its threads
+# keep spinning after an evaluation, taking the cores from every training step that follows (2.9x
+# slower steps on 2 cores, measured with benchmarks/train_step.py's engine after an evaluation).
+numba.config.THREADING_LAYER = "workqueue"
+
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def _count_negatives_before(distance, gallery_ids, query_ids, match_distance, match_index, num_matches, counts, not_a_number):
