@@ -24,7 +24,9 @@ def describe(error: ValidationError, prefix: str = "") -> str:
     problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "") or "(top level)"
-        got = "" if item["type"] == "missing" else f" (got {item.get('input')!r})"
+        value = item.get("input")
+        # a whole section as the input (a check across its fields) would print the entire config
+        got = "" if item["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
         message = item["msg"].removeprefix("Value error, ")
         problems.append(f"{where}: {message}{got}")
     return "; ".join(problems)

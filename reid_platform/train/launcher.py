@@ -11,6 +11,8 @@ logged by the Ray Train controller (``epoch_log.py``).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import ray
 from mlflow.tracking import MlflowClient
+from ray._private.authentication import authentication_token_setup
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
@@ -89,6 +92,23 @@ def _committed(run_dir: Path) -> Result | None:
         return None
 
 
+def _connect_ray() -> None:
+    """Join the job's cluster (inside a Ray job, RAY_ADDRESS is set) or start one on this machine.
+
+    A cluster of our own starts quietly, without changing what Ray does: its token authentication
+    (Ray's default for local clusters) is announced by a warning that we do not print, and it has no
+    preemption watcher (nothing drains the nodes of a cluster that lives inside this process; the
+    watcher's start logs an error line about its restart policy). On a shared cluster both stay as
+    its operator set them.
+    """
+    if ray.is_initialized():
+        return
+    if not os.environ.get("RAY_ADDRESS"):
+        logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(logging_level="WARNING", log_to_driver=True)
+
+
 def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
@@ -134,8 +154,7 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
 
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING", log_to_driver=True)
+    _connect_ray()
     try:
         result = _trainer(cfg, run_id).fit()
     except BaseException:
