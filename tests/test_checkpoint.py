@@ -114,3 +114,13 @@ def test_the_initial_classifier_is_the_same_on_any_world_size():
         parts = [ShardedClassifier(classes, 4, rank, world_size, seed=3).weight.detach() for rank in range(world_size)]
         assert torch.equal(torch.cat(parts), single)
     assert not torch.equal(ShardedClassifier(classes, 4, seed=4).weight.detach(), single)
+
+
+def test_a_checkpoint_of_another_version_is_named_not_half_loaded(tmp_path):
+    from reid_platform.train.checkpoint import TRAINER_STATE, open_checkpoint
+
+    old = {"backbone": {}, "backbone_optimizer": {}, "progress": {"epoch": 1, "step": 5, "carried": {}}}
+    torch.save(old, tmp_path / TRAINER_STATE)
+    with pytest.raises(ModelFormatError, match=r"trainer.pt: holds \['backbone', 'backbone_optimizer', 'progress'\]"):
+        with open_checkpoint(tmp_path):
+            pass

@@ -90,9 +90,8 @@ class ShardedClassifier(nn.Module):
         self.rank, self.world_size = rank, world_size
         self.sample_rate, self.momentum, self.weight_decay = loss.sample_rate, momentum, weight_decay
         self.start, self.end = shard_range(num_classes, rank, world_size)
-        weight = initial_rows(self.start, self.end, dim, seed, device)
-        self.weight = nn.Parameter(weight)
-        self.register_buffer("momentum_buffer", torch.zeros_like(weight))
+        self.weight = nn.Parameter(initial_rows(self.start, self.end, dim, seed, device))
+        self.register_buffer("momentum_buffer", torch.zeros_like(self.weight.detach()))
         # negatives differ per rank and do not depend on anything else drawing random numbers
         self._sampler = torch.Generator(device).manual_seed(seed * 1_000_003 + self.start + 1)
         self._active: tuple[torch.Tensor | None, torch.Tensor] | None = None
@@ -104,6 +103,7 @@ class ShardedClassifier(nn.Module):
     def local_target(self, labels: torch.Tensor) -> torch.Tensor:
         """Column of each label in this shard, -1 where another rank owns the class."""
         return columns_in_range(labels, self.start, self.local_classes)
+
     def sample_rows(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted local rows to use, target remapped to positions in them).
 

@@ -22,6 +22,7 @@ from reid_platform.parallel.classifier import saved_shards, write_shards
 
 TRAINER_STATE = "trainer.pt"
 CLASSIFIER_DIR = "classifier"
+TRAINER_KEYS = {"progress", "backbone", "optimizer"}
 
 
 def save_checkpoint(state: dict, directory: Path, rank: int) -> None:
@@ -34,9 +35,15 @@ def save_checkpoint(state: dict, directory: Path, rank: int) -> None:
 def read_trainer_state(directory: Path) -> dict:
     """Progress, backbone and optimizer state (tensors and plain types only: no code is unpickled)."""
     try:
-        return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+        state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelFormatError(f"{directory}: not a training checkpoint (no {TRAINER_STATE})") from None
+    if set(state) != TRAINER_KEYS:
+        raise ModelFormatError(
+            f"{directory / TRAINER_STATE}: holds {sorted(state)}, expected {sorted(TRAINER_KEYS)}: written by "
+            "another version of reid-platform; continue it with that version, or start a new run.name"
+        )
+    return state
 
 
 @contextmanager
