@@ -10,9 +10,11 @@
     run         train.config.RunSection             names, storage, checkpoints, restarts
     tracking    tracking.config.TrackingConfig      MLflow
 
-A config is YAML plus ``--set dotted.key=value`` overrides. Everything is checked before any process
-or cluster starts: an unknown key, a wrong type or an out-of-range value raises ``ConfigError`` with
-the key path and the file, which the CLI turns into exit status 2.
+A config is YAML plus ``--set dotted.key=value`` overrides. ``base: other.yaml`` (relative to the
+file) makes a config start from another one, deep-merged: its sections and keys are kept unless this
+file sets them. Everything is checked before any process or cluster starts: an unknown key, a wrong
+type, an out-of-range value, a missing base or a cycle of bases raises ``ConfigError`` with the key
+path and the file, which the CLI turns into exit status 2.
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ class RunConfig(Section):
             if moved[key] != value and moved[key].removeprefix("sqlite:///").startswith(str(base))
         ]  # fmt: skip
 
+    def to_yaml(self) -> str:
+        """The whole config, defaults included, as YAML that loads back to the same config."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
     def flat(self) -> dict[str, str]:
         """Dotted key -> value, for MLflow params."""
         return flatten(self.model_dump(mode="json"))
@@ -118,17 +124,44 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw else None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read, override and validate a run config; raise ConfigError naming the file and key."""
-    path = Path(path)
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` on top: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of ``path`` merged onto its ``base`` chain (``chain``: the files that led here)."""
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
+        via = f" (the base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}: cannot read config{via}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of another config file (got {base!r})")
+    base_path = (path.parent / base).resolve()
+    if base_path in {*chain, path.resolve()}:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path))
+        raise ConfigError(f"{path}: base {base!r} makes a cycle of configs: {cycle}")
+    return deep_merge(read_tree(base_path, (*chain, path.resolve())), tree)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read (with its bases), override and validate a run config; raise ConfigError naming the file and key."""
+    path = Path(path)
+    tree = read_tree(path)
     for assignment in overrides:
         apply_override(tree, assignment)
     return validate(RunConfig, tree, str(path))

@@ -84,3 +84,27 @@ def test_cli_help_lists_every_subcommand(capsys):
         with pytest.raises(SystemExit):
             main([*sub, "--help"])
         assert "usage: reid " + " ".join(sub) in capsys.readouterr().out
+
+
+def test_a_config_inherits_from_its_base_deep_merged(tmp_path, capsys):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "base.yaml").write_text("data:\n  shards: x\ninput:\n  height: 64\n  width: 32\ntrain:\n  epochs: 7\n")
+    (tmp_path / "recipes" / "child.yaml").write_text("base: ../base.yaml\ninput:\n  width: 48\nloss:\n  scale: 32\n")
+    cfg = load_config(tmp_path / "recipes" / "child.yaml", ["train.lr=0.2"])
+    assert (cfg.input.height, cfg.input.width, cfg.train.epochs, cfg.loss.scale, cfg.train.lr) == (64, 48, 7, 32.0, 0.2)
+    assert main(["config", "show", str(tmp_path / "recipes" / "child.yaml"), "--set", "train.epochs=9"]) == 0
+    shown = capsys.readouterr().out
+    (tmp_path / "shown.yaml").write_text(shown)
+    assert load_config(tmp_path / "shown.yaml") == cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 9, "lr": 0.01})})
+
+
+def test_missing_bases_and_cycles_are_refused_with_the_file_named(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: base 'a.yaml' makes a cycle of configs: \S*a.yaml -> \S*b.yaml -> \S*a.yaml$"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml: cannot read config \(the base of .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+    assert main(["config", "show", str(tmp_path / "c.yaml")]) == 2
+    assert "nowhere.yaml" in capsys.readouterr().err

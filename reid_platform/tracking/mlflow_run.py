@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -94,15 +93,11 @@ def open_run(cfg: RunConfig, config_path: Path, run_id: str | None = None) -> st
         params = [Param(key, value[:6000]) for key, value in sorted(cfg.flat().items())]
         for start in range(0, len(params), PARAM_LIMIT):
             client.log_batch(run_id, params=params[start : start + PARAM_LIMIT])
-        client.log_text(run_id, cfg_yaml(cfg), "config/resolved.yaml")
+        client.log_text(run_id, cfg.to_yaml(), "config/resolved.yaml")
         client.log_artifact(run_id, str(config_path), "config")
     else:
         client.update_run(run_id, status="RUNNING")
     return run_id
-
-
-def cfg_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 class RunLogger:

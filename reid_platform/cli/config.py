@@ -1,0 +1,22 @@
+"""`reid config show`: the config a command would run with, bases merged and defaults filled in."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from reid_platform.config import load_config
+
+    print(load_config(args.config, args.set).to_yaml(), end="")
+    return 0
+
+
+def add_commands(commands) -> None:
+    config = commands.add_parser("config", help="run configs").add_subparsers(
+        dest="config_command", required=True, metavar="COMMAND"
+    )
+    show = config.add_parser("show", help="print the resolved config (bases merged, overrides applied, defaults filled)")
+    show.add_argument("config", help="YAML run config")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    show.set_defaults(handler=_cmd_show)
