@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from reid_platform.parallel.classifier import ShardedClassifier, shard_range
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.losses import default_chunk_size, margin_logits
+from reid_platform.parallel.row_optim import RowSGD
 
 SPEC = LossConfig(name="circle", scale=128.0, margin=0.25)
 MB = 1024**2
@@ -57,7 +58,7 @@ def _sharded_worker(rank, world_size, init_file, out_dir, classes, dim, batch, r
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(rank)
     loss = SPEC.model_copy(update={"sample_rate": rho})
-    build = functools.partial(ShardedClassifier, rank=rank, world_size=world_size, loss=loss, momentum=0.9, weight_decay=5e-4)
+    build = functools.partial(ShardedClassifier, rank=rank, world_size=world_size, loss=loss, optimizer=RowSGD(0.9, 5e-4))
     losses = []
 
     def step():

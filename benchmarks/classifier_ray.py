@@ -46,7 +46,7 @@ def loop(config: dict) -> None:
     encoder = ray.train.torch.prepare_model(torch.nn.Linear(INPUT_DIM, config["dim"]))
     classifier = ShardedClassifier(
         config["classes"], config["dim"], rank, world_size,
-        LossConfig(name="circle", scale=64.0, margin=0.25, sample_rate=config["rho"]), momentum=0.9,
+        LossConfig(name="circle", scale=64.0, margin=0.25, sample_rate=config["rho"]),
     )  # fmt: skip
     optimizer = torch.optim.SGD(encoder.parameters(), lr=config["lr"], momentum=0.9)
     pool = torch.linspace(0, config["classes"] - 1, config["pool"]).long()

@@ -29,7 +29,7 @@ from reid_platform.data.config import DataConfig
 from reid_platform.errors import ConfigError
 from reid_platform.evaluation.config import EvaluationConfig
 from reid_platform.input.config import InputConfig
-from reid_platform.model.config import ModelConfig
+from reid_platform.model.config import PRETRAINED_NAMES, ModelConfig
 from reid_platform.parallel.config import LossConfig
 from reid_platform.section import Section, validate
 from reid_platform.tracking.config import TrackingConfig
@@ -48,11 +48,15 @@ class RunConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _warmup_within_training(self) -> RunConfig:
-        if self.train.warmup_epochs >= self.train.epochs and self.train.warmup_epochs > 0:
+    def _sections_agree(self) -> RunConfig:
+        for name in ("warmup_epochs", "freeze_backbone_epochs"):
+            value = getattr(self.train, name)
+            if value and value >= self.train.epochs:
+                raise ValueError(f"train.{name} ({value}) must be below train.epochs ({self.train.epochs})")
+        if self.loss.pairwise is not None and self.input.sampler != "identity":
             raise ValueError(
-                f"train.warmup_epochs ({self.train.warmup_epochs}) must be below "
-                f"train.epochs ({self.train.epochs})"
+                f"loss.pairwise ({self.loss.pairwise.name}) needs several images of each identity in a batch: "
+                "set input.sampler: identity (and input.images_per_identity, e.g. 4)"
             )
         return self
 
@@ -71,8 +75,9 @@ class RunConfig(Section):
                 "tracking": self.tracking.model_copy(update={"uri": uri}),
                 "data": self.data.model_copy(update={"shards": absolute(self.data.shards)}),
                 "model": self.model.model_copy(
-                    update={"pretrained_weights": absolute(self.model.pretrained_weights)}
-                ),
+                    update={"pretrained": self.model.pretrained if self.model.pretrained in PRETRAINED_NAMES
+                            else str(absolute(Path(self.model.pretrained)))}
+                ),  # fmt: skip
                 "run": self.run.model_copy(
                     update={
                         "storage_path": absolute(self.run.storage_path),

@@ -31,10 +31,10 @@ def shards(world_size, seed=0):
 def test_saved_with_two_workers_loads_with_one_and_three(tmp_path):
     saved = shards(2, seed=1)
     for model in saved:
-        model.momentum_buffer.normal_()  # optimizer state worth saving
+        model.state("momentum").normal_()  # optimizer state worth saving
         write_shards([model.shard_state()], tmp_path)
     full_weight = torch.cat([m.weight.detach() for m in saved])
-    full_momentum = torch.cat([m.momentum_buffer for m in saved])
+    full_momentum = torch.cat([m.state("momentum") for m in saved])
     assert full_momentum.abs().sum() > 0
     embeddings = torch.randn(5, DIM)
     reference = cosine(embeddings, full_weight)
@@ -43,7 +43,7 @@ def test_saved_with_two_workers_loads_with_one_and_three(tmp_path):
         for model in loaded:
             load_from(model, tmp_path)
         torch.testing.assert_close(torch.cat([m.weight.detach() for m in loaded]), full_weight)
-        torch.testing.assert_close(torch.cat([m.momentum_buffer for m in loaded]), full_momentum)
+        torch.testing.assert_close(torch.cat([m.state("momentum") for m in loaded]), full_momentum)
         logits = cosine(embeddings, torch.cat([m.weight.detach() for m in loaded]))
         torch.testing.assert_close(logits, reference)
 
@@ -87,22 +87,6 @@ def test_last_stride_one_doubles_the_final_map():
         strided = ReIDNet(ModelConfig(arch=arch, last_stride=2)).trunk(images)
         unstrided = ReIDNet(ModelConfig(arch=arch, last_stride=1)).trunk(images)
         assert strided.shape[1:] == (width, 4, 2) and unstrided.shape[1:] == (width, 8, 4)
-
-
-def test_local_pretrained_weights_load_into_the_trunk(tmp_path):
-    import torchvision
-
-    from reid_platform.model.backbone import load_pretrained_trunk
-
-    source = torchvision.models.resnet18(weights=None)
-    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
-    model = ReIDNet(ModelConfig(arch="resnet18"))
-    load_pretrained_trunk(model, tmp_path / "resnet18.pth")
-    torch.testing.assert_close(model.trunk[0].weight, source.conv1.weight)
-    torch.testing.assert_close(model.trunk[7][1].conv2.weight, source.layer4[1].conv2.weight)
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "resnet50.pth")
-    with pytest.raises(ModelFormatError, match="resnet50.pth: not a resnet18 state dict"):
-        load_pretrained_trunk(model, tmp_path / "resnet50.pth")
 
 
 def test_the_initial_classifier_is_the_same_on_any_world_size():

@@ -7,6 +7,7 @@ import torch
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.losses import sharded_margin_loss
+from reid_platform.parallel.row_optim import RowSGD
 
 SPEC = LossConfig(name="circle", scale=32.0, margin=0.25)
 
@@ -48,7 +49,7 @@ def test_sampled_loss_is_the_exact_loss_over_the_sampled_classes():
 
 
 def test_only_sampled_rows_and_their_momentum_change():
-    model = ShardedClassifier(200, 8, momentum=0.9, weight_decay=5e-4, loss=sampling(0.1))
+    model = ShardedClassifier(200, 8, loss=sampling(0.1), optimizer=RowSGD(0.9, 5e-4))
     before = model.weight.detach().clone()
     x = torch.randn(16, 8, requires_grad=True)
     model(x, torch.randint(0, 200, (16,))).backward()
@@ -58,13 +59,13 @@ def test_only_sampled_rows_and_their_momentum_change():
     untouched = torch.ones(200, dtype=torch.bool)
     untouched[rows] = False
     assert torch.equal(model.weight.detach()[untouched], before[untouched])
-    assert (model.momentum_buffer[untouched] == 0).all()
+    assert (model.state("momentum")[untouched] == 0).all()
     assert (model.weight.detach()[rows] != before[rows]).any(dim=1).all()
-    assert (model.momentum_buffer[rows] != 0).any(dim=1).all()
+    assert (model.state("momentum")[rows] != 0).any(dim=1).all()
 
 
 def test_full_rate_step_matches_torch_sgd():
-    model = ShardedClassifier(30, 8, momentum=0.9, weight_decay=1e-3, loss=SPEC)
+    model = ShardedClassifier(30, 8, loss=SPEC, optimizer=RowSGD(0.9, 1e-3))
     reference = torch.nn.Parameter(model.weight.detach().clone())
     optimizer = torch.optim.SGD([reference], lr=0.05, momentum=0.9, weight_decay=1e-3)
     for step in range(3):
@@ -76,7 +77,7 @@ def test_full_rate_step_matches_torch_sgd():
         sharded_margin_loss(x, reference, labels, SPEC).backward()
         optimizer.step()
     torch.testing.assert_close(model.weight.detach(), reference.detach())
-    torch.testing.assert_close(model.momentum_buffer, optimizer.state[reference]["momentum_buffer"])
+    torch.testing.assert_close(model.state("momentum"), optimizer.state[reference]["momentum_buffer"])
 
 
 def test_step_without_backward_is_an_error():

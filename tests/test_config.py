@@ -32,7 +32,17 @@ def test_overrides_are_typed_and_nested():
         ("loss.margin=0.7", "loss.margin must be below 0.5 for circle (got 0.7)"),
         ("loss.margin=1.5", "loss.margin: Input should be less than 1"),
         ("loss.sample_rate=0", "loss.sample_rate: Input should be greater than 0"),
-        ("model.arch=vgg16", "model.arch: Input should be 'resnet18'"),
+        ("model.arch=vgg16", "model.arch: unknown backbone 'vgg16'; choose one of resnet18, resnet34, resnet50, resnet101, "
+         "resnet18_ibn_a"),
+        ("loss.label_smoothing=1.2", "loss.label_smoothing: Input should be less than 1"),
+        ("loss.pairwise={name: triplet, weight: 0}", "loss.pairwise.weight: Input should be greater than 0"),
+        ("loss.pairwise={name: circle, margin: 0.6}", "loss.pairwise.margin must be below 0.5 for circle (got 0.6)"),
+        ("loss.pairwise={name: triplet}", "loss.pairwise (triplet) needs several images of each identity in a batch: "
+         "set input.sampler: identity"),
+        ("train.freeze_backbone_epochs=5", "train.freeze_backbone_epochs (5) must be below train.epochs (5)"),
+        ("train.optimizer=lamb", "train.optimizer: Input should be 'sgd', 'adam' or 'adamw'"),
+        ("model.pooling=max", "model.pooling: Input should be 'avg' or 'gem'"),
+        ("evaluation.aqe_k=-1", "evaluation.aqe_k: Input should be greater than or equal to 0"),
         ("train.warmup_epochs=9", "train.warmup_epochs (9) must be below train.epochs (5)"),
         ("evaluation.protocol=viper", "evaluation.protocol: Input should be 'market', 'cuhk03' or 'no_camera'"),
         ("evaluation.memory_mb=0", "evaluation.memory_mb: Input should be greater than 0"),

@@ -64,7 +64,7 @@ def snapshot(engine: Engine) -> dict:
         "backbone": {k: v.clone() for k, v in engine.network.state_dict().items()},
         "momentum": momentum,
         "rows": (engine.classifier.start, engine.classifier.weight.detach().clone()),
-        "row_momentum": engine.classifier.momentum_buffer.clone(),
+        "row_state": {name: engine.classifier.state(name).clone() for name in engine.classifier.optimizer.state_names},
         "progress": dataclasses.replace(engine.progress),
     }
 

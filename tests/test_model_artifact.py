@@ -53,12 +53,12 @@ def test_round_trip_and_refusal_of_a_planted_pickle(tmp_path):
 
 def test_v2_describes_the_network_and_its_preprocessing_only(tmp_path):
     training_input = InputConfig(height=64, width=32, batch_size=16, erasing_prob=0.3, sampler="identity")
-    model = ReIDNet(ModelConfig(arch="resnet18", embedding_dim=16, pretrained_weights=Path("/somewhere.pth")))
+    model = ReIDNet(ModelConfig(arch="resnet18", embedding_dim=16, pretrained="/somewhere.pth"))
     save_model_dir(model, training_input, tmp_path)
     description = json.loads((tmp_path / "model.json").read_text())
     assert description == {
         "format": FORMAT,
-        "model": {"arch": "resnet18", "embedding_dim": 16, "last_stride": 1},
+        "model": {"arch": "resnet18", "embedding_dim": 16, "last_stride": 1, "pooling": "avg"},
         "preprocessing": {"height": 64, "width": 32, "mean": list(training_input.mean), "std": list(training_input.std)},
     }
 

@@ -13,6 +13,7 @@ from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import ModelConfig
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.config import LossConfig
+from reid_platform.parallel.criterion import Criterion
 from reid_platform.train.schedule import lr_factor
 from reid_platform.train.step import StepSettings, train_step
 
@@ -20,12 +21,13 @@ from reid_platform.train.step import StepSettings, train_step
 def one_step(settings: StepSettings) -> tuple[float, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = settings.prepare_model(ReIDNet(ModelConfig(arch="resnet18", embedding_dim=32))).train()
-    classifier = ShardedClassifier(10, 32, 0, 1, LossConfig(name="circle", scale=32.0, margin=0.25))
+    loss = LossConfig(name="circle", scale=32.0, margin=0.25)
+    classifier = ShardedClassifier(10, 32, 0, 1, loss)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(8, 3, 64, 32, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(8) % 10
-    loss = train_step(model, classifier, optimizer, images, labels, 0.1, settings)
-    return loss.item(), copy.deepcopy(model.projection.weight.detach()), classifier.weight.detach().clone()
+    value = train_step(model, Criterion(classifier, loss), optimizer, images, labels, 0.1, settings)
+    return value.item(), copy.deepcopy(model.projection.weight.detach()), classifier.weight.detach().clone()
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -57,7 +57,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         model, preprocessing = load_model(args.model, tracking_uri(args), Path(scratch))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    embeddings = embed_images(model, preprocessing, paths, args.batch_size, device)
+    embeddings = embed_images(model, preprocessing, paths, args.batch_size, device, args.flip)
     out = Path(args.out)
     save_embeddings(out, embeddings, paths)
     elapsed = time.perf_counter() - started
@@ -70,7 +70,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         model, preprocessing = load_model(args.model, tracking_uri(args), Path(scratch))
-    check = export_onnx(model, preprocessing, Path(args.out), args.tolerance)
+    check = export_onnx(model, preprocessing, Path(args.out), args.tolerance, args.flip)
     print(
         f"wrote {args.out}: input images (N, 3, {preprocessing.height}, {preprocessing.width}) normalised with "
         f"mean {list(preprocessing.mean)} and std {list(preprocessing.std)}, output L2-normalised embeddings; onnxruntime "
@@ -104,6 +104,7 @@ def add_commands(commands) -> None:
     embed.add_argument("--model", required=True, help=MODEL_HELP)
     embed.add_argument("--out", required=True, help="output .npz")
     embed.add_argument("--batch-size", type=positive_int, default=64)
+    embed.add_argument("--flip", action="store_true", help="average each image with its mirror (evaluation.flip)")
     add_tracking_uri(embed)
     embed.set_defaults(handler=_cmd_embed)
 
@@ -114,5 +115,6 @@ def add_commands(commands) -> None:
     onnx.add_argument("--model", required=True, help=MODEL_HELP)
     onnx.add_argument("--out", required=True, help="output .onnx file")
     onnx.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference from PyTorch")
+    onnx.add_argument("--flip", action="store_true", help="average each image with its mirror inside the graph")
     add_tracking_uri(onnx)
     onnx.set_defaults(handler=_cmd_export_onnx)

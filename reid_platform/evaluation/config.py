@@ -26,6 +26,11 @@ class EvaluationConfig(Section):
         "no_camera: data without camera ids."
     )
     memory_mb: float = Field(512.0, gt=0.0, description="Budget for one block of query x gallery ranking work.")
+    flip: bool = Field(False, description="Average each image's embedding with its horizontal mirror's.")
+    aqe_k: int = Field(
+        0, ge=0, description="Average query expansion: each query becomes the mean of itself and its k nearest "
+        "gallery images (0 is off)."
+    )
     cuhk03_repeats: int = Field(10, ge=1, description="cuhk03 protocol: gallery draws averaged for CMC.")
     cuhk03_seed: int = Field(0, description="cuhk03 protocol: seed of the gallery draws.")
     rerank: bool = Field(False, description="k-reciprocal re-ranking (Zhong et al. 2017).")

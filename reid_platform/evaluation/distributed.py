@@ -45,15 +45,17 @@ def extract_features(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     description: str | None = None,
+    flip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L2-normalised features, meta rows [label, person_id, camera_id, index]) of ``batches``."""
+    """(L2-normalised features, meta rows [label, person_id, camera_id, index]) of ``batches``; with
+    ``flip``, each image's embedding averaged with its mirror's."""
     was_training = model.training
     model.eval()
     # a rank whose part is empty (more ranks than shards) still joins the gather with no rows
     features = [torch.zeros(0, model.feature_dim)]
     metas = [torch.zeros(0, 4, dtype=torch.int64)]
     for images, meta in tqdm(batches, desc=description, unit="batch", disable=description is None):
-        features.append(model.embed(images.to(device)).float().cpu())
+        features.append(model.embed(images.to(device), flip).float().cpu())
         metas.append(meta.cpu())
     model.train(was_training)
     return torch.cat(features), torch.cat(metas)
@@ -108,7 +110,8 @@ def evaluate_model(
         batches = eval_batches(dataset, split, partition, input_cfg, batch_size)
         description = f"embedding {split}" if progress else None
         expected = dataset.split(split).samples
-        sets[split] = _in_dataset_order(split, expected, *extract_features(model, batches, device, description))
+        features = extract_features(model, batches, device, description, cfg.flip)
+        sets[split] = _in_dataset_order(split, expected, *features)
     query, gallery = sets["query"], sets["gallery"]
     check_sets(query, gallery)
     distances = make_distances(query, gallery, cfg)

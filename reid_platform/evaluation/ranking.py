@@ -24,6 +24,7 @@ import torch
 from reid_platform.errors import EvaluationError
 from reid_platform.evaluation.config import EvaluationConfig, Protocol
 from reid_platform.evaluation.distance import Distances, FeatureDistances, unit_rows
+from reid_platform.evaluation.expansion import expand_queries
 from reid_platform.evaluation.kernels import negatives_before_matches
 from reid_platform.evaluation.metrics import FeatureSet, QueryResults, RetrievalMetrics, check_sets, summarize
 from reid_platform.evaluation.rerank import RerankedDistances
@@ -56,7 +57,10 @@ class GalleryByIdentity:
 
 
 def make_distances(query: FeatureSet, gallery: FeatureSet, cfg: EvaluationConfig) -> Distances:
-    """The distances ``cfg`` asks for: plain ``cfg.metric`` ones, or those re-ranked."""
+    """The distances ``cfg`` asks for: plain ``cfg.metric`` ones, or those re-ranked; of the expanded
+    queries with average query expansion."""
+    if cfg.aqe_k:
+        query = expand_queries(query, gallery, cfg)
     if not cfg.rerank:
         return FeatureDistances(query.features, gallery.features, cfg.metric)
     query_features, gallery_features = query.features, gallery.features

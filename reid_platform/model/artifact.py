@@ -72,7 +72,7 @@ def load_model_dir(directory: str | Path) -> tuple[ReIDNet, Preprocessing]:
     """(model in eval mode, the preprocessing it expects)."""
     directory = Path(directory)
     architecture, preprocessing = read_description(directory)
-    model = ReIDNet(architecture)
+    model = ReIDNet(architecture, preprocessing)
     try:
         state = load_file(directory / WEIGHTS)
     except (SafetensorError, OSError) as error:

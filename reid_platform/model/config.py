@@ -7,28 +7,54 @@ everything an application needs to feed the network (timm keeps the same record 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from reid_platform.section import Section
 
-Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+IBN_RESNETS = tuple(f"{name}_ibn_a" for name in RESNETS)
+TIMM_PREFIX = "timm/"
+PRETRAINED_NAMES = ("none", "imagenet")  # anything else is a path
 
 
 class ModelConfig(Section):
-    arch: Arch = "resnet50"
+    arch: str = Field(
+        "resnet50",
+        description=f"{', '.join(RESNETS + IBN_RESNETS)}, or {TIMM_PREFIX}NAME for any timm model "
+        "(e.g. timm/convnext_tiny, timm/vit_small_patch16_224).",
+    )
+    pretrained: str = Field(
+        "none",
+        description="none; imagenet (torchvision's recommended ImageNet weights of the architecture, or timm's "
+        "default pretrained tag, through their caches); or the path of a local state dict.",
+    )
     embedding_dim: int | None = Field(
         None, ge=8, description="Linear projection after pooling; None keeps the backbone width."
     )
-    last_stride: Literal[1, 2] = 1
-    pretrained_weights: Path | None = Field(
-        None, description="Local torchvision state dict; nothing is ever downloaded."
+    last_stride: Literal[1, 2] = Field(
+        1, description="1 removes the stride of the last stage where the family has one (ResNets); others keep theirs."
     )
+    pooling: Literal["avg", "gem"] = Field("avg", description="gem: generalised mean with a learnable p (init 3).")
+    sync_bn: bool = Field(False, description="BatchNorm statistics over the global batch, whatever its split.")
 
-    # how the weights were initialised for training: not part of a trained model's description
-    TRAINING_ONLY: ClassVar[frozenset[str]] = frozenset({"pretrained_weights"})
+    # how the network is initialised and trained: not part of a trained model's description
+    TRAINING_ONLY: ClassVar[frozenset[str]] = frozenset({"pretrained", "sync_bn"})
+
+    @field_validator("arch")
+    @classmethod
+    def _known_family(cls, arch: str) -> str:
+        if arch in RESNETS + IBN_RESNETS or (arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX)):
+            return arch
+        raise ValueError(
+            f"unknown backbone {arch!r}; choose one of {', '.join(RESNETS + IBN_RESNETS)} or "
+            f"{TIMM_PREFIX}NAME for a timm model (timm.list_models() lists them)"
+        )
+
+    @property
+    def timm_name(self) -> str | None:
+        return self.arch.removeprefix(TIMM_PREFIX) if self.arch.startswith(TIMM_PREFIX) else None
 
     def architecture(self) -> dict:
         """The fields that rebuild the network around saved weights."""

@@ -2,7 +2,8 @@
 
 The graph takes ``images`` (N, 3, H, W), normalised as in training (the mean and std are written into
 the model's metadata), and returns ``embeddings`` (N, D), L2-normalised: what a retrieval service
-compares. The batch dimension is dynamic.
+compares. The batch dimension is dynamic. With ``flip`` the graph averages each image's embedding with
+its horizontal mirror's (``evaluation.flip``), and the metadata says so.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 
 
 class _RetrievalEmbedding(torch.nn.Module):
-    def __init__(self, model: ReIDNet):
+    def __init__(self, model: ReIDNet, flip: bool):
         super().__init__()
-        self.model = model
+        self.model, self.flip = model, flip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model(images), dim=1)
+        embeddings = self.model(images)
+        if self.flip:
+            embeddings = embeddings + self.model(images.flip(-1))
+        return F.normalize(embeddings, dim=1)
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,14 @@ class ExportCheck:
     tolerance: float
 
 
-def export_onnx(model: ReIDNet, preprocessing: Preprocessing, out: Path, tolerance: float = 1e-4) -> ExportCheck:
+def export_onnx(
+    model: ReIDNet, preprocessing: Preprocessing, out: Path, tolerance: float = 1e-4, flip: bool = False
+) -> ExportCheck:
     """Write ``out`` and compare onnxruntime with PyTorch on random inputs of two batch sizes.
 
     Raises ValueError (and removes ``out``) when any output differs by more than ``tolerance``.
     """
-    wrapper = _RetrievalEmbedding(model.eval().cpu()).eval()
+    wrapper = _RetrievalEmbedding(model.eval().cpu(), flip).eval()
     example = torch.randn(2, 3, preprocessing.height, preprocessing.width)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
@@ -56,6 +62,7 @@ def export_onnx(model: ReIDNet, preprocessing: Preprocessing, out: Path, toleran
         metadata = {
             "model": json.dumps(model.cfg.architecture()),
             "preprocessing": json.dumps(Preprocessing.of(preprocessing).model_dump(mode="json")),
+            "flip": json.dumps(flip),
         }
         for key, value in metadata.items():
             graph.metadata_props.add(key=key, value=value)

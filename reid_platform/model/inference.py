@@ -40,9 +40,15 @@ def _load(path: Path, transform) -> tuple[torch.Tensor | None, str]:
 
 @torch.no_grad()
 def embed_images(
-    model: ReIDNet, preprocessing: Preprocessing, paths: list[Path], batch_size: int = 64, device: torch.device | None = None
+    model: ReIDNet,
+    preprocessing: Preprocessing,
+    paths: list[Path],
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    flip: bool = False,
 ) -> np.ndarray:
-    """(len(paths), feature_dim) float32 L2-normalised embeddings, in the order of ``paths``.
+    """(len(paths), feature_dim) float32 L2-normalised embeddings, in the order of ``paths``; with
+    ``flip``, of each image averaged with its mirror (as ``evaluation.flip``).
 
     Images are decoded a batch at a time. After the first bad file, the rest are only checked, so
     the error names every bad file instead of returning half a result.
@@ -59,13 +65,13 @@ def embed_images(
         elif not problems:
             batch.append(tensor)
             if len(batch) == batch_size:
-                chunks.append(model.embed(torch.stack(batch).to(device)).float().cpu())
+                chunks.append(model.embed(torch.stack(batch).to(device), flip).float().cpu())
                 batch = []
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise DatasetError(f"{len(problems)} of {len(paths)} images cannot be read: " + "; ".join(problems[:10]) + more)
     if batch:
-        chunks.append(model.embed(torch.stack(batch).to(device)).float().cpu())
+        chunks.append(model.embed(torch.stack(batch).to(device), flip).float().cpu())
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.feature_dim), np.float32)
 
 

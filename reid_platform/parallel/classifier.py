@@ -11,8 +11,8 @@ Communication per step, whatever the number of classes: a gather of the B x d fe
 labels, two all-reduces of B-vectors (the row maximum; the sums of exponentials and positive logits),
 and in backward one all-reduce of the gathered features' gradient (W*B x d, the largest transfer).
 The weight is not in DDP: its gradient is already complete on the owner because every rank sees the
-whole global batch. The classifier updates its own rows (SGD with momentum) so that with sampling
-only the sampled rows and their momentum are touched.
+whole global batch. The classifier updates its own rows (``row_optim.py``: SGD, Adam or AdamW), so
+that with sampling only the sampled rows and their optimizer state are touched.
 
 Gradient contract: the gradient this module sends back to each rank's embeddings is what a DDP
 backbone needs (DDP's averaging over ranks is compensated inside the gather); callers scale nothing.
@@ -38,11 +38,11 @@ from reid_platform.errors import ModelFormatError
 from reid_platform.parallel.comm import gather_global_batch
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.losses import columns_in_range, sharded_margin_loss
+from reid_platform.parallel.row_optim import RowOptimizer, RowSGD
 
 SHARD_FILE = "rows-{start:012d}-{end:012d}.safetensors"
 ROWS_NAME = re.compile(r"rows-(\d{12})-(\d{12})\.safetensors")
 LAYOUT_FILE = "classifier.json"
-ROW_TENSORS = ("weight", "momentum")
 INIT_BLOCK_ROWS = 4096
 
 
@@ -80,18 +80,18 @@ class ShardedClassifier(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         loss: LossConfig = LossConfig(),
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
+        optimizer: RowOptimizer = RowSGD(momentum=0.9, weight_decay=0.0),
         seed: int = 0,
         device: torch.device | str = "cpu",
     ):
         super().__init__()
         self.num_classes, self.dim, self.loss = num_classes, dim, loss
         self.rank, self.world_size = rank, world_size
-        self.sample_rate, self.momentum, self.weight_decay = loss.sample_rate, momentum, weight_decay
+        self.sample_rate, self.optimizer = loss.sample_rate, optimizer
         self.start, self.end = shard_range(num_classes, rank, world_size)
         self.weight = nn.Parameter(initial_rows(self.start, self.end, dim, seed, device))
-        self.register_buffer("momentum_buffer", torch.zeros_like(self.weight.detach()))
+        for name, tensor in optimizer.initial_state(self.weight.detach()).items():
+            self.register_buffer(f"state_{name}", tensor)  # buffers move with .to(device) and .double()
         # negatives differ per rank and do not depend on anything else drawing random numbers
         self._sampler = torch.Generator(device).manual_seed(seed * 1_000_003 + self.start + 1)
         self._active: tuple[torch.Tensor | None, torch.Tensor] | None = None
@@ -126,7 +126,10 @@ class ShardedClassifier(nn.Module):
         The gradient reaching ``embeddings`` is the world size times this rank's share of the
         global-batch loss's gradient (``comm.gather_global_batch``): what a DDP backbone needs.
         """
-        embeddings, labels = gather_global_batch(embeddings, labels)
+        return self.global_loss(*gather_global_batch(embeddings, labels))
+
+    def global_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``forward`` on the global batch gathered already (by a caller that shares it with other losses)."""
         target = self.local_target(labels)
         if self.sample_rate < 1.0 and self.training:
             rows, target = self.sample_rows(target)
@@ -136,40 +139,42 @@ class ShardedClassifier(nn.Module):
         self._active = (rows, active)
         return sharded_margin_loss(embeddings, active, target, self.loss)
 
+    def state(self, name: str) -> torch.Tensor:
+        """This rank's rows of one tensor of the optimizer state (``optimizer.state_names``)."""
+        return getattr(self, f"state_{name}")
+
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        """SGD with momentum and weight decay on the rows the last forward used (torch.optim.SGD's rule).
+        """The row optimizer's update of the rows the last forward used.
 
-        torch.optim.SGD would visit every row and allocate full-size temporaries; here only the
-        sampled rows and their momentum are read and written.
+        Only those rows and their state are read and written (all rows at sample rate 1).
         """
         if self._active is None or self._active[1].grad is None:
             raise RuntimeError("step() needs a forward and backward pass first")
         rows, active = self._active
-        grad = active.grad
+        names = self.optimizer.state_names
         if rows is None:
-            weight, momentum = self.weight.data, self.momentum_buffer
+            weight, state = self.weight.data, {name: self.state(name) for name in names}
         else:
-            weight, momentum = active.detach(), self.momentum_buffer[rows]
-        grad.add_(weight, alpha=self.weight_decay)
-        momentum.mul_(self.momentum).add_(grad)
-        weight.add_(momentum, alpha=-lr)
+            weight, state = active.detach(), {name: self.state(name)[rows] for name in names}
+        self.optimizer.update(weight, active.grad, state, lr)
         if rows is not None:
             self.weight.data.index_copy_(0, rows, weight)
-            self.momentum_buffer.index_copy_(0, rows, momentum)
+            for name in names:
+                self.state(name).index_copy_(0, rows, state[name])
         active.grad = None
         self._active = None
 
     # -- world-size-independent state ----------------------------------------------------------
 
     def shard_state(self) -> dict:
-        """This rank's rows and their momentum under their global row range.
+        """This rank's rows and their optimizer state under their global row range.
 
         The states of all ranks together describe the classifier whatever the world size was; any
         world size loads them (``load_shards``).
         """
-        rows = {"start": self.start, "end": self.end, "weight": self.weight.detach(), "momentum": self.momentum_buffer}
-        return {"num_classes": self.num_classes, "dim": self.dim, "slices": [rows]}
+        tensors = {"weight": self.weight.detach(), **{name: self.state(name) for name in self.optimizer.state_names}}
+        return {"num_classes": self.num_classes, "dim": self.dim, "slices": [{"start": self.start, "end": self.end, **tensors}]}
 
     @torch.no_grad()
     def load_shards(self, states: Iterable[dict], where: str = "classifier state") -> None:
@@ -189,10 +194,18 @@ class ShardedClassifier(nn.Module):
                 lo, hi = max(rows["start"], self.start), min(rows["end"], self.end)
                 if lo >= hi:
                     continue
-                source = slice(lo - rows["start"], hi - rows["start"])
-                self.weight[lo - self.start : hi - self.start] = rows["weight"][source]
-                self.momentum_buffer[lo - self.start : hi - self.start] = rows["momentum"][source]
-                filled[lo - self.start : hi - self.start] = True
+                missing = [name for name in self.optimizer.state_names if name not in rows]
+                if missing:
+                    saved = [name for name in rows if name not in ("start", "end", "weight")]
+                    raise ModelFormatError(
+                        f"{where}: classifier rows [{rows['start']}, {rows['end']}) have no {', '.join(missing)} "
+                        f"state but {', '.join(saved)}: saved with another train.optimizer"
+                    )
+                source, target = slice(lo - rows["start"], hi - rows["start"]), slice(lo - self.start, hi - self.start)
+                self.weight[target] = rows["weight"][source]
+                for name in self.optimizer.state_names:
+                    self.state(name)[target] = rows[name][source]
+                filled[target] = True
         if not filled.all():
             missing = self.start + int(torch.nonzero(~filled)[0])
             raise ModelFormatError(
@@ -206,7 +219,7 @@ def write_shards(states: Iterable[dict], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for state in states:
         for rows in state["slices"]:
-            tensors = {name: rows[name].contiguous().cpu() for name in ROW_TENSORS}
+            tensors = {name: tensor.contiguous().cpu() for name, tensor in rows.items() if name not in ("start", "end")}
             save_file(tensors, directory / SHARD_FILE.format(start=rows["start"], end=rows["end"]))
         # every rank writes the same layout into its copy of the checkpoint
         (directory / LAYOUT_FILE).write_text(json.dumps({"num_classes": state["num_classes"], "dim": state["dim"]}))
@@ -228,5 +241,5 @@ def saved_shards(directory: Path) -> Iterator[list[dict]]:
                 raise ModelFormatError(f"{path}: not a classifier slice name ({SHARD_FILE})")
             opened = files.enter_context(safe_open(path, framework="pt"))
             start, end = int(match.group(1)), int(match.group(2))
-            slices.append({"start": start, "end": end, **{name: opened.get_slice(name) for name in ROW_TENSORS}})
+            slices.append({"start": start, "end": end, **{name: opened.get_slice(name) for name in opened.keys()}})
         yield [{**layout, "slices": slices}]

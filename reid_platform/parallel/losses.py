@@ -57,9 +57,17 @@ class _ShardedMarginLoss(torch.autograd.Function):
 
     Every rank holds the same rows (the global batch) and a disjoint slice of class weights. Forward
     fills one (rows x local classes) logit buffer chunk by chunk, then turns it into softmax
-    probabilities in place; backward recomputes each chunk's cosines to push (softmax - one-hot)
+    probabilities in place; backward recomputes each chunk's cosines to push (softmax - target)
     through the margin, the cosine and the normalisations. Nothing of size (rows x all classes)
     exists, and the only other per-class tensors are one chunk's temporaries.
+
+    Label smoothing (epsilon) makes the target (1 - epsilon) on the true class and epsilon / C on
+    every class, C the classes in play (all of them, or the sampled ones):
+
+        L = logsumexp(z) - (1 - epsilon) z_y - (epsilon / C) sum_j z_j
+
+    The sum over classes and C are spread over the ranks like the sum of exponentials, and go into
+    the same all-reduce.
     """
 
     @staticmethod
@@ -76,22 +84,31 @@ class _ShardedMarginLoss(torch.autograd.Function):
         rows = torch.nonzero(target >= 0).squeeze(1)
         positive = torch.zeros_like(row_max)
         positive[rows] = logits[rows, target[rows]]
+        smoothing = cfg.label_smoothing
+        logit_sum = logits.sum(dim=1) if smoothing else torch.zeros_like(row_max)
         probabilities = logits.sub_(row_max[:, None]).exp_()  # the buffer is reused from here on
-        sums = torch.stack([probabilities.sum(dim=1), positive])
-        all_reduce(sums)  # one collective for both sums over the class shards
-        sum_exp, positive = sums[0], sums[1]
+        classes = torch.full_like(row_max, float(weight.shape[0]))  # every entry the same: this rank's classes
+        sums = torch.stack([probabilities.sum(dim=1), positive, logit_sum, classes])
+        all_reduce(sums)  # one collective for every sum over the class shards
+        sum_exp, positive, logit_sum, classes = sums
         probabilities.div_(sum_exp[:, None])
         ctx.save_for_backward(embeddings, weight, target, probabilities)
-        ctx.cfg, ctx.chunk_size = cfg, chunk_size
+        ctx.cfg, ctx.chunk_size, ctx.classes = cfg, chunk_size, float(classes[0]) if len(classes) else 1.0
         # max + log(sum exp) - positive: exact even for gamma = 256, where -log(p) would underflow.
-        return (row_max + sum_exp.log() - positive).mean()
+        loss = row_max + sum_exp.log() - (1.0 - smoothing) * positive
+        if smoothing:
+            loss = loss - smoothing / classes * logit_sum
+        return loss.mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
         embeddings, weight, target, probabilities = ctx.saved_tensors
         rows = torch.nonzero(target >= 0).squeeze(1)
         grad_logits = probabilities  # reused in place: the forward's probabilities are not needed again
-        grad_logits[rows, target[rows]] -= 1.0
+        smoothing = ctx.cfg.label_smoothing
+        grad_logits[rows, target[rows]] -= 1.0 - smoothing
+        if smoothing:
+            grad_logits.sub_(smoothing / ctx.classes)
         grad_logits.mul_(grad_loss / grad_logits.shape[0])
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         dtype = _compute_dtype(embeddings, weight)

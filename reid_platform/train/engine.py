@@ -3,9 +3,12 @@
 Built from the run config, the opened dataset, this process's ``Partition`` and (for more than one
 worker) an initialised default process group, it owns the pieces and composes them:
 
-    model        model.backbone.build_model, wrapped in DDP from outside when there are several ranks
-    classifier   parallel.ShardedClassifier: this rank's class rows (its gradient contract fits DDP)
-    optimizer    SGD on the backbone; the classifier updates its own rows
+    model        model.backbone.build_model; with several ranks, SyncBatchNorm (model.sync_bn) and DDP
+                 are applied from outside it
+    criterion    parallel.Criterion: the sharded classifier's margin loss (+ a pair-wise loss), whose
+                 gradient contract fits DDP
+    optimizer    train.optimizer on the backbone (trunk and head groups, for the freeze warm-up); the
+                 classifier updates its own rows with the row-wise twin
     schedule     train.schedule.lr_factor, a function of epochs done
     epoch loop   train_epoch / run: input -> step -> a record per epoch
     evaluation   evaluation.distributed.evaluate_model, after BatchNorm statistics are averaged
@@ -34,6 +37,9 @@ from reid_platform.input.partition import Partition
 from reid_platform.model.backbone import build_model
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.comm import average_buffers, world
+from reid_platform.parallel.criterion import Criterion
+from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
+from reid_platform.train.optimizers import backbone_optimizer, classifier_optimizer
 from reid_platform.train.record import EpochRecord
 from reid_platform.train.schedule import lr_factor
 from reid_platform.train.step import PhaseTimer, StepSettings, train_step
@@ -62,7 +68,10 @@ class Engine:
         self.cfg, self.dataset, self.partition, self.device = cfg, dataset, partition, device
         self.settings = StepSettings.for_device(device, cfg.train.precision, cfg.train.channels_last)
         torch.manual_seed(cfg.train.seed)
-        self.network = self.settings.prepare_model(build_model(cfg.model).to(device))
+        network = build_model(cfg.model, cfg.input)
+        if cfg.model.sync_bn:
+            network = convert_sync_batchnorm(network)
+        self.network = self.settings.prepare_model(network.to(device))
         self.model = self._data_parallel(self.network)
         self.classifier = ShardedClassifier(
             dataset.num_classes,
@@ -70,14 +79,15 @@ class Engine:
             partition.rank,
             partition.world_size,
             cfg.loss,
-            momentum=cfg.train.momentum,
-            weight_decay=cfg.train.weight_decay,
+            classifier_optimizer(cfg.train),
             seed=cfg.train.seed,
             device=device,
         )
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
-        )
+        self.criterion = Criterion(self.classifier, cfg.loss)
+        head = {id(p) for p in self.network.head_parameters()}
+        self.trunk_parameters = [p for p in self.network.parameters() if id(p) not in head]
+        groups = [{"name": "trunk", "params": self.trunk_parameters}, {"name": "head", "params": self.network.head_parameters()}]
+        self.optimizer = backbone_optimizer(groups, cfg.train)
         self.progress = Progress()
         self.timer: PhaseTimer | None = None  # set by benchmarks to split each step's time
 
@@ -121,14 +131,20 @@ class Engine:
         return lr_factor(epochs_done, self.cfg.train.epochs, self.cfg.train.warmup_epochs)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, epochs_done: float) -> torch.Tensor:
-        """One optimisation step at the schedule's rate for ``epochs_done``; returns the loss (a tensor:
-        reading it would wait for the GPU)."""
+        """One optimisation step at the schedule's rate for ``epochs_done``; returns the loss of the global
+        batch (a tensor: reading it would wait for the GPU).
+
+        In the freeze warm-up (``train.freeze_backbone_epochs``) the trunk's gradients are dropped
+        before the update, so that only the neck and the classifier train; the trunk's optimizer state
+        stays as it was.
+        """
         factor = self.lr_factor(epochs_done)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.train.lr * factor
+        frozen = self.trunk_parameters if epochs_done < self.cfg.train.freeze_backbone_epochs else ()
         loss = train_step(
-            self.model, self.classifier, self.optimizer, images, labels, self.classifier_lr * factor,
-            self.settings, self.timer,
+            self.model, self.criterion, self.optimizer, images, labels, self.classifier_lr * factor,
+            self.settings, self.timer, frozen,
         )  # fmt: skip
         self.progress.step += 1
         return loss

@@ -28,9 +28,11 @@ from ray.train.torch import TorchTrainer
 from reid_platform.config import RunConfig
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import ConfigError, RunAlreadyFinished
+from reid_platform.model import pretrained
 from reid_platform.model.artifact import save_model_dir
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import Preprocessing
+from reid_platform.model.timm_family import check_timm_name
 from reid_platform.tracking.mlflow_run import call_with_retries, finish_run, open_run
 from reid_platform.tracking.registry import log_model_dir, register_model
 from reid_platform.tracking.server import check_reachable
@@ -57,7 +59,10 @@ class TrainingOutcome:
 
 
 def check_inputs(cfg: RunConfig) -> ShardDataset:
-    """The dataset, opened: fails before any process starts if the shards are missing or changed."""
+    """The dataset, opened: fails before any process starts if the shards are missing or changed, or
+    the backbone is not one timm has."""
+    if cfg.model.timm_name:
+        check_timm_name(cfg.model.timm_name)
     dataset = ShardDataset.open(cfg.data.shards)
     if dataset.num_classes < cfg.scaling.num_workers:
         raise ConfigError(
@@ -73,7 +78,7 @@ def publish_model(cfg: RunConfig, checkpoint_dir: Path, run_id: str, epoch: int)
     Safe to repeat: the artifact of an epoch always goes to the same path, and registering reuses the
     version of that source. A run continued to more epochs publishes a new version.
     """
-    model = ReIDNet(cfg.model)
+    model = ReIDNet(cfg.model, cfg.input)  # its trunk's weights come from the checkpoint
     model.load_state_dict(read_trainer_state(checkpoint_dir)["backbone"])
     with tempfile.TemporaryDirectory() as tmp:
         directory = save_model_dir(model, Preprocessing.of(cfg.input), Path(tmp) / "model")
@@ -137,6 +142,8 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
     cfg = cfg.with_absolute_paths(base_dir or Path.cwd())
     check_inputs(cfg)
     check_reachable(cfg.tracking.uri)
+    # the weights model.pretrained names, as a local file: fetched once here, never by the workers
+    cfg = cfg.model_copy(update={"model": pretrained.resolve(cfg.model)})
     uri, patience = cfg.tracking.uri, cfg.tracking.outage_timeout_s
     run_dir = cfg.run.storage_path / cfg.run.name
     id_file = run_dir / MLFLOW_RUN_ID_FILE

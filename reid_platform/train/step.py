@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from reid_platform.parallel.classifier import ShardedClassifier
+from reid_platform.parallel.criterion import Criterion
 from reid_platform.train.config import Precision
 
 PHASES = ("input", "forward", "classifier", "backward", "optimizer")
@@ -90,28 +91,32 @@ def _phase(timer: PhaseTimer | None, name: str):
 
 def train_step(
     model: torch.nn.Module,
-    classifier: ShardedClassifier,
+    criterion: Criterion,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     labels: torch.Tensor,
     classifier_lr: float,
     settings: StepSettings,
     timer: PhaseTimer | None = None,
+    frozen: Sequence[torch.nn.Parameter] = (),
 ) -> torch.Tensor:
-    """Forward, backward and update of backbone and classifier; returns the loss (not synchronised).
+    """Forward, backward and update of backbone and classifier; returns the global batch's loss (not
+    synchronised). ``frozen`` parameters keep their values (their gradients are dropped).
 
-    ``model`` may be wrapped in DDP: the classifier's gradient contract makes DDP's average of the
+    ``model`` may be wrapped in DDP: the criterion's gradient contract makes DDP's average of the
     backbone gradients the gradient of the global-batch loss.
     """
     device = next(model.parameters()).device
     with _phase(timer, "forward"), settings.autocast(device):
         embeddings = model(settings.prepare_images(images, device))
     with _phase(timer, "classifier"):
-        loss = classifier(embeddings.float(), labels.to(device, non_blocking=True))
+        losses = criterion(embeddings.float(), labels.to(device, non_blocking=True))
     with _phase(timer, "backward"):  # the classifier's backward, the backbone's and DDP's all-reduce
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.total.backward()
     with _phase(timer, "optimizer"):
+        for parameter in frozen:
+            parameter.grad = None  # optimizers skip parameters without a gradient: no decay, no momentum
         optimizer.step()
-        classifier.step(classifier_lr)
-    return loss.detach()
+        criterion.classifier.step(classifier_lr)
+    return losses.value

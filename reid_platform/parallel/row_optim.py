@@ -1,0 +1,69 @@
+"""Row-wise optimizers for the sharded classifier: the update of the rows one step used, in place.
+
+``torch.optim`` would visit every row of a million-class shard and allocate full-size temporaries;
+these read and write only the rows the step used (all of them at sample rate 1, the sampled ones
+with Partial FC sampling). Each keeps its state per row, under names the checkpoints store.
+
+At sample rate 1 they are exactly ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (tested over several
+steps). With sampling, Adam is *lazy*: a row that was not drawn keeps its moments and its own step
+count untouched (no decay while unused), and its bias correction uses the number of steps it took
+part in, as TensorFlow's LazyAdam; SGD's momentum likewise rests for rows not drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class RowOptimizer(Protocol):
+    state_names: tuple[str, ...]
+
+    def initial_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None: ...
+
+
+class RowSGD:
+    """torch.optim.SGD's rule (momentum, dampening 0, no Nesterov, L2 weight decay)."""
+
+    state_names = ("momentum",)
+
+    def __init__(self, momentum: float, weight_decay: float):
+        self.momentum, self.weight_decay = momentum, weight_decay
+
+    def initial_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"momentum": torch.zeros_like(weight)}
+
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None:
+        grad = grad.add(weight, alpha=self.weight_decay) if self.weight_decay else grad
+        state["momentum"].mul_(self.momentum).add_(grad)
+        weight.add_(state["momentum"], alpha=-lr)
+
+
+class RowAdam:
+    """torch.optim.Adam's rule (L2 weight decay in the gradient) or, ``decoupled``, AdamW's."""
+
+    state_names = ("exp_avg", "exp_avg_sq", "steps")
+
+    def __init__(self, betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool):
+        self.betas, self.eps, self.weight_decay, self.decoupled = betas, eps, weight_decay, decoupled
+
+    def initial_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        steps = torch.zeros(weight.shape[0], 1, dtype=torch.float32, device=weight.device)
+        return {"exp_avg": torch.zeros_like(weight), "exp_avg_sq": torch.zeros_like(weight), "steps": steps}
+
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None:
+        beta1, beta2 = self.betas
+        if self.decoupled:
+            weight.mul_(1 - lr * self.weight_decay)
+        elif self.weight_decay:
+            grad = grad.add(weight, alpha=self.weight_decay)
+        steps = state["steps"].add_(1)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**steps  # per row: its own number of steps
+        bias_correction2_sqrt = (1 - beta2**steps).sqrt()
+        denominator = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(self.eps)
+        weight.addcdiv_(state["exp_avg"], denominator * bias_correction1, value=-lr)

@@ -1,0 +1,94 @@
+"""BatchNorm over the global batch, on any device and backend (``model.sync_bn``).
+
+torch's SyncBatchNorm runs only on GPUs; this one needs only all-reduce, so CPU workers on gloo get
+it too and a test can compare it with one process. In training, each layer's statistics are the
+mean and variance over every rank's samples: one all-reduce of (sum, sum of squares, count)
+forward, and one of the two sums the input gradient needs backward. The statistics then do not
+depend on how the global batch is split over workers. In evaluation it is plain BatchNorm with the
+running statistics, which are the same on every rank.
+
+Gradients follow the platform's contract (``comm.py``): the weight and bias gradients are each
+rank's own sums, which DDP averages; the input gradient uses the global sums of whatever gradient
+arrives, so a world-size factor applied by the loss passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reid_platform.parallel.comm import all_reduce, world
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        dims = [0, *range(2, x.dim())]  # every axis but the channels
+        count = x.numel() // x.shape[1]
+        stats = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_tensor([count])]).double()
+        all_reduce(stats)
+        channels = x.shape[1]
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = (stats[channels : 2 * channels] / total - mean * mean).clamp_min(0.0)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * total / max(float(total) - 1, 1.0)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        invstd = (var + eps).rsqrt().to(x.dtype).view(shape)
+        normalised = (x - mean.to(x.dtype).view(shape)) * invstd
+        ctx.save_for_backward(normalised, weight, invstd)
+        ctx.total, ctx.dims, ctx.shape = float(total), dims, shape
+        return normalised * weight.view(shape) + bias.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        normalised, weight, invstd = ctx.saved_tensors
+        dims, shape = ctx.dims, ctx.shape
+        grad_weight = (grad * normalised).sum(dims)
+        grad_bias = grad.sum(dims)
+        grad_normalised = grad * weight.view(shape)
+        sums = torch.cat([grad_normalised.sum(dims), (grad_normalised * normalised).sum(dims)])
+        all_reduce(sums)
+        channels = normalised.shape[1]
+        mean_grad = (sums[:channels] / ctx.total).view(shape)
+        mean_grad_normalised = (sums[channels:] / ctx.total).view(shape)
+        grad_input = invstd * (grad_normalised - mean_grad - normalised * mean_grad_normalised)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Drop-in for BatchNorm1d/2d with affine parameters and running statistics."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        self.num_batches_tracked.add_(1)
+        return _GlobalBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum, self.eps)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm layer replaced by ``SyncBatchNorm`` holding the same state.
+
+    Only worth it (and only done) with more than one rank: the engine applies it from outside the
+    model, as it applies DDP.
+    """
+    if world()[1] == 1:
+        return module
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, affine=True, track_running_stats=True)
+            synced.load_state_dict(child.state_dict())
+            synced.weight.requires_grad_(child.weight.requires_grad)
+            synced.bias.requires_grad_(child.bias.requires_grad)
+            setattr(module, name, synced.to(child.weight.device))
+        else:
+            convert_sync_batchnorm(child)
+    return module
