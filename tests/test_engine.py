@@ -22,6 +22,7 @@ from tests.gloo import run_gloo
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 12  # splits over 1, 2 and 3 ranks
+BATCH_STATISTICS = "training-mode-batchnorm"  # a run name that makes frozen_norm_steps train BatchNorm
 
 
 def tiny_config(shards: Path, **overrides):
@@ -41,28 +42,34 @@ def global_batches(count: int, num_classes: int, seed: int = 0) -> list[tuple[to
     ]  # fmt: skip
 
 
-def engine_for(rank: int, world_size: int, shards: Path) -> Engine:
+def engine_for(rank: int, world_size: int, shards: Path, overrides: dict | None = None) -> Engine:
     torch.set_num_threads(1)
-    return Engine(tiny_config(shards), ShardDataset.open(shards), Partition(rank, world_size), torch.device("cpu"))
+    cfg = tiny_config(shards, **(overrides or {}))
+    return Engine(cfg, ShardDataset.open(shards), Partition(rank, world_size), torch.device("cpu"))
 
 
-def frozen_norm_steps(engine: Engine, batches, rank: int, world_size: int) -> None:
+def frozen_norm_steps(engine: Engine, batches, rank: int, world_size: int, epochs_done: float = 1.0) -> None:
     """Steps with BatchNorm in eval mode (running statistics, not the batch's): the update then does
-    not depend on how the global batch is split."""
-    engine.network.eval()
+    not depend on how the global batch is split. With model.sync_bn, BatchNorm stays in training mode:
+    its statistics are those of the global batch anyway (and ``BATCH_STATISTICS`` forces it, to show
+    what happens without)."""
+    engine.network.train(engine.cfg.model.sync_bn or engine.cfg.run.name == BATCH_STATISTICS)
     share = GLOBAL_BATCH // world_size
     for images, labels in batches:
         mine = slice(rank * share, (rank + 1) * share)
-        engine.step(images[mine], labels[mine], epochs_done=1.0)
+        engine.step(images[mine], labels[mine], epochs_done=epochs_done)
 
 
 def snapshot(engine: Engine) -> dict:
-    """What must agree between runs: backbone, its momentum, this rank's classifier rows and progress."""
-    trained = [p for p in engine.network.parameters() if p.requires_grad]
-    momentum = [engine.optimizer.state[p]["momentum_buffer"].clone() for p in trained]
+    """What must agree between runs: backbone, its optimizer state, this rank's classifier rows and
+    their state, and the progress."""
+    optimizer_state = [
+        value.clone() for state in engine.optimizer.state_dict()["state"].values()
+        for value in state.values() if isinstance(value, torch.Tensor) and value.dim()
+    ]  # fmt: skip
     return {
         "backbone": {k: v.clone() for k, v in engine.network.state_dict().items()},
-        "momentum": momentum,
+        "momentum": optimizer_state,
         "rows": (engine.classifier.start, engine.classifier.weight.detach().clone()),
         "row_state": {name: engine.classifier.state(name).clone() for name in engine.classifier.optimizer.state_names},
         "progress": dataclasses.replace(engine.progress),
@@ -81,13 +88,15 @@ def assert_same_training(runs: list[list[dict]], reference: dict, rtol=1e-5, ato
         torch.testing.assert_close(rows, reference["rows"][1], rtol=rtol, atol=atol)
 
 
-def step_on_ranks(rank: int, world_size: int, shards: Path, batches, resume_from: str | None = None) -> dict:
-    return resume_and_step(rank, world_size, shards, batches, resume_from)[1]
+def step_on_ranks(rank: int, world_size: int, shards: Path, batches, resume_from: str | None = None, overrides=None) -> dict:
+    return resume_and_step(rank, world_size, shards, batches, resume_from, overrides)[1]
 
 
-def resume_and_step(rank: int, world_size: int, shards: Path, batches, resume_from: str | None) -> tuple[dict | None, dict]:
+def resume_and_step(
+    rank: int, world_size: int, shards: Path, batches, resume_from: str | None, overrides: dict | None = None
+) -> tuple[dict | None, dict]:
     """(the state just loaded from ``resume_from``, the state after ``batches``)."""
-    engine = engine_for(rank, world_size, shards)
+    engine = engine_for(rank, world_size, shards, overrides)
     loaded = None
     if resume_from is not None:
         with open_checkpoint(Path(resume_from)) as state:
@@ -97,8 +106,8 @@ def resume_and_step(rank: int, world_size: int, shards: Path, batches, resume_fr
     return loaded, snapshot(engine)
 
 
-def train_and_save(rank: int, world_size: int, shards: Path, batches, directory: str) -> dict:
-    engine = engine_for(rank, world_size, shards)
+def train_and_save(rank: int, world_size: int, shards: Path, batches, directory: str, overrides=None) -> dict:
+    engine = engine_for(rank, world_size, shards, overrides)
     frozen_norm_steps(engine, batches, rank, world_size)
     save_checkpoint(engine.state_dict(), Path(directory), rank)  # every rank into the same folder
     return snapshot(engine)
@@ -121,11 +130,13 @@ def test_one_step_from_the_same_global_batch_is_the_same_update_on_any_world_siz
     assert (single["rows"][1] != untouched.classifier.weight.detach()).any(dim=1).all()
 
 
-def test_a_resume_continues_exactly_where_training_stopped(tiny_shards, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_resume_continues_exactly_where_training_stopped(tiny_shards, tmp_path, optimizer):
     batches = global_batches(4, ShardDataset.open(tiny_shards).num_classes, seed=1)
-    uninterrupted = step_on_ranks(0, 1, tiny_shards, batches)
-    train_and_save(0, 1, tiny_shards, batches[:2], str(tmp_path))
-    resumed = step_on_ranks(0, 1, tiny_shards, batches[2:], resume_from=str(tmp_path))
+    settings = {"train.optimizer": optimizer, "train.lr": 0.001}
+    uninterrupted = step_on_ranks(0, 1, tiny_shards, batches, overrides=settings)
+    train_and_save(0, 1, tiny_shards, batches[:2], str(tmp_path), settings)
+    resumed = step_on_ranks(0, 1, tiny_shards, batches[2:], resume_from=str(tmp_path), overrides=settings)
     assert resumed["progress"].step == 4
     assert_same_training([[resumed]], uninterrupted, rtol=0, atol=0)  # bit for bit
 
@@ -153,3 +164,40 @@ def test_run_reports_every_epoch_with_counts_from_the_data(tiny_shards):
     assert 0 < records[1].before_training["mAP"] <= 1 and records[1].evaluation["valid_queries"] > 0
     assert records[1].lr == pytest.approx(0.05 * 0.01)  # the cosine schedule's floor at the end
     assert list(engine.run()) == []  # nothing left to train
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_with_sync_bn_batchnorm_in_training_mode_gives_the_same_update_on_any_split(tiny_shards, world_size):
+    """model.sync_bn: statistics of the global batch, so even training-mode BatchNorm does not care
+    how the batch is split (without it, each rank normalises by its own share's statistics)."""
+    batches = global_batches(1, ShardDataset.open(tiny_shards).num_classes, seed=3)
+    synced = {"model.sync_bn": True}
+    single = step_on_ranks(0, 1, tiny_shards, batches, overrides=synced)
+    # float32 statistics through 20 layers: the conv1 gradients (up to ~30) agree to ~1e-4; per-rank ones differ by far more
+    tolerance = {"rtol": 1e-4, "atol": 2e-4}
+    assert_same_training([run_gloo(world_size, step_on_ranks, tiny_shards, batches, None, synced)], single, **tolerance)
+    unsynced = run_gloo(world_size, step_on_ranks, tiny_shards, batches, None, {"run.name": BATCH_STATISTICS})
+    with pytest.raises(AssertionError):  # the test can tell: each rank's own batch statistics change the update
+        assert_same_training([unsynced], single, **tolerance)
+
+
+def freeze_steps(rank: int, world_size: int, shards: Path, batches) -> dict:
+    engine = engine_for(rank, world_size, shards, {"train.freeze_backbone_epochs": 1})
+    before = snapshot(engine)
+    frozen_norm_steps(engine, batches, rank, world_size, epochs_done=0.5)  # inside the warm-up
+    during = snapshot(engine)
+    frozen_norm_steps(engine, batches, rank, world_size, epochs_done=1.5)
+    return {"before": before, "during": during, "after": snapshot(engine), "trunk_state": [
+        key for key, value in engine.optimizer.state.items() if any(key is p for p in engine.trunk_parameters)
+    ]}  # fmt: skip
+
+
+def test_the_freeze_warm_up_trains_only_the_neck_and_the_classifier(tiny_shards):
+    batches = global_batches(1, ShardDataset.open(tiny_shards).num_classes, seed=4)
+    result = freeze_steps(0, 1, tiny_shards, batches)
+    before, during, after = result["before"]["backbone"], result["during"]["backbone"], result["after"]["backbone"]
+    trunk = [key for key in before if key.startswith("trunk.") and before[key].dtype.is_floating_point and "running" not in key]
+    assert trunk and all(torch.equal(during[key], before[key]) for key in trunk)
+    assert not torch.equal(during["bnneck.weight"], before["bnneck.weight"])  # the neck trains
+    assert not torch.equal(result["during"]["rows"][1], result["before"]["rows"][1])  # and the classifier
+    assert any(not torch.equal(after[key], during[key]) for key in trunk)  # the trunk trains after it

@@ -62,6 +62,12 @@ def _trunk_key(key: str) -> str | None:
     return f"{TRUNK_PARTS.index(head)}.{rest}" if head in TRUNK_PARTS else None
 
 
+def _torchvision_key(key: str) -> str:
+    """The other way: our trunk's key as torchvision names it (for messages)."""
+    index, _, rest = key.partition(".")
+    return f"{TRUNK_PARTS[int(index)]}.{rest}".replace(".IN.", ".").replace(".BN.", ".")
+
+
 def _split_into_ibn(state: dict[str, torch.Tensor], trunk: nn.Sequential) -> dict[str, torch.Tensor]:
     """Plain ``...bn1.*`` tensors of the IBN blocks re-addressed to their IN and BN halves."""
     ibn_prefixes = {name.removesuffix(".IN") for name, module in trunk.named_modules() if isinstance(module, nn.InstanceNorm2d)}
@@ -82,7 +88,8 @@ def _split_into_ibn(state: dict[str, torch.Tensor], trunk: nn.Sequential) -> dic
 
 
 def load_resnet_weights(trunk: nn.Sequential, arch: str, path: Path) -> None:
-    """A torchvision ResNet state dict (the architecture's ImageNet weights, say) into the trunk."""
+    """A torchvision ResNet state dict (the architecture's ImageNet weights, say) into the trunk; a file
+    of another architecture is refused, naming the first tensor that does not fit."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as error:
@@ -91,12 +98,12 @@ def load_resnet_weights(trunk: nn.Sequential, arch: str, path: Path) -> None:
         raise ModelFormatError(f"{path}: not a state dict ({type(state).__name__})")
     renamed = {key: value for key, value in ((_trunk_key(k), v) for k, v in state.items()) if key is not None}
     renamed = _split_into_ibn(renamed, trunk)
-    expected = trunk.state_dict()
-    for key, value in expected.items():
+    for key, value in trunk.state_dict().items():
         if key not in renamed:
-            raise ModelFormatError(f"{path}: not {arch} weights: no tensor for {key} (in the file: {next(iter(state), None)}, ...)")
+            raise ModelFormatError(f"{path}: not {arch} weights: it has no {_torchvision_key(key)}")
         if renamed[key].shape != value.shape:
             raise ModelFormatError(
-                f"{path}: not {arch} weights: {key} has shape {tuple(renamed[key].shape)}, {arch} needs {tuple(value.shape)}"
+                f"{path}: not {arch} weights: {_torchvision_key(key)} has shape {tuple(renamed[key].shape)}, "
+                f"{arch} needs {tuple(value.shape)}"
             )
-    trunk.load_state_dict({key: renamed[key] for key in expected})
+    trunk.load_state_dict({key: renamed[key] for key in trunk.state_dict()})

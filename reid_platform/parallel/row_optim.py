@@ -60,10 +60,11 @@ class RowAdam:
             weight.mul_(1 - lr * self.weight_decay)
         elif self.weight_decay:
             grad = grad.add(weight, alpha=self.weight_decay)
-        steps = state["steps"].add_(1)
+        steps = state["steps"].add_(1).double()  # per row: its own number of steps
         state["exp_avg"].lerp_(grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**steps  # per row: its own number of steps
-        bias_correction2_sqrt = (1 - beta2**steps).sqrt()
+        # the bias corrections in double precision, as torch computes them (in Python floats)
+        step_size = (lr / (1 - beta1**steps)).to(weight.dtype)
+        bias_correction2_sqrt = (1 - beta2**steps).sqrt().to(weight.dtype)
         denominator = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(self.eps)
-        weight.addcdiv_(state["exp_avg"], denominator * bias_correction1, value=-lr)
+        weight.sub_(state["exp_avg"] / denominator * step_size)

@@ -1,11 +1,13 @@
 """BatchNorm over the global batch, on any device and backend (``model.sync_bn``).
 
-torch's SyncBatchNorm runs only on GPUs; this one needs only all-reduce, so CPU workers on gloo get
-it too and a test can compare it with one process. In training, each layer's statistics are the
-mean and variance over every rank's samples: one all-reduce of (sum, sum of squares, count)
-forward, and one of the two sums the input gradient needs backward. The statistics then do not
-depend on how the global batch is split over workers. In evaluation it is plain BatchNorm with the
-running statistics, which are the same on every rank.
+torch's SyncBatchNorm runs only on GPUs; this one needs only all-gather and all-reduce, so CPU
+workers on gloo get it too and a test can compare it with one process. In training, each layer's
+statistics are the mean and variance over every rank's samples: forward, one all-gather of each
+rank's (count, mean, sum of squared deviations), combined with Chan et al.'s parallel formula (a
+sum of squares minus the squared mean would cancel catastrophically for channels whose variance is
+small next to their mean); backward, one all-reduce of the two sums the input gradient needs. The
+statistics then do not depend on how the global batch is split over workers. In evaluation it is
+plain BatchNorm with the running statistics, which are the same on every rank.
 
 Gradients follow the platform's contract (``comm.py``): the weight and bias gradients are each
 rank's own sums, which DDP averages; the input gradient uses the global sums of whatever gradient
@@ -18,25 +20,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reid_platform.parallel.comm import all_reduce, world
+from reid_platform.parallel.comm import all_gather_rows, all_reduce
 
 
 class _GlobalBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
         dims = [0, *range(2, x.dim())]  # every axis but the channels
-        count = x.numel() // x.shape[1]
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_tensor([count])]).double()
-        all_reduce(stats)
         channels = x.shape[1]
-        total = stats[-1]
-        mean = stats[:channels] / total
-        var = (stats[channels : 2 * channels] / total - mean * mean).clamp_min(0.0)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        local_mean = x.mean(dims)
+        local_m2 = (x - local_mean.view(shape)).square().sum(dims)
+        local = torch.cat([x.new_tensor([x.numel() // channels]), local_mean, local_m2]).double()
+        ranks = all_gather_rows(local[None])  # (world size, 1 + 2C)
+        counts, means, m2s = ranks[:, :1], ranks[:, 1 : 1 + channels], ranks[:, 1 + channels :]
+        total = counts.sum()
+        mean = (counts * means).sum(0) / total
+        var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / total
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             unbiased = var * total / max(float(total) - 1, 1.0)
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-        shape = [1, channels] + [1] * (x.dim() - 2)
         invstd = (var + eps).rsqrt().to(x.dtype).view(shape)
         normalised = (x - mean.to(x.dtype).view(shape)) * invstd
         ctx.save_for_backward(normalised, weight, invstd)
@@ -77,11 +81,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """``module`` with every BatchNorm layer replaced by ``SyncBatchNorm`` holding the same state.
 
-    Only worth it (and only done) with more than one rank: the engine applies it from outside the
-    model, as it applies DDP.
+    The engine applies it from outside the model, as it applies DDP. (In one process it computes
+    what BatchNorm does.)
     """
-    if world()[1] == 1:
-        return module
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
             synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, affine=True, track_running_stats=True)

@@ -69,7 +69,7 @@ class Engine:
         self.settings = StepSettings.for_device(device, cfg.train.precision, cfg.train.channels_last)
         torch.manual_seed(cfg.train.seed)
         network = build_model(cfg.model, cfg.input)
-        if cfg.model.sync_bn:
+        if cfg.model.sync_bn:  # also on one rank: the same computation, whatever the world size
             network = convert_sync_batchnorm(network)
         self.network = self.settings.prepare_model(network.to(device))
         self.model = self._data_parallel(self.network)
