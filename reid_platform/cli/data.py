@@ -12,7 +12,9 @@ from pathlib import Path
 def _cmd_synth(args: argparse.Namespace) -> int:
     from reid_platform.data.synth import write_synthetic_market1501
 
-    counts = write_synthetic_market1501(Path(args.out), args.identities, args.cameras, args.seed)
+    counts = write_synthetic_market1501(
+        Path(args.out), args.identities, args.cameras, args.seed, camera_strength=args.camera_strength
+    )
     print(json.dumps(counts))
     return 0
 
@@ -77,6 +79,7 @@ def add_commands(commands) -> None:
     synth.add_argument("--identities", type=int, default=200)
     synth.add_argument("--cameras", type=int, default=6)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--camera-strength", type=float, default=1.0, help="how much cameras differ (above 1: harder)")
     synth.set_defaults(handler=_cmd_synth)
     pack = data.add_parser("pack", help="pack datasets into WebDataset shards with DALI indexes")
     pack.add_argument(

@@ -70,17 +70,23 @@ def random_identity(rng: random.Random) -> Identity:
     )
 
 
-def random_camera(rng: random.Random) -> Camera:
+def random_camera(rng: random.Random, strength: float = 1.0) -> Camera:
+    """A camera's view; ``strength`` scales how far lighting, colour cast, position, occlusion and blur
+    stray from a neutral camera (1 is the default set; the same draws either way)."""
+
+    def spread(value: float, neutral: float) -> float:
+        return value if strength == 1.0 else neutral + strength * (value - neutral)
+
     return Camera(
         background=tuple(rng.randint(40, 220) for _ in range(3)),
         texture=rng.uniform(5, 40),
-        gain=rng.uniform(0.6, 1.3),
-        cast=tuple(rng.uniform(0.8, 1.2) for _ in range(3)),
+        gain=max(0.2, spread(rng.uniform(0.6, 1.3), 1.0)),
+        cast=tuple(max(0.3, spread(rng.uniform(0.8, 1.2), 1.0)) for _ in range(3)),
         scale=rng.uniform(0.7, 0.95),
-        offset=rng.uniform(-0.12, 0.12),
+        offset=spread(rng.uniform(-0.12, 0.12), 0.0),
         back_view=rng.random() < 0.35,
-        occlusion=rng.uniform(0.0, 0.4),
-        blur=rng.uniform(0.0, 1.0),
+        occlusion=min(0.9, spread(rng.uniform(0.0, 0.4), 0.0)),
+        blur=spread(rng.uniform(0.0, 1.0), 0.0),
     )
 
 
@@ -185,19 +191,23 @@ def write_synthetic_market1501(
     distractors: int = 20,
     junk: int = 10,
     progress: bool = True,
+    camera_strength: float = 1.0,
 ) -> dict[str, int]:
     """Write a Market-1501 style tree under ``out``; return the image count of each folder.
 
     Half the identities (rounded down) train, the rest test, with disjoint ids. Each test identity
     appears in at least two cameras and has one query per camera it appears in, so every query has a
     true match from another camera. The gallery also holds distractors (id 0) and junk (id -1).
+    ``camera_strength`` above 1 makes the cameras differ more (a harder set).
     """
     if identities < 4:
         raise ValueError(f"identities must be at least 4 (got {identities})")
     if not 2 <= cameras <= 9:
         raise ValueError(f"cameras must be between 2 and 9, as in Market-1501 names (got {cameras})")
     rng = random.Random(seed)
-    camera_views = [random_camera(rng) for _ in range(cameras)]
+    if camera_strength <= 0:
+        raise ValueError(f"camera_strength must be positive (got {camera_strength})")
+    camera_views = [random_camera(rng, camera_strength) for _ in range(cameras)]
     num_train = identities // 2
     folders = {"bounding_box_train": [], "bounding_box_test": [], "query": []}
     frame = 0

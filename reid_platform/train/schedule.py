@@ -2,6 +2,10 @@
 
 Progress in epochs (not steps) is what a resume with another number of workers keeps: the steps
 per epoch change with the world size, the position in the schedule must not.
+
+    warm-up        linear from 1% to 100% over the first warmup_epochs
+    hold           100% until decay_start (fast-reid's DELAY_EPOCHS)
+    cosine decay   from 100% to 1% at the end of the last epoch (decay_start = epochs: no decay)
 """
 
 from __future__ import annotations
@@ -9,9 +13,13 @@ from __future__ import annotations
 import math
 
 
-def lr_factor(epochs_done: float, epochs: int, warmup_epochs: int) -> float:
-    """Linear warm-up from 1% to 100%, then cosine decay to 1% at the end of the last epoch."""
+def lr_factor(epochs_done: float, epochs: int, warmup_epochs: int, decay_start: int | None = None) -> float:
+    """The factor of the base rate after ``epochs_done`` (fractional) epochs; ``decay_start`` None
+    decays right after the warm-up."""
     if epochs_done < warmup_epochs:
         return 0.01 + 0.99 * epochs_done / warmup_epochs
-    progress = (epochs_done - warmup_epochs) / max(1, epochs - warmup_epochs)
+    start = warmup_epochs if decay_start is None else decay_start
+    if start >= epochs or epochs_done <= start:
+        return 1.0
+    progress = (epochs_done - start) / (epochs - start)
     return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
