@@ -11,12 +11,11 @@ from mlflow.tracking import MlflowClient
 from ray._private.runtime_env.packaging import _get_excludes  # the matcher of Ray's uploads (pinned Ray)
 
 from reid_platform.cluster.jobs import build_submission
+from reid_platform.cluster.local import free_port
 from reid_platform.errors import ConfigError, TrackingUnavailable
 from reid_platform.tracking.mlflow_run import RunLogger
 from reid_platform.tracking.server import check_reachable, has_password, redact
 from reid_platform.train.record import EpochRecord
-
-from tests.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,13 +13,15 @@ import re
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import onnxruntime
+import pandas as pd
 import pytest
 import ray
 import torch
-from PIL import Image
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from reid_platform.cli import main
 from reid_platform.config import load_config
@@ -48,10 +50,13 @@ def tiny_config(shards: Path, work: Path, epochs: int, workers: int = 2):
         f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={2 / max(2, workers)}",
         f"data.shards={shards}",
         "input.height=64", "input.width=32", "input.batch_size=8", "input.shuffle_buffer=64",
-        "train.warmup_epochs=0", "train.lr=0.01", f"train.epochs={epochs}",
+        "train.warmup_epochs=0", f"train.epochs={epochs}", "train.eval_every=1",
+        # SGD decaying from the start learns within these few steps (Adam at 3.5e-4 needs more)
+        "train.optimizer=sgd", "train.lr=0.05", "train.decay_start_epochs=0",
         f"run.storage_path={work / 'ray'}", f"run.output_dir={work / 'out'}", "run.name=tiny",
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=tests",
-        "tracking.registered_model=reid-test",
+        "tracking.registered_model=reid-test", "tracking.log_checkpoints_as_models=true",
+        "tracking.system_metrics_interval_s=1",
         # 15 steps on 95 images: whether held-out mAP rises that soon depends on the seed (seed 0
         # on this data ends lower, 0.257 -> 0.20, while its loss falls as well); runs are deterministic
         "train.seed=1",
@@ -98,7 +103,7 @@ def test_run_trains_evaluates_and_registers(trained, damaged_shards):
     assert {"mAP", "rank1", "mINP", "images_per_s", "lr", "world_size"} <= set(run.data.metrics)
     # the untrained model is step 0 of the evaluation curves; each attempt evaluated its last epoch
     history = {m.step: m.value for m in client.get_metric_history(outcome.mlflow_run_id, "mAP")}
-    assert history == {0: first.mAP_before_training, 2: first.mAP, 3: outcome.mAP}
+    assert list(history) == [0, 1, 2, 3] and (history[0], history[2], history[3]) == (first.mAP_before_training, first.mAP, outcome.mAP)
     assert outcome.mAP_before_training == first.mAP_before_training
     version = client.get_model_version_by_alias("reid-test", "champion")
     assert version.run_id == outcome.mlflow_run_id
@@ -156,7 +161,7 @@ def test_registry_round_trip_promote_list_embed_export(trained, tiny_market, tmp
     assert [row[:3] for row in rows] == expected
     assert rows[0][3] == f"{outcome.rank1:.2%}" and rows[0][-1] == outcome.mlflow_run_id
     assert main(["models", "promote", "reid-test", "99", "--alias", "champion", *uri]) == 1
-    assert f"has no version 99 (versions: {', '.join(map(str, sorted(versions)))})" in capsys.readouterr().err
+    assert f"has no version 99 (aliases: challenger->{second}, champion->{second}; versions: {', '.join(map(str, sorted(versions)))})" in capsys.readouterr().err
 
     # embeddings of image files, with their paths; the oracle preprocesses by hand (PIL + numpy)
     images = sorted((tiny_market / "query").glob("*.jpg"))[:5]
@@ -211,8 +216,42 @@ def test_the_resume_on_3_workers_continued_epochs_schedule_and_steps(trained, da
     client = MlflowClient(cfg.tracking.uri)
     history = {m.step: m.value for m in client.get_metric_history(final.mlflow_run_id, "lr")}
     # epoch 3 continues on the schedule of 3 epochs instead of starting again at epoch 1
-    assert list(history) == [1, 2, 3] and history[3] == pytest.approx(0.01 * lr_factor(3, 3, 0))
+    assert list(history) == [1, 2, 3] and history[3] == pytest.approx(cfg.train.lr * lr_factor(3, 3, 0, 0))
     assert [m.value for m in client.get_metric_history(final.mlflow_run_id, "world_size")] == [2, 2, 3]
     steps_logged = [m.step for m in client.get_metric_history(final.mlflow_run_id, "step_loss")]
     assert steps_logged == list(range(1, 2 * steps(damaged_shards, cfg, 2) + steps(damaged_shards, cfg, 3) + 1))
     assert 0.0 < final.mAP <= 1.0 and final.mAP > first.mAP_before_training
+
+
+def test_the_run_is_what_an_mlflow_user_expects(trained, damaged_shards, tiny_market):
+    """LoggedModels per evaluated epoch with their metrics, the registered pyfunc model, the datasets as
+    inputs, system metrics, the training view and a description."""
+    cfg, _, _, outcome = trained
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(outcome.mlflow_run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    description = run.data.tags["mlflow.note.content"]
+    assert "resnet18" in description and "market1501" in description and "circle" in description
+    dataset = ShardDataset.open(damaged_shards)
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "evaluation"}
+    assert json.loads(inputs["training"].profile)["train"]["samples"] == dataset.split("train").samples
+    assert json.loads(inputs["evaluation"].profile)["gallery"]["identities"] == dataset.split("gallery").identities
+    assert inputs["training"].digest != inputs["evaluation"].digest
+    models = client.search_logged_models([run.info.experiment_id], order_by=[{"field_name": "metrics.mAP", "ascending": False}])
+    assert sorted(m.name for m in models) == ["tiny-epoch-1", "tiny-epoch-2", "tiny-epoch-3"]
+    assert all(m.source_run_id == run.info.run_id for m in models)
+    best = max(models, key=lambda m: next(x.value for x in m.metrics if x.key == "mAP"))
+    assert models[0].model_id == best.model_id  # ranked by mAP
+    final = next(m for m in models if m.name == "tiny-epoch-3")
+    assert {x.key: x.value for x in final.metrics}["mAP"] == outcome.mAP
+    assert client.get_model_version_by_alias("reid-test", "champion").source == final.artifact_location
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "mAP")] == [0, 1, 2, 3]  # linking added no point
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    image = sorted((tiny_market / "query").glob("*.jpg"))[0].read_bytes()
+    embedding = mlflow.pyfunc.load_model("models:/reid-test@champion").predict(pd.DataFrame({"image": [image]}))
+    assert embedding.shape == (1, 512) and abs(float(np.linalg.norm(embedding)) - 1) < 1e-5
+    system = [key for key in run.data.metrics if key.startswith("system/")]
+    assert any(key.endswith("/cpu_utilization_percentage") for key in system)
+    assert any(key.endswith("/system_memory_usage_megabytes") for key in system)

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from reid_platform.cli.common import MODEL_HELP, add_tracking_uri, format_columns, load_model, positive_int, tracking_uri
+from reid_platform.cli.common import (
+    MODEL_HELP,
+    add_tracking_uri,
+    format_columns,
+    load_model,
+    positive_int,
+    tracking_uri,
+)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -22,7 +31,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         [
             row.name, row.version, ",".join(row.aliases) or "-",
             *(f"{row.metrics[key]:.2%}" if key in row.metrics else "-" for key in ("rank1", "mAP")),
-            datetime.fromtimestamp(row.created_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            datetime.fromtimestamp(row.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
             row.run_id,
         ]
         for row in rows
@@ -45,6 +54,24 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     promote(tracking_uri(args), args.name, args.version, args.alias)
     print(f"{args.name}@{args.alias} -> version {args.version}")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``mlflow models serve`` of a registered model, once the tracking server and the model are there."""
+    from reid_platform.tracking.registry import resolve_version
+    from reid_platform.tracking.server import check_reachable, redact
+
+    uri = tracking_uri(args)
+    check_reachable(uri)
+    version = resolve_version(uri, args.reference)
+    mlflow = Path(sys.executable).parent / "mlflow"
+    model_uri = f"models:/{version.name}/{version.version}"
+    print(f"serving {args.reference} (version {version.version}) from {redact(uri)} on http://{args.host}:{args.port}/invocations", flush=True)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    # MLflow starts the scoring server as `uvicorn`, found on the PATH: this environment's first
+    os.environ["PATH"] = str(mlflow.parent) + os.pathsep + os.environ.get("PATH", "")
+    arguments = ["models", "serve", "-m", model_uri, "--env-manager", "local", "--host", args.host, "--port", str(args.port)]
+    os.execv(mlflow, [str(mlflow), *arguments])  # the server replaces this process: Ctrl-C stops it
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -98,6 +125,13 @@ def add_commands(commands) -> None:
     promote.add_argument("--alias", required=True)
     add_tracking_uri(promote)
     promote.set_defaults(handler=_cmd_promote)
+
+    serve = models.add_parser("serve", help="a REST endpoint (mlflow models serve) for a registered model")
+    serve.add_argument("reference", help="NAME@ALIAS, NAME/VERSION or models:/ URI")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it)")
+    serve.add_argument("--port", type=positive_int, default=5001)
+    add_tracking_uri(serve)
+    serve.set_defaults(handler=_cmd_serve)
 
     embed = commands.add_parser("embed", help="embeddings of image files (an .npz with embeddings and paths)")
     embed.add_argument("images", nargs="+", help="image files or folders of them")

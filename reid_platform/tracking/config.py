@@ -24,3 +24,8 @@ class TrackingConfig(Section):
         900.0, gt=0.0,
         description="How long the end of training waits for an unreachable tracking server before failing.",
     )
+    log_checkpoints_as_models: bool = Field(
+        False, description="Every evaluated epoch's weights as a LoggedModel, with its metrics (search them by mAP)."
+    )
+    system_metrics: bool = Field(True, description="CPU, memory and GPU use of every node, one series per node.")
+    system_metrics_interval_s: float = Field(10.0, gt=0.0, description="Seconds between system-metric samples.")

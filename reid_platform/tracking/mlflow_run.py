@@ -8,6 +8,8 @@ retries), and the driver retries its few calls with backoff.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import queue
 import shutil
@@ -19,18 +21,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from mlflow.entities import Metric, Param
+import requests
+from mlflow.entities import Dataset as DatasetEntity
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
-import requests
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 
 from reid_platform.config import RunConfig
 from reid_platform.console import say
+from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import TrackingUnavailable
+from reid_platform.model.config import PRETRAINED_NAMES
 from reid_platform.tracking.server import redact
 from reid_platform.train.record import EpochRecord
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 PARAM_LIMIT = 100  # MLflow accepts at most 100 params per batch call
 METRIC_LIMIT = 1000  # and 1000 metrics
 # What a server that is down, restarting or overloaded answers; anything else is a real refusal.
@@ -56,7 +62,7 @@ def call_with_retries(call: Callable[[], T], what: str, uri: str, timeout_s: flo
     while True:
         try:
             return call()
-        except Exception as error:  # noqa: BLE001 - servers fail in many library-specific ways
+        except Exception as error:
             if not is_transient(error):
                 raise
             if time.monotonic() + delay > deadline:
@@ -77,26 +83,69 @@ def local_artifact_location(uri: str, experiment: str) -> str | None:
     return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / folder)
 
 
-def open_run(cfg: RunConfig, config_path: Path, run_id: str | None = None) -> str:
-    """Create (or reopen) the MLflow run of a training job; log params and the resolved config."""
+def describe_run(cfg: RunConfig, dataset: ShardDataset) -> str:
+    """The run's description (MLflow's note): what was trained on what, with which recipe."""
+    train, loss = dataset.split("train"), cfg.loss
+    pairwise = f" + pair-wise {loss.pairwise.name} (weight {loss.pairwise.weight:g})" if loss.pairwise else ""
+    smoothing = f", label smoothing {loss.label_smoothing:g}" if loss.label_smoothing else ""
+    weights = cfg.model.pretrained if cfg.model.pretrained in PRETRAINED_NAMES else "a file"
+    low, high = cfg.scaling.min_workers, cfg.scaling.max_workers
+    workers = f"{low} to {high}" if cfg.scaling.elastic else str(high)
+    return (
+        f"{cfg.model.arch} (pretrained: {weights}, {cfg.model.pooling} pooling) at {cfg.input.height}x{cfg.input.width}, "
+        f"trained on {dataset.manifest.dataset} ({train.samples} images of {train.identities} identities, "
+        f"{dataset.root}) with {loss.name} (scale {loss.scale:g}, margin {loss.margin:g}{smoothing}){pairwise}, "
+        f"{cfg.train.optimizer} at {cfg.train.lr:g} for {cfg.train.epochs} epochs on {workers} workers "
+        f"(global batch {cfg.global_batch_size}); evaluated on {dataset.split('query').samples} queries against "
+        f"{dataset.split('gallery').samples} gallery images ({cfg.evaluation.protocol} protocol)."
+    )
+
+
+def dataset_inputs(dataset: ShardDataset) -> list[DatasetInput]:
+    """The training and evaluation splits as MLflow datasets: shard folder, sample and identity
+    counts, and a digest of the shards' sha256 sums (a repacked or changed dataset gets another)."""
+    inputs = []
+    for context, splits in (("training", ("train",)), ("evaluation", ("query", "gallery"))):
+        entries = [dataset.manifest.splits[split] for split in splits]
+        digest = hashlib.sha256("".join(shard.sha256 for entry in entries for shard in entry.shards).encode()).hexdigest()
+        profile = {split: {"samples": entry.samples, "identities": entry.identities, "shards": len(entry.shards)}
+                   for split, entry in zip(splits, entries)}  # fmt: skip
+        entity = DatasetEntity(
+            name=f"{dataset.manifest.dataset}-{'+'.join(splits)}",
+            digest=digest[:10],
+            source_type="local",
+            source=json.dumps({"uri": str(dataset.root)}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
+
+
+def open_run(cfg: RunConfig, config_path: Path, dataset: ShardDataset, run_id: str | None = None) -> str:
+    """Create (or reopen) the MLflow run of a training job; log params, the resolved config, its
+    description and the datasets it trains and evaluates on."""
     client = MlflowClient(cfg.tracking.uri)
     name = cfg.tracking.experiment
     # what MLflow stores about the run must not hold the tracking server's own password
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": redact(cfg.tracking.uri)})})
-    if run_id is None:
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = (
-            experiment.experiment_id if experiment
-            else client.create_experiment(name, artifact_location=local_artifact_location(client.tracking_uri, name))
-        )  # fmt: skip
-        run_id = client.create_run(experiment_id, run_name=cfg.run.name).info.run_id
-        params = [Param(key, value[:6000]) for key, value in sorted(cfg.flat().items())]
-        for start in range(0, len(params), PARAM_LIMIT):
-            client.log_batch(run_id, params=params[start : start + PARAM_LIMIT])
-        client.log_text(run_id, cfg.to_yaml(), "config/resolved.yaml")
-        client.log_artifact(run_id, str(config_path), "config")
-    else:
+    if run_id is not None:
         client.update_run(run_id, status="RUNNING")
+        return run_id
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = (
+        experiment.experiment_id if experiment
+        else client.create_experiment(name, artifact_location=local_artifact_location(client.tracking_uri, name))
+    )  # fmt: skip
+    # the UI opens the experiment in its model-training view (GenAI is its default otherwise)
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    run_id = client.create_run(experiment_id, run_name=cfg.run.name).info.run_id
+    params = [Param(key, value[:6000]) for key, value in sorted(cfg.flat().items())]
+    for start in range(0, len(params), PARAM_LIMIT):
+        client.log_batch(run_id, params=params[start : start + PARAM_LIMIT])
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, describe_run(cfg, dataset))
+    client.log_inputs(run_id, dataset_inputs(dataset))
+    client.log_text(run_id, cfg.to_yaml(), "config/resolved.yaml")
+    client.log_artifact(run_id, str(config_path), "config")
     return run_id
 
 
@@ -138,6 +187,18 @@ class RunLogger:
             "world_size": record.world_size, **(record.evaluation or {}),
         }  # fmt: skip
         self.log_metrics(epoch_metrics, step=record.epoch, timestamp_ms=now)
+
+    def log_resize(self, epoch: int, old: int, new: int, reason: str) -> None:
+        """A change of the worker group's size, effective from ``epoch``: two metrics at that step and a
+        tag with the reason (``resize.<epoch>``)."""
+        self.log_metrics({"resize_from_workers": old, "resize_to_workers": new}, step=epoch)
+        self._calls.put(lambda: self.client.set_tag(self.run_id, f"resize.{epoch}", f"{old} -> {new} workers: {reason}"[:5000]))
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until every call queued so far is sent; whether they all were."""
+        sent = threading.Event()
+        self._calls.put(sent.set)
+        return sent.wait(timeout_s)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copies ``path`` first: the caller may delete it before the server is back."""

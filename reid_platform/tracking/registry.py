@@ -1,24 +1,26 @@
-"""Model registry: publish a trained model directory, list and promote versions, pull one back."""
+"""Model registry: register a trained model, list and promote versions, pull one back.
+
+A version's source is a LoggedModel's artifacts (the pyfunc flavour of ``logged_model.py``, the
+version's ``model_id`` naming it), or for versions registered before it, a run's plain model
+directory; both pull to a local model directory (``model.safetensors`` + ``model.json``).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
+from reid_platform.model.artifact import DESCRIPTION
 from reid_platform.tracking.server import redact
 
-def log_model_dir(tracking_uri: str, run_id: str, model_dir: Path, artifact_path: str) -> str:
-    """Log a model directory as the run's ``artifact_path`` artifact; returns its artifact URI."""
-    client = MlflowClient(tracking_uri)
-    client.log_artifacts(run_id, str(model_dir), artifact_path)
-    return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
-
-def register_model(tracking_uri: str, run_id: str, source: str, name: str, alias: str) -> str:
+def register_model(tracking_uri: str, run_id: str, source: str, name: str, alias: str, model_id: str | None = None) -> str:
     """Register ``source`` of ``run_id`` as a version of ``name`` and point ``alias`` at it; returns
     the version.
 
@@ -35,7 +37,11 @@ def register_model(tracking_uri: str, run_id: str, source: str, name: str, alias
     if found:
         version = str(min(int(v.version) for v in found))
     else:
-        version = str(client.create_model_version(name, source, run_id=run_id).version)
+        version = str(client.create_model_version(name, source, run_id=run_id, model_id=model_id).version)
+        if model_id is not None:  # the link the UI shows on the LoggedModel (SQL registries keep no model_id)
+            linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+            linked.append({"name": name, "version": version})
+            client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
     client.set_registered_model_alias(name, alias, version)
     return version
 
@@ -52,21 +58,46 @@ def parse_model_reference(reference: str) -> tuple[str, str | None, str | None]:
     raise ValueError(f"model reference {reference!r} is not NAME@ALIAS, NAME/VERSION or models:/...")
 
 
+def resolve_version(tracking_uri: str, reference: str):
+    """The registered ModelVersion ``reference`` names; a ValueError listing what exists otherwise."""
+    name, alias, version = parse_model_reference(reference)
+    client = MlflowClient(tracking_uri)
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    where = redact(tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise ValueError(f"{where} has no registered model {name!r} (models: {', '.join(known) or 'none'})") from None
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    aliases = ", ".join(f"{a}->{v}" for a, v in sorted(model.aliases.items())) or "none"
+    raise ValueError(
+        f"registered model {name!r} at {where} has no {'alias ' + repr(alias) if alias else 'version ' + str(version)} "
+        f"(aliases: {aliases}; versions: {', '.join(map(str, versions)) or 'none'})"
+    ) from None
+
+
 def pull_model(tracking_uri: str, reference: str, out: Path) -> Path:
-    """Download a registered model directory to ``out``; returns the directory holding model.json.
+    """Download a registered model to ``out``; returns the model directory (the one holding model.json).
 
     The version is resolved with a client bound to ``tracking_uri`` (MLflow's models:/ download
     would consult the process-wide registry URI instead).
     """
-    name, alias, version = parse_model_reference(reference)
+    found = resolve_version(tracking_uri, reference)
     client = MlflowClient(tracking_uri)
     try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        source = client.get_model_version_download_uri(name, found.version)
+        source = client.get_model_version_download_uri(found.name, found.version)
         local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(out), tracking_uri=tracking_uri)
     except MlflowException as error:
         raise ValueError(f"cannot pull {reference} from {redact(tracking_uri)}: {error.message}") from None
-    return Path(local)
+    directories = sorted(Path(local).rglob(DESCRIPTION))
+    if len(directories) != 1:
+        raise ValueError(f"{reference}: the pulled files hold {len(directories)} model directories ({DESCRIPTION}), expected one")
+    return directories[0].parent
 
 
 @dataclass(frozen=True)
@@ -103,15 +134,5 @@ def list_models(tracking_uri: str, name: str | None = None) -> list[ModelVersion
 
 def promote(tracking_uri: str, name: str, version: str, alias: str) -> None:
     """Point ``alias`` of model ``name`` at ``version`` (moving it from any other version)."""
-    client = MlflowClient(tracking_uri)
-    try:
-        client.get_model_version(name, version)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-        raise ValueError(
-            f"registered model {name!r} has no version {version}"
-            + (f" (versions: {', '.join(map(str, known))})" if known else " (no such model)")
-        ) from None
-    client.set_registered_model_alias(name, alias, version)
+    resolve_version(tracking_uri, f"{name}/{version}")
+    MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)
