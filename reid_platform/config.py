@@ -53,12 +53,46 @@ class RunConfig(Section):
             value = getattr(self.train, name)
             if value and value >= self.train.epochs:
                 raise ValueError(f"train.{name} ({value}) must be below train.epochs ({self.train.epochs})")
+        decay_start = self.train.decay_start_epochs
+        if decay_start is not None and not self.train.warmup_epochs <= decay_start <= self.train.epochs:
+            raise ValueError(
+                f"train.decay_start_epochs ({decay_start}) must lie between train.warmup_epochs "
+                f"({self.train.warmup_epochs}) and train.epochs ({self.train.epochs})"
+            )
+        scaling, per_worker = self.scaling, self.input.batch_size
+        if scaling.elastic and scaling.elastic_batch == "global":
+            # The global batch stays what the largest group runs, so the recipe's optimisation does not
+            # change with the number of workers: every size of the range must split it.
+            total = per_worker * scaling.max_workers
+            for workers in range(scaling.min_workers, scaling.max_workers + 1):
+                share = total // workers
+                if total % workers or (self.input.sampler == "identity" and share % self.input.images_per_identity):
+                    raise ValueError(
+                        f"scaling.num_workers {list(scaling.num_workers)}: {workers} workers cannot split the global batch of "
+                        f"{total} (input.batch_size {per_worker} x {scaling.max_workers} workers)"
+                        + (f" into identity batches of {self.input.images_per_identity}" if self.input.sampler == "identity" else "")
+                        + "; choose a range whose sizes all divide it, or scaling.elastic_batch: per_worker"
+                    )
         if self.loss.pairwise is not None and self.input.sampler != "identity":
             raise ValueError(
                 f"loss.pairwise ({self.loss.pairwise.name}) needs several images of each identity in a batch: "
                 "set input.sampler: identity (and input.images_per_identity, e.g. 4)"
             )
         return self
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimisation step: input.batch_size on each of the most workers the run has."""
+        return self.input.batch_size * self.scaling.max_workers
+
+    def on_workers(self, world_size: int) -> RunConfig:
+        """The config as a worker group of ``world_size`` runs it: with an elastic range that keeps the
+        global batch, each worker's share (input.batch_size) is what the group size leaves it."""
+        keeps_global_batch = self.scaling.elastic and self.scaling.elastic_batch == "global"
+        if not keeps_global_batch or world_size == self.scaling.max_workers:
+            return self
+        batch = self.global_batch_size // world_size
+        return self.model_copy(update={"input": self.input.model_copy(update={"batch_size": batch})})
 
     def with_absolute_paths(self, base: Path) -> RunConfig:
         """Resolve relative paths against ``base`` so Ray workers on any node see the same files."""

@@ -23,12 +23,13 @@ def describe(error: ValidationError, prefix: str = "") -> str:
     """Every problem of ``error`` as ``dotted.key: message (got value)``, joined by '; '."""
     problems = []
     for item in error.errors():
-        where = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "") or "(top level)"
+        where = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         value = item.get("input")
         # a whole section as the input (a check across its fields) would print the entire config
         got = "" if item["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
         message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{where}: {message}{got}")
+        # a check across sections has no key of its own: its message names the keys it compares
+        problems.append(f"{where}: {message}{got}" if where else f"{message}{got}")
     return "; ".join(problems)
 
 

@@ -13,6 +13,7 @@ import pytest
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_dataset
 from reid_platform.data.synth import write_synthetic_market1501
+from tests.services import MlflowServer
 
 
 def pytest_addoption(parser):
@@ -42,3 +43,12 @@ def tiny_shards(tiny_market, tmp_path_factory) -> Path:
 def tiny_dataset(tiny_shards) -> ShardDataset:
     """The tiny shards, opened (read-only: a test that changes files works on its own copy)."""
     return ShardDataset.open(tiny_shards)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> MlflowServer:
+    """A real tracking server (`reid mlflow serve`, SQLite and a local artifact store) per module."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.kill()

@@ -8,6 +8,7 @@ import pytest
 
 from reid_platform.cli import main
 from reid_platform.config import ConfigError, load_config
+from reid_platform.train.launcher import check_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,14 @@ def test_overrides_are_typed_and_nested():
         ("train.warmup_epochs=9", "train.warmup_epochs (9) must be below train.epochs (5)"),
         ("evaluation.protocol=viper", "evaluation.protocol: Input should be 'market', 'cuhk03' or 'no_camera'"),
         ("evaluation.memory_mb=0", "evaluation.memory_mb: Input should be greater than 0"),
+        ("scaling.num_workers=0", "scaling.num_workers: the number of workers must be at least 1"),
+        ("scaling.num_workers=[0,2]", "scaling.num_workers: the number of workers must be at least 1, and a range "
+         "[MIN, MAX] must have MIN <= MAX (got [0, 2])"),
+        ("scaling.num_workers=[3,2]", "a range [MIN, MAX] must have MIN <= MAX (got [3, 2])"),
+        ("scaling.num_workers=[1,2,3]", "scaling.num_workers: give a number of workers N or a range [MIN, MAX] of two "
+         "integers (got [1, 2, 3])"),
+        ("scaling.num_workers=[1,4]", "invalid config: scaling.num_workers [1, 4]: 3 workers cannot split the global "
+         "batch of 128 (input.batch_size 32 x 4 workers); choose a range whose sizes all divide it, or scaling.elastic_batch: per_worker"),
     ],
 )
 def test_bad_values_name_file_and_key(override, fragment):
@@ -61,6 +70,15 @@ def test_cli_exits_2_with_one_message(tmp_path, capsys):
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "train.lr" in err[0]
+
+
+def test_an_elastic_range_that_cannot_split_identity_batches_is_refused_in_one_line(capsys):
+    overrides = ["scaling.num_workers=[2,3]", "input.batch_size=16", "input.sampler=identity", "input.images_per_identity=16"]
+    assert main(["train", str(REPO / "configs/demo.yaml"), *(arg for o in overrides for arg in ("--set", o))]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("scaling.num_workers [2, 3]: 2 workers cannot split the global batch of 48 (input.batch_size 16 x 3 "
+                         "workers) into identity batches of 16; choose a range whose sizes all divide it, or scaling.elastic_batch: "
+                         "per_worker")  # fmt: skip
 
 
 def test_missing_section_and_unreadable_file(tmp_path):
@@ -105,7 +123,7 @@ def test_a_config_inherits_from_its_base_deep_merged(tmp_path, capsys):
     assert main(["config", "show", str(tmp_path / "recipes" / "child.yaml"), "--set", "train.epochs=9"]) == 0
     shown = capsys.readouterr().out
     (tmp_path / "shown.yaml").write_text(shown)
-    assert load_config(tmp_path / "shown.yaml") == cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 9, "lr": 0.01})})
+    assert load_config(tmp_path / "shown.yaml") == load_config(tmp_path / "recipes" / "child.yaml", ["train.epochs=9"])
 
 
 def test_missing_bases_and_cycles_are_refused_with_the_file_named(tmp_path, capsys):
@@ -118,3 +136,22 @@ def test_missing_bases_and_cycles_are_refused_with_the_file_named(tmp_path, caps
         load_config(tmp_path / "c.yaml")
     assert main(["config", "show", str(tmp_path / "c.yaml")]) == 2
     assert "nowhere.yaml" in capsys.readouterr().err
+
+
+def test_an_elastic_range_needs_as_many_classes_as_its_largest_group(tiny_shards, tiny_dataset):
+    too_many = tiny_dataset.num_classes + 1
+    cfg = load_config(REPO / "configs/demo.yaml", [f"data.shards={tiny_shards}", f"scaling.num_workers=[{too_many},{too_many}]"])
+    with pytest.raises(ConfigError, match=rf"^scaling.num_workers: {tiny_dataset.num_classes} classes of .* cannot be "
+                                          rf"sharded over {too_many} workers$"):  # fmt: skip
+        check_inputs(cfg)
+    check_inputs(cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": (too_many - 1,) * 2})}))
+
+
+def test_an_elastic_group_keeps_the_global_batch_or_each_workers_batch():
+    cfg = load_config(REPO / "configs/demo.yaml", ["scaling.num_workers=[1,2]"])
+    per_worker = cfg.input.batch_size
+    assert [cfg.on_workers(size).input.batch_size for size in (1, 2)] == [per_worker * 2, per_worker]
+    assert cfg.on_workers(2) is cfg and cfg.global_batch_size == per_worker * 2
+    # per_worker accepts any range (3 workers could not split 4 workers' global batch) and changes nothing
+    cfg = load_config(REPO / "configs/demo.yaml", ["scaling.num_workers=[1,4]", "scaling.elastic_batch=per_worker"])
+    assert all(cfg.on_workers(size) is cfg for size in range(1, 5))

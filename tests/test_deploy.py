@@ -572,7 +572,11 @@ def test_the_cluster_fits_the_job():
     ]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     gpus_per_pod = quantity(limits["nvidia.com/gpu"])
-    assert group["replicas"] * gpus_per_pod >= cfg.scaling.num_workers, "fewer GPUs than scaling.num_workers"
+    scaling = cfg.scaling
+    assert group["maxReplicas"] * gpus_per_pod >= scaling.max_workers, "the group cannot grow to the job's maximum"
+    assert group["minReplicas"] * gpus_per_pod >= scaling.min_workers, "the smallest group cannot run the job"
+    if scaling.elastic:  # pods beyond the minimum come and go with what the job asks for
+        assert job["spec"]["rayClusterSpec"].get("enableInTreeAutoscaling"), "an elastic job needs the autoscaler"
     assert quantity(limits["cpu"]) >= cfg.scaling.cpus_per_worker * gpus_per_pod, (
         "not enough CPUs per worker pod"
     )
@@ -720,6 +724,21 @@ def test_aws_cluster_shape():
     assert "--dashboard-host=0.0.0.0" not in head_start
     setup = " ".join(config["setup_commands"])
     assert SHARED_MOUNT in setup, f"the setup must mount the shared file system at {SHARED_MOUNT}"
+
+
+def test_the_aws_submit_command_fits_the_aws_cluster():
+    (args,) = [
+        args for line in readme_commands() for args in reid_invocations(line)
+        if args[:1] == ["submit"] and "http://10.0.1.23:5000" in " ".join(args)
+    ]  # fmt: skip
+    _, overrides = split_overrides(args[2:])
+    scaling = load_config(REPO / args[1], overrides).scaling
+    config = aws_config()
+    (gpu_node,) = [node for node in config["available_node_types"].values() if node["resources"].get("GPU")]
+    gpus = gpu_node["resources"]["GPU"]
+    assert scaling.elastic and scaling.use_gpu
+    assert gpu_node["min_workers"] * gpus >= scaling.min_workers, "the smallest cluster cannot start the job"
+    assert min(gpu_node["max_workers"], config["max_workers"]) * gpus >= scaling.max_workers, "the cluster cannot grow to the job"
 
 
 def test_aws_config_names_existing_repo_paths():
@@ -934,8 +953,9 @@ def test_readme_submit_command_matches_the_rayjob():
     """`reid submit` in the walkthrough runs what the RayJob runs (plus the in-cluster tracking URI)."""
     _, job_overrides = split_overrides(entrypoint()[2:])
     submits = [
-        args for line in readme_commands() for args in reid_invocations(line) if args[:1] == ["submit"]
-    ]
+        args for line in readme_commands() for args in reid_invocations(line)
+        if args[:1] == ["submit"] and "svc.cluster.local" in " ".join(args)  # to the Kubernetes cluster
+    ]  # fmt: skip
     assert submits
     for args in submits:
         assert args[1] == entrypoint()[2], "same config as the RayJob"

@@ -8,74 +8,22 @@ its workers from the latest checkpoint, finish every epoch and leave one continu
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
 from reid_platform.cli import main
 from reid_platform.cluster.jobs import JobServer
+from reid_platform.cluster.local import free_port
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.input.partition import steps_per_epoch
+from tests.services import BATCH, REPO, job_overrides, reid, submit, wait_for
 
-from tests.net import free_port
-
-REPO = Path(__file__).resolve().parents[1]
-REID = str(Path(sys.executable).parent / "reid")
 EPOCHS = 3
-BATCH = 8
 DEMO = [str(REPO / "configs/demo.yaml"), "--working-dir", str(REPO)]
 pytestmark = pytest.mark.ray
-
-
-def reid(*arguments: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [REID, *arguments], cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def wait_for(condition, what: str, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class MlflowServer:
-    """`reid mlflow serve` in its own process group, so that it can be killed like a crashed server."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri, self.process = f"http://127.0.0.1:{self.port}", None
-
-    def start(self) -> None:
-        log = (self.root / "server.log").open("a")
-        self.process = subprocess.Popen(
-            [REID, "mlflow", "serve", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts", str(self.root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        wait_for(self.healthy, f"the MLflow server on port {self.port}", timeout=120)
-
-    def healthy(self) -> bool:
-        try:
-            return requests.get(self.uri + "/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -90,26 +38,8 @@ def head():
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
 def shards(tiny_shards):
     return tiny_shards
-
-
-def job_overrides(shards: Path, work: Path, name: str, epochs: int) -> list[str]:
-    settings = [
-        f"data.shards={shards}", "input.height=64", "input.width=32", f"input.batch_size={BATCH}", "input.shuffle_buffer=64",
-        "train.warmup_epochs=0", f"train.epochs={epochs}", "train.seed=1",
-        f"run.name={name}", f"run.storage_path={work / 'ray'}", f"run.output_dir={work / 'out'}",
-        "run.max_failures=2", "tracking.experiment=ops", "tracking.registered_model=ops-test",
-    ]  # fmt: skip
-    return [argument for setting in settings for argument in ("--set", setting)]
 
 
 def training_workers() -> list[psutil.Process]:
@@ -119,12 +49,6 @@ def training_workers() -> list[psutil.Process]:
         if any("ray::RayTrainWorker" in part for part in process.info["cmdline"] or []):
             found.append(process)
     return sorted(found, key=lambda process: process.pid)
-
-
-def submit(head: str, tracking_uri: str, overrides: list[str]) -> str:
-    submitted = reid("submit", "configs/demo.yaml", "--address", head, *overrides, env={"MLFLOW_TRACKING_URI": tracking_uri})
-    assert submitted.returncode == 0, submitted.stderr
-    return re.search(r"submitted (\S+) to", submitted.stdout).group(1)
 
 
 def test_unreachable_tracking_server_is_refused_before_submitting(head, shards, tmp_path, monkeypatch, capsys):

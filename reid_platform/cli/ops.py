@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from reid_platform.cli.common import format_columns
@@ -13,13 +14,58 @@ from reid_platform.cli.common import format_columns
 ADDRESS_HELP = "job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS or http://127.0.0.1:8265)"
 
 
+def _node_resources(args: argparse.Namespace):
+    from reid_platform.cluster.local import NodeResources
+    from reid_platform.errors import ConfigError
+
+    custom = {}
+    for item in args.resource:
+        name, _, quantity = item.partition("=")
+        try:
+            custom[name] = float(quantity)
+        except ValueError:
+            raise ConfigError(f"--resource {item}: expected NAME=QUANTITY, e.g. --resource reid_node_b=1") from None
+    return NodeResources(args.num_cpus, args.num_gpus, custom)
+
+
+def _placement(args: argparse.Namespace):
+    from reid_platform.cluster.local import Placement
+
+    return Placement(Path(args.temp_dir).resolve() if args.temp_dir else None, args.own_ports)
+
+
 def _cmd_cluster_start(args: argparse.Namespace) -> int:
     from reid_platform.cluster.local import HeadOptions, start_head
 
-    address = start_head(HeadOptions(args.host, args.port, args.dashboard_port, args.num_cpus, args.num_gpus))
-    print(f"Ray head started; dashboard and job server at {address}")
-    print(f"  reid submit configs/demo.yaml --address {address}")
+    options = HeadOptions(args.host, args.port, args.dashboard_port, _node_resources(args))
+    lines = [
+        f"Ray head: dashboard and job server at {options.job_address}, cluster address {options.cluster_address}",
+        f"  reid submit configs/demo.yaml --address {options.job_address}",
+        f"  reid cluster join {options.cluster_address}   (on each machine to add, if it reaches {options.node_ip}; see --host)",
+    ]
+    _then_start(lines, args.block, functools.partial(start_head, options, args.block, _placement(args)))
     return 0
+
+
+def _cmd_cluster_join(args: argparse.Namespace) -> int:
+    from reid_platform.cluster.local import join_cluster, parse_cluster_address
+
+    parse_cluster_address(args.address)
+    lines = [f"a node of the Ray cluster at {args.address}; `reid cluster stop` takes this machine out"]
+    start = functools.partial(
+        join_cluster, args.address, _node_resources(args), args.node_ip_address, args.block, _placement(args)
+    )
+    _then_start(lines, args.block, start)
+    return 0
+
+
+def _then_start(lines: list[str], block: bool, start) -> None:
+    """What a started node is, printed once it is: a blocking start becomes the node, so before it."""
+    if block:
+        print("\n".join(lines), flush=True)
+    start()
+    if not block:
+        print("\n".join(lines))
 
 
 def _cmd_cluster_stop(args: argparse.Namespace) -> int:
@@ -57,7 +103,7 @@ def _follow(server, job_id: str) -> int:
 
 
 def _when(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
 
 def _status_name(status) -> str:
@@ -104,18 +150,39 @@ def _cmd_mlflow_serve(args: argparse.Namespace) -> int:
     os.execv(mlflow, [str(mlflow), *arguments])  # the server replaces this process: Ctrl-C stops it
 
 
+def _node_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-cpus", type=int, help="CPUs the node offers (default: all)")
+    parser.add_argument("--num-gpus", type=int, help="GPUs the node offers (default: all)")
+    parser.add_argument(
+        "--resource", action="append", default=[], metavar="NAME=QUANTITY",
+        help="a custom resource, to find or pin the node (repeatable)",
+    )
+    parser.add_argument("--block", action="store_true", help="stay in the foreground as the node until it ends")
+    parser.add_argument(
+        "--own-ports", action="store_true",
+        help="free ports for the node's services instead of Ray's fixed defaults (several nodes on one machine)",
+    )
+    parser.add_argument(
+        "--temp-dir", help="the node's own Ray folder instead of /tmp/ray (several nodes on one machine)"
+    )
+
+
 def add_commands(commands) -> None:
-    cluster = commands.add_parser("cluster", help="a local Ray cluster (head node)").add_subparsers(
+    cluster = commands.add_parser("cluster", help="Ray nodes on this machine: a head, or a node joining one").add_subparsers(
         dest="cluster_command", required=True, metavar="COMMAND"
     )
     start = cluster.add_parser("start", help="start a Ray head with its dashboard and job server")
     start.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the job server)")
     start.add_argument("--port", type=int, default=6379, help="Ray (GCS) port")
     start.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server port")
-    start.add_argument("--num-cpus", type=int)
-    start.add_argument("--num-gpus", type=int)
+    _node_flags(start)
     start.set_defaults(handler=_cmd_cluster_start)
-    stop = cluster.add_parser("stop", help="stop Ray on this machine")
+    join = cluster.add_parser("join", help="add this machine to a Ray cluster as a worker node")
+    join.add_argument("address", help="the head's HOST:PORT (its Ray port, as `reid cluster start` prints)")
+    join.add_argument("--node-ip-address", help="the address other nodes reach this one at (default: found by Ray)")
+    _node_flags(join)
+    join.set_defaults(handler=_cmd_cluster_join)
+    stop = cluster.add_parser("stop", help="stop Ray on this machine (every node on it)")
     stop.set_defaults(handler=_cmd_cluster_stop)
 
     submit = commands.add_parser("submit", help="submit a training config as a Ray job")

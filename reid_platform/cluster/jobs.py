@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from reid_platform.cluster.local import auth_token
 from reid_platform.config import load_config
 from reid_platform.errors import ConfigError
 from reid_platform.tracking.server import check_reachable, has_password, redact
@@ -95,15 +96,9 @@ def build_submission(
 
 
 def _token_headers(address: str) -> dict[str, str]:
-    """A Ray head started on this machine where a token exists (~/.ray/auth_token, Ray's default for
-    local clusters) wants it on every request. Only local addresses get it: the token is this
-    machine's, and a remote cluster's token comes from RAY_AUTH_TOKEN, which Ray sends itself."""
-    if not is_local(address) or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return {}
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if not token and path.is_file():
-        token = path.read_text().strip()
+    """The token for the job server (Ray's client sends one only with RAY_AUTH_MODE=token): the one
+    given by RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or for a head on this machine the one it made."""
+    token = auth_token(default_file=is_local(address))
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 

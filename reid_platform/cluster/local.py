@@ -1,12 +1,48 @@
-"""A Ray cluster on this machine: one head node whose dashboard and job server listen on loopback."""
+"""Ray nodes on this machine: a head whose dashboard and job server listen on loopback (or every
+interface), and worker nodes that join a head, as ``ray start`` would start them."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from reid_platform.errors import ConfigError
+
+# The services every Ray node runs besides its workers. Their defaults are fixed ports, so a second
+# node on the same machine (a test's cluster) needs its own.
+NODE_SERVICE_PORTS = (
+    "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    "metrics-export-port", "runtime-env-agent-port",
+)  # fmt: skip
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on (at the moment of asking)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """What a node offers the scheduler; None: what Ray detects."""
+
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    custom: dict[str, float] = field(default_factory=dict)  # e.g. {"reid_node_b": 1}: to find or pin a node
+
+    def arguments(self) -> list[str]:
+        arguments = [f"--num-cpus={self.num_cpus}"] if self.num_cpus is not None else []
+        if self.num_gpus is not None:
+            arguments.append(f"--num-gpus={self.num_gpus}")
+        if self.custom:
+            arguments.append(f"--resources={json.dumps(self.custom)}")
+        return arguments
 
 
 @dataclass(frozen=True)
@@ -14,16 +50,40 @@ class HeadOptions:
     host: str = "127.0.0.1"  # where the dashboard and job server listen (0.0.0.0: every interface)
     port: int = 6379
     dashboard_port: int = 8265
-    num_cpus: int | None = None
-    num_gpus: int | None = None
+    resources: NodeResources = NodeResources()
+
+    @property
+    def node_ip(self) -> str:
+        return "127.0.0.1" if self.host == "0.0.0.0" else self.host
 
     @property
     def job_address(self) -> str:
-        host = "127.0.0.1" if self.host == "0.0.0.0" else self.host
-        return f"http://{host}:{self.dashboard_port}"
+        return f"http://{self.node_ip}:{self.dashboard_port}"
+
+    @property
+    def cluster_address(self) -> str:
+        """What `reid cluster join` takes."""
+        return f"{self.node_ip}:{self.port}"
 
 
-def _ray(*arguments: str) -> subprocess.CompletedProcess:
+def auth_token(default_file: bool = True) -> str | None:
+    """The Ray token to present: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else (with
+    ``default_file``: for a head on this machine) ~/.ray/auth_token, which a head started here makes.
+    None when token auth is disabled or there is no token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if token := os.environ.get("RAY_AUTH_TOKEN"):
+        return token
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named is None and not default_file:
+        return None
+    path = Path(named or Path.home() / ".ray" / "auth_token")
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def _ray_command(*arguments: str) -> tuple[list[str], dict[str, str]]:
     # The head starts job entrypoints with `python`: put this environment's interpreter first on PATH,
     # so jobs run with the packages `reid` itself was installed with.
     bin_dir = str(Path(sys.executable).parent)
@@ -31,34 +91,76 @@ def _ray(*arguments: str) -> subprocess.CompletedProcess:
     ray = Path(bin_dir) / "ray"
     if not ray.is_file():
         raise RuntimeError(f"{ray}: the ray command is not installed next to this Python")
-    return subprocess.run([str(ray), *arguments], env=env, capture_output=True, text=True)
+    return [str(ray), *arguments], env
 
 
-def start_head(options: HeadOptions) -> str:
-    """Start the head node; returns the job server address. Raises RuntimeError with Ray's own reason."""
-    arguments = [
-        "start", "--head",
-        f"--node-ip-address={options.host if options.host != '0.0.0.0' else '127.0.0.1'}",
-        f"--port={options.port}",
-        "--include-dashboard=true",
-        f"--dashboard-host={options.host}",
-        f"--dashboard-port={options.dashboard_port}",
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    if options.num_cpus is not None:
-        arguments.append(f"--num-cpus={options.num_cpus}")
-    if options.num_gpus is not None:
-        arguments.append(f"--num-gpus={options.num_gpus}")
-    started = _ray(*arguments)
+def _start(arguments: list[str], block: bool, env_updates: dict[str, str] | None = None) -> None:
+    """``ray start``; with ``block`` this process becomes the node (it ends when the node does, and
+    killing it, with its children, takes the whole node down). Raises RuntimeError with Ray's reason."""
+    command, env = _ray_command("start", *arguments, "--disable-usage-stats", *(["--block"] if block else []))
+    env.update(env_updates or {})
+    if block:
+        os.execve(command[0], command, env)
+    started = subprocess.run(command, env=env, capture_output=True, text=True)
     if started.returncode != 0:
         lines = [line for line in (started.stderr + started.stdout).splitlines() if line.strip()]
         raise RuntimeError("ray start failed: " + " | ".join(lines[-3:]))
-    return options.job_address
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a node keeps its things on this machine: Ray's defaults, or (several nodes on one machine,
+    as in tests) its own folder and free ports. Nodes that share a folder also share its logs, which
+    every node's log monitor then forwards, and its runtime environments, which any node deletes."""
+
+    temp_dir: Path | None = None  # Ray's session folder root; default /tmp/ray
+    own_ports: bool = False  # free ports for the node's services instead of Ray's fixed defaults
+
+    def arguments(self, host: str) -> list[str]:
+        arguments = [f"--temp-dir={self.temp_dir}"] if self.temp_dir is not None else []
+        return arguments + ([f"--{name}={free_port(host)}" for name in NODE_SERVICE_PORTS] if self.own_ports else [])
+
+
+def start_head(options: HeadOptions, block: bool = False, placement: Placement = Placement()) -> None:
+    arguments = [
+        "--head", f"--node-ip-address={options.node_ip}", f"--port={options.port}",
+        "--include-dashboard=true", f"--dashboard-host={options.host}", f"--dashboard-port={options.dashboard_port}",
+        *options.resources.arguments(), *placement.arguments(options.node_ip),
+    ]  # fmt: skip
+    _start(arguments, block)
+
+
+def parse_cluster_address(address: str) -> tuple[str, int]:
+    """HOST:PORT of a head's Ray (GCS) server; ConfigError for anything else, the job server URL included."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        raise ConfigError(
+            f"{address}: a cluster address is the head's HOST:PORT (its Ray port, 6379 unless `reid cluster "
+            "start --port` chose another), not the job server's URL"
+        )
+    return host, int(port)
+
+
+def join_cluster(
+    address: str, resources: NodeResources, node_ip: str | None = None, block: bool = False,
+    placement: Placement = Placement(),
+) -> None:
+    """Start a worker node of the head at ``address``. ``node_ip``: the address other nodes reach this
+    one at (default: the one Ray finds towards the head)."""
+    host, port = parse_cluster_address(address)
+    arguments = [f"--address={host}:{port}", *resources.arguments()]
+    if node_ip is not None:
+        arguments.append(f"--node-ip-address={node_ip}")
+    # A head with a token (Ray's default) refuses nodes without it, and `ray start --address` only
+    # sends one in token mode: with a token here (the head's, copied, or RAY_AUTH_TOKEN), use it.
+    token_mode = {"RAY_AUTH_MODE": "token"} if "RAY_AUTH_MODE" not in os.environ and auth_token() else {}
+    _start(arguments + placement.arguments(node_ip or "127.0.0.1"), block, token_mode)
 
 
 def stop_all() -> None:
     """Stop every Ray process on this machine (`ray stop`), whoever started it."""
-    stopped = _ray("stop")
+    command, env = _ray_command("stop")
+    stopped = subprocess.run(command, env=env, capture_output=True, text=True)
     if stopped.returncode != 0:
         lines = (stopped.stderr + stopped.stdout).strip().splitlines()
         raise RuntimeError("ray stop failed" + (f": {lines[-1]}" if lines else f" with exit status {stopped.returncode}"))

@@ -128,7 +128,8 @@ class Engine:
         return self.cfg.train.classifier_lr or self.cfg.train.lr
 
     def lr_factor(self, epochs_done: float) -> float:
-        return lr_factor(epochs_done, self.cfg.train.epochs, self.cfg.train.warmup_epochs)
+        train = self.cfg.train
+        return lr_factor(epochs_done, train.epochs, train.warmup_epochs, train.decay_start)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, epochs_done: float) -> torch.Tensor:
         """One optimisation step at the schedule's rate for ``epochs_done``; returns the loss of the global

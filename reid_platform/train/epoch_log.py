@@ -4,8 +4,9 @@ This callback runs in the Ray Train controller, which calls it once every worker
 epoch and the checkpoint is persisted. A worker group that restarts from checkpoint K repeats the
 epochs after K, but their lost first attempts were never committed and so never logged: the history
 holds every committed epoch once, however often the workers failed. The final evaluation's pictures
-travel in the checkpoint and are logged from there. (What is still queued during a tracking outage
-is lost if the controller itself dies, that is if the whole job does.)
+travel in the checkpoint and are logged from there; with ``tracking.log_checkpoints_as_models`` so
+does every evaluated epoch's model. (What is still queued during a tracking outage is lost if the
+controller itself dies, that is if the whole job does.)
 """
 
 from __future__ import annotations
@@ -14,28 +15,66 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
+from reid_platform.config import RunConfig
 from reid_platform.console import say
 from reid_platform.tracking.mlflow_run import RunLogger
+from reid_platform.train.publish import log_checkpoint_model
 from reid_platform.train.record import EVALUATION_DIR, EpochRecord
 
 
 class EpochMetricsToMlflow(UserCallback):
-    def __init__(self, tracking_uri: str, run_id: str, outage_timeout_s: float):
-        self.tracking_uri, self.run_id, self.outage_timeout_s = tracking_uri, run_id, outage_timeout_s
+    def __init__(self, cfg: RunConfig, run_id: str):
+        self.cfg, self.run_id = cfg, run_id
         self._logger: RunLogger | None = None  # made in the controller: a thread does not pickle
+        self._world_size: int | None = None  # of the last committed epoch
+        self._failure: str | None = None  # why the worker group last failed
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        self._failure = "; ".join(
+            f"rank {rank}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+            for rank, error in sorted(worker_exceptions.items())
+        )
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         record = EpochRecord.from_report(metrics[0])  # world rank 0's; every rank reports the same
         if record is None:
             return
-        self._logger = self._logger or RunLogger(self.tracking_uri, self.run_id)
+        tracking = self.cfg.tracking
+        self._logger = self._logger or RunLogger(tracking.uri, self.run_id)
+        self._note_resize(record)
         self._logger.log_epoch(record)
-        if record.pictures and checkpoint is not None:
+        if checkpoint is not None and (record.pictures or (record.evaluation and tracking.log_checkpoints_as_models)):
             with checkpoint.as_directory() as directory:
                 for name in record.pictures:
                     self._logger.log_artifact(Path(directory) / EVALUATION_DIR / name, EVALUATION_DIR)
+                if record.evaluation and tracking.log_checkpoints_as_models:
+                    self._log_model(Path(directory), record.epoch)
         if record.last:
             # the controller ends with the run: the backlog of an outage must go out now
-            if lost := self._logger.close(self.outage_timeout_s):
+            if lost := self._logger.close(tracking.outage_timeout_s):
                 say(f"warning: {lost}; the run's MLflow history is incomplete")
             self._logger = None
+
+    def _note_resize(self, record: EpochRecord) -> None:
+        """A worker group of another size than the last committed epoch's: one job-log line, and the
+        resize in MLflow (epoch, old and new size, reason)."""
+        if self._world_size is None:  # a new controller: the run may have trained on before (a resumed job)
+            logged = self._logger.client.get_run(self.run_id).data.metrics.get("world_size")
+            self._world_size = int(logged) if logged is not None and record.epoch > 1 else record.world_size
+        old, new = self._world_size, record.world_size
+        if new != old:
+            reason = (self._failure or "a worker was lost") if new < old else "resources are available again"
+            say(f"resized from {old} to {new} workers from epoch {record.epoch} ({reason})")
+            self._logger.log_resize(record.epoch, old, new, reason)
+            self._failure = None
+        self._world_size = new
+
+    def _log_model(self, checkpoint_dir: Path, epoch: int) -> None:
+        """The epoch's model, once its metrics are in the run (they are linked to it from there)."""
+        if not self._logger.flush(self.cfg.tracking.outage_timeout_s):
+            say(f"warning: MLflow is unavailable; epoch {epoch}'s model is not logged")
+            return
+        try:
+            log_checkpoint_model(self.cfg, checkpoint_dir, self.run_id, epoch)
+        except Exception as error:  # noqa: BLE001 - a model that cannot be logged must not stop training
+            say(f"warning: epoch {epoch}'s model was not logged to MLflow: {type(error).__name__}: {error}")

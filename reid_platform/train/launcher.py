@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,15 +28,11 @@ from reid_platform.config import RunConfig
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import ConfigError, RunAlreadyFinished
 from reid_platform.model import pretrained
-from reid_platform.model.artifact import save_model_dir
-from reid_platform.model.backbone import ReIDNet
-from reid_platform.model.config import Preprocessing
 from reid_platform.model.timm_family import check_timm_name
 from reid_platform.tracking.mlflow_run import call_with_retries, finish_run, open_run
-from reid_platform.tracking.registry import log_model_dir, register_model
 from reid_platform.tracking.server import check_reachable
-from reid_platform.train.checkpoint import read_trainer_state
 from reid_platform.train.epoch_log import EpochMetricsToMlflow
+from reid_platform.train.publish import publish_model
 from reid_platform.train.record import EpochRecord
 from reid_platform.train.worker import train_loop_per_worker
 
@@ -64,29 +59,12 @@ def check_inputs(cfg: RunConfig) -> ShardDataset:
     if cfg.model.timm_name:
         check_timm_name(cfg.model.timm_name)
     dataset = ShardDataset.open(cfg.data.shards)
-    if dataset.num_classes < cfg.scaling.num_workers:
+    if dataset.num_classes < cfg.scaling.max_workers:
         raise ConfigError(
             f"scaling.num_workers: {dataset.num_classes} classes of {cfg.data.shards} cannot be sharded over "
-            f"{cfg.scaling.num_workers} workers"
+            f"{cfg.scaling.max_workers} workers"
         )
     return dataset
-
-
-def publish_model(cfg: RunConfig, checkpoint_dir: Path, run_id: str, epoch: int) -> str | None:
-    """Turn the checkpoint of ``epoch`` into a pickle-free model directory, log it and register it.
-
-    Safe to repeat: the artifact of an epoch always goes to the same path, and registering reuses the
-    version of that source. A run continued to more epochs publishes a new version.
-    """
-    model = ReIDNet(cfg.model, cfg.input)  # its trunk's weights come from the checkpoint
-    model.load_state_dict(read_trainer_state(checkpoint_dir)["backbone"])
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = save_model_dir(model, Preprocessing.of(cfg.input), Path(tmp) / "model")
-        source = log_model_dir(cfg.tracking.uri, run_id, directory, f"model/epoch-{epoch}")
-    if cfg.tracking.registered_model is None:
-        return None
-    register_model(cfg.tracking.uri, run_id, source, cfg.tracking.registered_model, cfg.tracking.alias)
-    return f"{cfg.tracking.registered_model}@{cfg.tracking.alias}"
 
 
 def _committed(run_dir: Path) -> Result | None:
@@ -117,9 +95,10 @@ def _connect_ray() -> None:
 def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json")},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
         ),
@@ -129,7 +108,7 @@ def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             # a lost worker or node restarts the whole group from the latest checkpoint
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=[EpochMetricsToMlflow(cfg.tracking.uri, run_id, cfg.tracking.outage_timeout_s)],
+            callbacks=[EpochMetricsToMlflow(cfg, run_id)],
             # Ray Train's own INFO lines (one per checkpoint and report, per worker) drown the progress lines
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
@@ -140,7 +119,7 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
     """Run (or resume) one training job; relative paths in ``cfg`` are taken from ``base_dir`` (default: cwd)."""
     started = time.perf_counter()
     cfg = cfg.with_absolute_paths(base_dir or Path.cwd())
-    check_inputs(cfg)
+    dataset = check_inputs(cfg)
     check_reachable(cfg.tracking.uri)
     # the weights model.pretrained names, as a local file: fetched once here, never by the workers
     cfg = cfg.model_copy(update={"model": pretrained.resolve(cfg.model)})
@@ -157,11 +136,13 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
                 f"run {cfg.run.name!r} in {cfg.run.storage_path} finished its {record.epoch} epochs already "
                 f"(MLflow run {known_run}); raise train.epochs to continue it, or choose a new run.name"
             )
-    run_id = open_run(cfg, config_path, known_run)
+    run_id = open_run(cfg, config_path, dataset, known_run)
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
 
     _connect_ray()
+    # read by Ray Train's controller, which inherits it from this process when fit() starts it
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.start_timeout_s)
     try:
         result = _trainer(cfg, run_id).fit()
     except BaseException:

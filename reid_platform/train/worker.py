@@ -3,12 +3,16 @@
 Ray gives the process group, the device and the latest checkpoint; the engine does the training;
 after every epoch its state goes into a checkpoint and its record into ``ray.train.report``, which
 hands both to the controller (``epoch_log.py`` logs the record once the checkpoint is committed).
+The first worker of each node also samples that node's CPU, memory and GPU into the MLflow run
+(``tracking.system_metrics``), as the series ``system/<node>/...``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import socket
 import tempfile
 from pathlib import Path
 
@@ -54,11 +58,37 @@ def _save(engine: Engine, outcome: EpochOutcome, directory: Path) -> EpochRecord
     return record
 
 
+@contextlib.contextmanager
+def _system_metrics(cfg: RunConfig, run_id: str, local_rank: int):
+    """MLflow's system-metrics monitor for this node while training runs (on its first worker only)."""
+    if not cfg.tracking.system_metrics or local_rank != 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    node = f"{socket.gethostname()}-{ray.get_runtime_context().get_node_id()[:6]}"
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=cfg.tracking.system_metrics_interval_s, resume_logging=True, node_id=node,
+        tracking_uri=cfg.tracking.uri,
+    )  # fmt: skip
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = RunConfig.model_validate(loop_config["config"])
     _quiet_report_lines()
     context = ray.train.get_context()
+    with _system_metrics(cfg, loop_config["run_id"], context.get_local_rank()):
+        _train(cfg, context)
+
+
+def _train(cfg: RunConfig, context) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    cfg = cfg.on_workers(world_size)  # an elastic group keeps the global batch whatever its size
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     partition = Partition(rank, world_size, device.index if device.type == "cuda" else None)

@@ -1,0 +1,32 @@
+"""`reid cluster start|join` refuse what Ray would misread, in one line, before running `ray start`
+(the real nodes are started by tests/test_elastic.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from reid_platform.cli import main
+from reid_platform.cluster.local import NodeResources, parse_cluster_address
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["cluster", "join", "http://127.0.0.1:8265"], "http://127.0.0.1:8265: a cluster address is the head's HOST:PORT"),
+        (["cluster", "join", "10.0.0.5"], "10.0.0.5: a cluster address is the head's HOST:PORT"),
+        (["cluster", "join", "10.0.0.5:6379", "--resource", "gpu_a100"], "--resource gpu_a100: expected NAME=QUANTITY"),
+        (["cluster", "start", "--resource", "reid_node_b=lots"], "--resource reid_node_b=lots: expected NAME=QUANTITY"),
+    ],
+)
+def test_bad_addresses_and_resources_are_one_line_exit_2(argv, fragment, capsys):
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert fragment in line
+
+
+def test_a_nodes_resources_become_ray_start_arguments():
+    assert parse_cluster_address("10.0.0.5:6380") == ("10.0.0.5", 6380)
+    assert NodeResources().arguments() == []
+    assert NodeResources(2, 0, {"reid_node_b": 1.0}).arguments() == [
+        "--num-cpus=2", "--num-gpus=0", '--resources={"reid_node_b": 1.0}'
+    ]  # fmt: skip
