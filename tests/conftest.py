@@ -49,6 +49,8 @@ def tiny_dataset(tiny_shards) -> ShardDataset:
 def mlflow_server(tmp_path_factory) -> MlflowServer:
     """A real tracking server (`reid mlflow serve`, SQLite and a local artifact store) per module."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    server.start()
-    yield server
-    server.kill()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()

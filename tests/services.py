@@ -76,12 +76,12 @@ class MlflowServer:
         self.uri, self.process = f"http://{host}:{self.port}", None
 
     def start(self) -> None:
-        log = (self.root / "server.log").open("a")
-        self.process = subprocess.Popen(
-            [REID, "mlflow", "serve", "--host", self.host, "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts", str(self.root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        with (self.root / "server.log").open("a") as log:  # the server keeps its own copy of the file
+            self.process = subprocess.Popen(
+                [REID, "mlflow", "serve", "--host", self.host, "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts", str(self.root / "artifacts")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
         wait_for(self.healthy, f"the MLflow server on port {self.port}", timeout=120)
 
     def healthy(self) -> bool:
@@ -91,7 +91,12 @@ class MlflowServer:
             return False
 
     def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process is None:  # never started
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process.wait()
 
 
@@ -198,11 +203,14 @@ class LocalCluster:
     def nodes(self) -> dict[str, str]:
         """State (ALIVE, DEAD) by node name, the latest node of each name, as the head's state API says."""
         token = auth_token()
-        reply = requests.get(
-            f"{self.job_address}/api/v0/nodes", params={"limit": 100, "detail": 1}, timeout=10,
-            headers={"Authorization": f"Bearer {token}"} if token else {},
-        )  # fmt: skip
-        reply.raise_for_status()
+        try:
+            reply = requests.get(
+                f"{self.job_address}/api/v0/nodes", params={"limit": 100, "detail": 1}, timeout=10,
+                headers={"Authorization": f"Bearer {token}"} if token else {},
+            )  # fmt: skip
+            reply.raise_for_status()
+        except requests.RequestException:  # the dashboard is starting, or busy: nothing known yet
+            return {}
         states: dict[str, tuple[float, str]] = {}
         for node in reply.json()["data"]["result"]["result"]:
             names = [key.removeprefix("reid_node_") for key in node["resources_total"] if key.startswith("reid_node_")]
@@ -230,14 +238,21 @@ class LocalCluster:
                 process.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
                 pass
-        self.processes.pop(name).wait()
+        node = self.processes.pop(name)
+        try:  # and whatever is left of its session (started with start_new_session), if its root is gone
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        node.wait()
 
     def close(self) -> None:
         """Stop every node this cluster started, head last, and remove their Ray folders."""
-        for name in [*(n for n in self.processes if n != "head"), "head"]:
-            if name in self.processes:
-                self.kill_node(name)
-        shutil.rmtree(self.ray_dirs, ignore_errors=True)
+        try:
+            for name in [*(n for n in self.processes if n != "head"), "head"]:
+                if name in self.processes:
+                    self.kill_node(name)
+        finally:
+            shutil.rmtree(self.ray_dirs, ignore_errors=True)
 
 
 def _cmdline(process: psutil.Process) -> list[str]:

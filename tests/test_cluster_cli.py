@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from reid_platform.cli import main
-from reid_platform.cluster.local import NodeResources, parse_cluster_address
+from reid_platform.cluster.local import HeadOptions, NodeResources, outward_address, parse_cluster_address
 
 
 @pytest.mark.parametrize(
@@ -30,3 +30,9 @@ def test_a_nodes_resources_become_ray_start_arguments():
     assert NodeResources(2, 0, {"reid_node_b": 1.0}).arguments() == [
         "--num-cpus=2", "--num-gpus=0", '--resources={"reid_node_b": 1.0}'
     ]  # fmt: skip
+
+
+def test_a_head_on_every_interface_is_joined_at_this_machines_address():
+    head = HeadOptions("0.0.0.0", port=6380)
+    assert head.cluster_address == f"{outward_address()}:6380" and head.job_address == "http://127.0.0.1:8265"
+    assert HeadOptions("10.0.0.5").cluster_address == "10.0.0.5:6379"

@@ -53,6 +53,9 @@ def test_overrides_are_typed_and_nested():
         ("scaling.num_workers=[3,2]", "a range [MIN, MAX] must have MIN <= MAX (got [3, 2])"),
         ("scaling.num_workers=[1,2,3]", "scaling.num_workers: give a number of workers N or a range [MIN, MAX] of two "
          "integers (got [1, 2, 3])"),
+        ("scaling.num_workers=2.5", "scaling.num_workers: give a number of workers N or a range [MIN, MAX] of two "
+         "integers (got 2.5)"),
+        ("scaling.num_workers=[true,2]", "scaling.num_workers: give a number of workers N"),
         ("scaling.num_workers=[1,4]", "invalid config: scaling.num_workers [1, 4]: 3 workers cannot split the global "
          "batch of 128 (input.batch_size 32 x 4 workers); choose a range whose sizes all divide it, or scaling.elastic_batch: per_worker"),
     ],

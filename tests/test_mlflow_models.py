@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,9 +109,11 @@ def test_old_plain_folder_versions_and_new_ones_pull_embed_and_export(registered
         with np.load(out / "e.npz") as saved:
             np.testing.assert_allclose(saved["embeddings"], reid_embed(directory, jpegs), atol=1e-5)
         assert main(["models", "pull", reference, "--out", str(out / "pulled"), *flags]) == 0
-        assert (out / "pulled").rglob("model.safetensors")
+        assert any((out / "pulled").rglob("model.safetensors"))
     assert main(["export", "onnx", "--model", "reid-serve@champion", "--out", str(tmp_path / "m.onnx"), *flags]) == 0
     capsys.readouterr()
+    assert main(["models", "serve", f"reid-serve/{old.version}", *flags]) == 1  # MLflow cannot serve a plain folder
+    assert f"reid-serve/{old.version} is a plain model folder" in capsys.readouterr().err
     assert main(["models", "pull", "reid-serve@nobody", "--out", str(tmp_path / "x"), *flags]) == 1
     assert "has no alias 'nobody' (aliases: champion->1; versions: 1, 2)" in capsys.readouterr().err
     assert main(["models", "pull", "nothing@champion", "--out", str(tmp_path / "x"), *flags]) == 1
@@ -121,16 +124,18 @@ class Serving:
     def __init__(self, uri: str, reference: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
         self.process = subprocess.Popen(
             [REID, "models", "serve", reference, "--port", str(self.port), "--tracking-uri", uri],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, text=True,
         )  # fmt: skip
 
     def wait(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"the server ended: {self.process.stdout.read()[-2000:]}")
+                self.log.seek(0)
+                raise AssertionError(f"the server ended: {self.log.read()[-2000:]}")
             try:
                 if requests.get(self.url + "/ping", timeout=2).status_code == 200:
                     return
@@ -143,7 +148,12 @@ class Serving:
 
     def stop(self) -> None:
         os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(timeout=30)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.log.close()
 
 
 def test_mlflow_models_serve_answers_jpegs_over_http_and_refuses_bad_ones(registered, jpegs):

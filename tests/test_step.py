@@ -54,10 +54,10 @@ def test_channels_last_and_bf16_match_the_fp32_step():
 
 def test_schedule_is_a_function_of_epochs_not_steps():
     # the same point of training with 5 or 3 steps per epoch (2 or 3 workers) gets the same rate
-    assert lr_factor(4 + 2 / 5, 10, 2) == lr_factor(4 + 1.2 / 3, 10, 2)
-    assert lr_factor(0, 10, 2) == pytest.approx(0.01) and lr_factor(2, 10, 2) == pytest.approx(1.0)
-    assert lr_factor(10, 10, 2) == pytest.approx(0.01)
+    assert lr_factor(4 + 2 / 5, 10, 2, 2) == lr_factor(4 + 1.2 / 3, 10, 2, 2)
+    assert lr_factor(0, 10, 2, 2) == pytest.approx(0.01) and lr_factor(2, 10, 2, 2) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 2, 2) == pytest.approx(0.01)
     # held at 100% until the decay starts, then the same cosine over what is left; or never decaying
     assert lr_factor(3, 10, 2, decay_start=5) == lr_factor(5, 10, 2, decay_start=5) == 1.0
-    assert lr_factor(7.5, 10, 2, decay_start=5) == pytest.approx(lr_factor(5, 10, 0)) and lr_factor(10, 10, 2, 5) == pytest.approx(0.01)
+    assert lr_factor(7.5, 10, 2, decay_start=5) == pytest.approx(lr_factor(5, 10, 0, 0)) and lr_factor(10, 10, 2, 5) == pytest.approx(0.01)
     assert lr_factor(9.9, 10, 0, decay_start=10) == 1.0

@@ -56,6 +56,20 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_pyfunc(model_uri: str, reference: str) -> None:
+    """A version registered before MLflow-native models is a plain model folder: MLflow cannot serve it."""
+    import mlflow.models
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.models.get_model_info(model_uri)
+    except (MlflowException, OSError):
+        raise ValueError(
+            f"{reference} is a plain model folder (registered before MLflow-native models), which MLflow cannot "
+            "serve; `reid models pull` and `reid embed` still use it, or train the run on to publish a servable version"
+        ) from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     """``mlflow models serve`` of a registered model, once the tracking server and the model are there."""
     from reid_platform.tracking.registry import resolve_version
@@ -66,8 +80,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     version = resolve_version(uri, args.reference)
     mlflow = Path(sys.executable).parent / "mlflow"
     model_uri = f"models:/{version.name}/{version.version}"
-    print(f"serving {args.reference} (version {version.version}) from {redact(uri)} on http://{args.host}:{args.port}/invocations", flush=True)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    _check_pyfunc(model_uri, args.reference)
+    print(f"serving {args.reference} (version {version.version}) from {redact(uri)} on http://{args.host}:{args.port}/invocations", flush=True)
     # MLflow starts the scoring server as `uvicorn`, found on the PATH: this environment's first
     os.environ["PATH"] = str(mlflow.parent) + os.pathsep + os.environ.get("PATH", "")
     arguments = ["models", "serve", "-m", model_uri, "--env-manager", "local", "--host", args.host, "--port", str(args.port)]

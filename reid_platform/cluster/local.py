@@ -28,6 +28,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def outward_address() -> str:
+    """This machine's address on its default route; loopback when it has none. (Connecting a UDP
+    socket only picks the route: nothing is sent.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.254.254.254", 1))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class NodeResources:
     """What a node offers the scheduler; None: what Ray detects."""
@@ -54,11 +65,13 @@ class HeadOptions:
 
     @property
     def node_ip(self) -> str:
-        return "127.0.0.1" if self.host == "0.0.0.0" else self.host
+        """The address the other nodes reach the head at: with every interface open, this machine's
+        address on its default route (what Ray would find too)."""
+        return outward_address() if self.host == "0.0.0.0" else self.host
 
     @property
     def job_address(self) -> str:
-        return f"http://{self.node_ip}:{self.dashboard_port}"
+        return f"http://{'127.0.0.1' if self.host == '0.0.0.0' else self.host}:{self.dashboard_port}"
 
     @property
     def cluster_address(self) -> str:

@@ -63,6 +63,7 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, name: str, model_dir: Path,
     for existing in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"):
         if existing.status == LoggedModelStatus.READY:
             return existing.model_id
+        client.delete_logged_model(existing.model_id)  # an attempt that died half-way
     model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type=MODEL_TYPE)
     with tempfile.TemporaryDirectory() as scratch:
         packaged = Path(scratch) / "pyfunc"

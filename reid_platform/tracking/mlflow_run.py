@@ -91,12 +91,16 @@ def describe_run(cfg: RunConfig, dataset: ShardDataset) -> str:
     weights = cfg.model.pretrained if cfg.model.pretrained in PRETRAINED_NAMES else "a file"
     low, high = cfg.scaling.min_workers, cfg.scaling.max_workers
     workers = f"{low} to {high}" if cfg.scaling.elastic else str(high)
+    if cfg.scaling.elastic and cfg.scaling.elastic_batch == "per_worker":
+        batch = f"{cfg.input.batch_size} per worker"
+    else:
+        batch = f"global batch {cfg.global_batch_size}"
     return (
         f"{cfg.model.arch} (pretrained: {weights}, {cfg.model.pooling} pooling) at {cfg.input.height}x{cfg.input.width}, "
         f"trained on {dataset.manifest.dataset} ({train.samples} images of {train.identities} identities, "
         f"{dataset.root}) with {loss.name} (scale {loss.scale:g}, margin {loss.margin:g}{smoothing}){pairwise}, "
         f"{cfg.train.optimizer} at {cfg.train.lr:g} for {cfg.train.epochs} epochs on {workers} workers "
-        f"(global batch {cfg.global_batch_size}); evaluated on {dataset.split('query').samples} queries against "
+        f"({batch}); evaluated on {dataset.split('query').samples} queries against "
         f"{dataset.split('gallery').samples} gallery images ({cfg.evaluation.protocol} protocol)."
     )
 

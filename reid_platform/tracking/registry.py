@@ -38,8 +38,9 @@ def register_model(tracking_uri: str, run_id: str, source: str, name: str, alias
         version = str(min(int(v.version) for v in found))
     else:
         version = str(client.create_model_version(name, source, run_id=run_id, model_id=model_id).version)
-        if model_id is not None:  # the link the UI shows on the LoggedModel (SQL registries keep no model_id)
-            linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if model_id is not None:  # the link the UI shows on the LoggedModel (SQL registries keep no model_id)
+        linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        if {"name": name, "version": version} not in linked:  # also when a retry found the version made
             linked.append({"name": name, "version": version})
             client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
     client.set_registered_model_alias(name, alias, version)

@@ -71,9 +71,12 @@ class ScalingConfig(Section):
     @classmethod
     def _a_count_or_a_range(cls, value: Any) -> Any:
         # one message for every wrong shape, instead of pydantic's one per member of the union
-        if isinstance(value, (list, tuple)) and (len(value) != 2 or not all(isinstance(v, int) for v in value)):
-            raise ValueError("give a number of workers N or a range [MIN, MAX] of two integers")
-        return value
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        if is_int(value):
+            return value
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_int, value)):
+            return value[0] if value[0] == value[1] else tuple(value)  # [N, N] is N workers
+        raise ValueError("give a number of workers N or a range [MIN, MAX] of two integers")
 
     @field_validator("num_workers")
     @classmethod

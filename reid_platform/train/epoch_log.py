@@ -58,20 +58,34 @@ class EpochMetricsToMlflow(UserCallback):
     def _note_resize(self, record: EpochRecord) -> None:
         """A worker group of another size than the last committed epoch's: one job-log line, and the
         resize in MLflow (epoch, old and new size, reason)."""
-        if self._world_size is None:  # a new controller: the run may have trained on before (a resumed job)
-            logged = self._logger.client.get_run(self.run_id).data.metrics.get("world_size")
-            self._world_size = int(logged) if logged is not None and record.epoch > 1 else record.world_size
-        old, new = self._world_size, record.world_size
+        resumed = self._world_size is None and record.epoch > 1  # a new controller of a run that trained before
+        if resumed:
+            self._world_size = self._logged_world_size() or record.world_size
+        old, new = self._world_size or record.world_size, record.world_size
         if new != old:
-            reason = (self._failure or "a worker was lost") if new < old else "resources are available again"
+            if resumed:
+                reason = "the run was started again"
+            elif new < old:
+                reason = self._failure or "a worker was lost"
+            else:
+                reason = "resources are available again"
             say(f"resized from {old} to {new} workers from epoch {record.epoch} ({reason})")
             self._logger.log_resize(record.epoch, old, new, reason)
-            self._failure = None
-        self._world_size = new
+        self._world_size, self._failure = new, None
+
+    def _logged_world_size(self) -> int | None:
+        """The group size of the run's last logged epoch; None when MLflow cannot say now (a resize
+        is then not noted, rather than the controller failing on a tracking outage)."""
+        try:
+            logged = self._logger.client.get_run(self.run_id).data.metrics.get("world_size")
+        except Exception:  # noqa: BLE001 - any tracking failure: training goes on
+            return None
+        return int(logged) if logged is not None else None
 
     def _log_model(self, checkpoint_dir: Path, epoch: int) -> None:
         """The epoch's model, once its metrics are in the run (they are linked to it from there)."""
-        if not self._logger.flush(self.cfg.tracking.outage_timeout_s):
+        # briefly: during an outage the controller must go on health-checking and resizing the group
+        if not self._logger.flush(min(30.0, self.cfg.tracking.outage_timeout_s)):
             say(f"warning: MLflow is unavailable; epoch {epoch}'s model is not logged")
             return
         try:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 
 
-def lr_factor(epochs_done: float, epochs: int, warmup_epochs: int, decay_start: int | None = None) -> float:
-    """The factor of the base rate after ``epochs_done`` (fractional) epochs; ``decay_start`` None
-    decays right after the warm-up."""
+def lr_factor(epochs_done: float, epochs: int, warmup_epochs: int, decay_start: int) -> float:
+    """The factor of the base rate after ``epochs_done`` (fractional) epochs: a linear warm-up from 1%,
+    the full rate until ``decay_start``, then a cosine to 1% at ``epochs``."""
     if epochs_done < warmup_epochs:
         return 0.01 + 0.99 * epochs_done / warmup_epochs
-    start = warmup_epochs if decay_start is None else decay_start
+    start = max(warmup_epochs, decay_start)
     if start >= epochs or epochs_done <= start:
         return 1.0
     progress = (epochs_done - start) / (epochs - start)
