@@ -46,7 +46,7 @@ def test_imagenet_weights_load_from_torch_hub_cache_where_torchvision_keeps_them
     cached = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
     cached.parent.mkdir(parents=True)
     torch.save(numbered_state(torchvision.models.resnet18()), cached)
-    code = f"""
+    code = """
 import torch
 from reid_platform.model.backbone import build_model
 from reid_platform.model.config import ModelConfig
