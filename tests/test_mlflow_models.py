@@ -66,9 +66,9 @@ def reid_embed(directory: Path, images: list[Path], flip: bool = False) -> np.nd
     return embed_images(model, preprocessing, images, flip=flip)
 
 
-def test_pyfunc_predicts_what_reid_embed_gives_for_bytes_and_arrays(registered, jpegs, tmp_path):
+def test_pyfunc_predicts_what_reid_embed_gives_for_bytes_and_arrays(registered, jpegs, tmp_path, monkeypatch):
     uri, _, model_id, directory = registered
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as an MLflow user points models:/ at a server
     model = mlflow.pyfunc.load_model("models:/reid-serve@champion")
     expected = reid_embed(directory, jpegs)
     got = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in jpegs]}))

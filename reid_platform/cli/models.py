@@ -56,18 +56,20 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_pyfunc(model_uri: str, reference: str) -> None:
+def _check_pyfunc(tracking_uri: str, version, reference: str) -> None:
     """A version registered before MLflow-native models is a plain model folder: MLflow cannot serve it."""
-    import mlflow.models
+    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     try:
-        mlflow.models.get_model_info(model_uri)
+        names = {Path(item.path).name for item in mlflow.artifacts.list_artifacts(version.source, tracking_uri=tracking_uri)}
     except (MlflowException, OSError):
+        names = set()
+    if "MLmodel" not in names:
         raise ValueError(
             f"{reference} is a plain model folder (registered before MLflow-native models), which MLflow cannot "
             "serve; `reid models pull` and `reid embed` still use it, or train the run on to publish a servable version"
-        ) from None
+        )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -80,8 +82,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     version = resolve_version(uri, args.reference)
     mlflow = Path(sys.executable).parent / "mlflow"
     model_uri = f"models:/{version.name}/{version.version}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    _check_pyfunc(model_uri, args.reference)
+    _check_pyfunc(uri, version, args.reference)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # for the server that replaces this process
     print(f"serving {args.reference} (version {version.version}) from {redact(uri)} on http://{args.host}:{args.port}/invocations", flush=True)
     # MLflow starts the scoring server as `uvicorn`, found on the PATH: this environment's first
     os.environ["PATH"] = str(mlflow.parent) + os.pathsep + os.environ.get("PATH", "")
