@@ -56,25 +56,9 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_pyfunc(tracking_uri: str, version, reference: str) -> None:
-    """A version registered before MLflow-native models is a plain model folder: MLflow cannot serve it."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    try:
-        names = {Path(item.path).name for item in mlflow.artifacts.list_artifacts(version.source, tracking_uri=tracking_uri)}
-    except (MlflowException, OSError):
-        names = set()
-    if "MLmodel" not in names:
-        raise ValueError(
-            f"{reference} is a plain model folder (registered before MLflow-native models), which MLflow cannot "
-            "serve; `reid models pull` and `reid embed` still use it, or train the run on to publish a servable version"
-        )
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     """``mlflow models serve`` of a registered model, once the tracking server and the model are there."""
-    from reid_platform.tracking.registry import resolve_version
+    from reid_platform.tracking.registry import check_servable, resolve_version
     from reid_platform.tracking.server import check_reachable, redact
 
     uri = tracking_uri(args)
@@ -82,7 +66,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     version = resolve_version(uri, args.reference)
     mlflow = Path(sys.executable).parent / "mlflow"
     model_uri = f"models:/{version.name}/{version.version}"
-    _check_pyfunc(uri, version, args.reference)
+    check_servable(uri, version, args.reference)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # for the server that replaces this process
     print(f"serving {args.reference} (version {version.version}) from {redact(uri)} on http://{args.host}:{args.port}/invocations", flush=True)
     # MLflow starts the scoring server as `uvicorn`, found on the PATH: this environment's first

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
@@ -80,6 +81,20 @@ def resolve_version(tracking_uri: str, reference: str):
         f"registered model {name!r} at {where} has no {'alias ' + repr(alias) if alias else 'version ' + str(version)} "
         f"(aliases: {aliases}; versions: {', '.join(map(str, versions)) or 'none'})"
     ) from None
+
+
+def check_servable(tracking_uri: str, version, reference: str) -> None:
+    """A version registered before MLflow-native models is a plain model folder (no MLmodel), which
+    MLflow cannot serve; a ValueError saying so."""
+    try:
+        names = {Path(item.path).name for item in mlflow.artifacts.list_artifacts(version.source, tracking_uri=tracking_uri)}
+    except (MlflowException, OSError):
+        names = set()
+    if "MLmodel" not in names:
+        raise ValueError(
+            f"{reference} is a plain model folder (registered before MLflow-native models), which MLflow cannot "
+            "serve; `reid models pull` and `reid embed` still use it, or train the run on to publish a servable version"
+        )
 
 
 def pull_model(tracking_uri: str, reference: str, out: Path) -> Path:
