@@ -11,6 +11,10 @@ from __future__ import annotations
 
 class ReidError(Exception):
     exit_code = 1
+    # Whether starting a worker group again can get past it. Problems of the input (a sample that does
+    # not decode, a config, a model file) come back in every attempt: they end a run at once, where a
+    # lost worker or node restarts it.
+    transient = False
 
 
 class ConfigError(ReidError, ValueError):
@@ -33,6 +37,12 @@ class ModelFormatError(ReidError, ValueError):
 
 class TrackingUnavailable(ReidError, RuntimeError):
     """The tracking server cannot be reached (before a run), or stayed away too long (during one)."""
+
+    transient = True
+
+
+class TrainingFailed(ReidError, RuntimeError):
+    """A training run that ended in failure: its workers' last errors, summarised."""
 
 
 class RunAlreadyFinished(ReidError):

@@ -16,7 +16,8 @@ from reid_platform.input.config import InputConfig
 from reid_platform.input import eval_batches as eval_batches_for
 from reid_platform.input import train_loader
 from reid_platform.input.dali import TrainLoader, eval_batches
-from reid_platform.input.identity import SampleTable, identity_batches
+from reid_platform.data.sample_table import SampleTable
+from reid_platform.input.identity import identity_batches
 from reid_platform.input.partition import Partition
 
 CFG = InputConfig(height=64, width=32, batch_size=8, num_threads=1, pad=4, shuffle_buffer=32)

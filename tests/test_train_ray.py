@@ -9,8 +9,11 @@ on its own copy of the store.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -33,6 +36,7 @@ from reid_platform.model.artifact import load_model_dir
 from reid_platform.parallel.classifier import shard_range
 from reid_platform.train.launcher import train
 from reid_platform.train.schedule import lr_factor
+from tests.faults import damage_sample
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -67,7 +71,9 @@ def tiny_config(shards: Path, work: Path, epochs: int, workers: int = 2):
 @pytest.fixture(scope="module")
 def damaged_shards(tiny_market, tmp_path_factory):
     """The tiny dataset with a truncated training image and an empty gallery file (over 1% of the
-    files), packed: both are quarantined, and the run below trains and evaluates on the rest."""
+    files), packed: both are quarantined, and the run below trains and evaluates on the rest. Then
+    one packed training JPEG is damaged in place (bit rot, as in a long run): the run skips it
+    (``data.on_bad_sample: skip``, the default)."""
     root = tmp_path_factory.mktemp("damaged") / "market"
     shutil.copytree(tiny_market, root)
     truncated = sorted((root / "bounding_box_train").glob("*.jpg"))[5]
@@ -76,6 +82,7 @@ def damaged_shards(tiny_market, tmp_path_factory):
     out = root.parent / "shards"
     manifest = pack_dataset([("market1501", root)], out, PackOptions(samples_per_shard=40, workers=2), progress=False)
     assert len(manifest.quarantine) == 2
+    damage_sample(ShardDataset.open(out), "train", position=5)
     return out
 
 
@@ -255,3 +262,44 @@ def test_the_run_is_what_an_mlflow_user_expects(trained, damaged_shards, tiny_ma
     system = [key for key in run.data.metrics if key.startswith("system/")]
     assert any(key.endswith("/cpu_utilization_percentage") for key in system)
     assert any(key.endswith("/system_memory_usage_megabytes") for key in system)
+
+
+def test_the_damaged_sample_was_skipped_and_counted(trained):
+    cfg, _, first, outcome = trained
+    client = MlflowClient(cfg.tracking.uri)
+    skipped = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "skipped_samples")]
+    assert len(skipped) == cfg.train.epochs and max(skipped) == 1  # found in an epoch of the first attempt
+
+
+def test_a_bad_sample_with_fail_ends_the_run_at_once_naming_it(damaged_shards, tmp_path):
+    """`reid train` as a user runs it (its own Ray, the workers' lines in its output): one attempt (no
+    restart for a data error, whatever run.max_failures says), one last line naming shard and key, exit 1."""
+    cfg = tiny_config(damaged_shards, tmp_path, epochs=1, workers=1)
+    assert cfg.run.max_failures > 0
+    settings = [f"{key}={value}" for key, value in {
+        "data.shards": damaged_shards, "data.on_bad_sample": "fail", "scaling.num_workers": 1,
+        "run.storage_path": cfg.run.storage_path, "run.output_dir": cfg.run.output_dir, "run.name": "fails",
+        "tracking.uri": cfg.tracking.uri, "tracking.system_metrics": "false",
+        "input.height": 64, "input.width": 32, "input.batch_size": 8, "train.epochs": 1,
+    }.items()]  # fmt: skip
+    command = [str(Path(sys.executable).parent / "reid"), "train", str(REPO / "configs/demo.yaml")]
+    done = subprocess.run(
+        [*command, *[arg for setting in settings for arg in ("--set", setting)]],
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )  # fmt: skip
+    tar, key = damaged_sample(damaged_shards)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"reid: error: {tar}: sample {key} does not decode (nvImageCodec, DALI's decoder, refuses it); "
+        "data.on_bad_sample is fail"
+    )
+    assert done.stdout.count("before training:") == 1  # the worker group started once
+    run_id = (cfg.run.storage_path / "fails" / "mlflow_run_id").read_text()
+    assert MlflowClient(cfg.tracking.uri).get_run(run_id).info.status == "FAILED"
+
+
+def damaged_sample(shards: Path) -> tuple[str, str]:
+    from reid_platform.input.bad_samples import find_bad_samples
+
+    (bad,) = find_bad_samples(ShardDataset.open(shards), "train")
+    return bad.tar, bad.key

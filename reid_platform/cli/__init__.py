@@ -12,14 +12,14 @@ import argparse
 import os
 import sys
 
-from reid_platform.cli import config, data, models, ops, train
+from reid_platform.cli import config, data, models, ops, plan, train
 from reid_platform.errors import ConfigError, ReidError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reid", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, config, data, models, ops):
+    for module in (train, config, data, models, ops, plan):
         module.add_commands(commands)
     return parser
 

@@ -61,11 +61,25 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from reid_platform.data.manifest import ShardDataset
     from reid_platform.data.pack import verify_shards
+    from reid_platform.errors import DatasetError
 
     problems, checked = verify_shards(args.shards)
     for problem in problems:
         print(problem)
+    if any("sha256" in problem for problem in problems):
+        from reid_platform.input.bad_samples import find_bad_samples
+
+        try:  # the samples of the changed shards that no longer decode (when their sizes are unchanged)
+            dataset = ShardDataset.open(args.shards)
+        except DatasetError:
+            dataset = None
+        changed = dataset.changed_shards() if dataset else []
+        for split in dataset.splits if dataset else ():
+            numbers = [number for name, number in changed if name == split]
+            for bad in find_bad_samples(dataset, split, numbers) if numbers else []:
+                print(bad)
     print(f"{checked} shards checked: " + (f"{len(problems)} problems" if problems else "all match the manifest"))
     return 1 if problems else 0
 

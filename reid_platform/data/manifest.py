@@ -7,12 +7,16 @@ the opened dataset: its splits with their shard and index paths, class count and
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from tqdm import tqdm
 
 from reid_platform.data.datasets import SPLITS
 from reid_platform.errors import DatasetError
@@ -33,6 +37,7 @@ class ShardEntry(_Record):
     samples: int
     bytes: int
     sha256: str
+    table: str | None = None  # its sample table (data/sample_table.py); None in packs made before them
 
 
 class SplitEntry(_Record):
@@ -90,6 +95,9 @@ class Split:
     identities: int
     tars: tuple[str, ...]
     indexes: tuple[str, ...]  # DALI index of each tar, in the same order
+    tables: tuple[str | None, ...]  # sample table of each tar (None: read its meta members)
+    shard_samples: tuple[int, ...]
+    sha256: tuple[str, ...]  # of each tar, as packed
 
 
 @dataclass(frozen=True)
@@ -109,10 +117,11 @@ class ShardDataset:
         manifest = Manifest.read(root)
         splits = {}
         for name, entry in manifest.splits.items():
-            tars, indexes = [], []
+            tars, indexes, tables = [], [], []
             for shard in entry.shards:
                 tar, index = root / shard.file, root / shard.index
-                for path in (tar, index):
+                table = root / shard.table if shard.table else None
+                for path in (tar, index, table or tar):
                     if not path.is_file():
                         raise DatasetError(f"{path}: shard file listed in the manifest is missing")
                 size = tar.stat().st_size
@@ -122,7 +131,11 @@ class ShardDataset:
                     )
                 tars.append(str(tar))
                 indexes.append(str(index))
-            splits[name] = Split(name, entry.samples, entry.identities, tuple(tars), tuple(indexes))
+                tables.append(str(table) if table else None)
+            splits[name] = Split(
+                name, entry.samples, entry.identities, tuple(tars), tuple(indexes), tuple(tables),
+                tuple(shard.samples for shard in entry.shards), tuple(shard.sha256 for shard in entry.shards),
+            )  # fmt: skip
         return cls(root, manifest, splits)
 
     @property
@@ -135,3 +148,23 @@ class ShardDataset:
 
     def split(self, name: str) -> Split:
         return self.splits[name]
+
+    def changed_shards(self, splits: tuple[str, ...] = SPLITS, progress: bool = False) -> list[tuple[str, int]]:
+        """(split, shard number) of every shard whose sha256 is no longer the packed one.
+
+        The shards are hashed by a thread pool (hashlib releases the GIL on large blocks), at about
+        the disk's speed.
+        """
+        jobs = [(split, number) for split in splits for number in range(len(self.split(split).tars))]
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            digests = pool.map(lambda job: file_sha256(self.split(job[0]).tars[job[1]]), jobs)
+            digests = tqdm(digests, total=len(jobs), desc="sha256", unit="shard", disable=not progress)
+            return [(split, n) for (split, n), digest in zip(jobs, digests) if digest != self.split(split).sha256[n]]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,6 +8,10 @@ Each sample is three tar members sharing a dot-free key:
   classes, and the index restores the original order after a sharded evaluation.
 - ``KEY.json`` the source dataset and the path relative to its root, for errors and pictures.
 
+Beside each shard are its DALI index (``.idx``) and its sample table (``.samples.npy``,
+``sample_table.py``): every sample's meta fields and JPEG offset, so that nothing has to read the
+meta members one by one to learn the labels.
+
 Images are checked (fully decoded) by a pool of worker processes while the main process writes, in
 a fixed order, so the same input and seed give byte-identical shards. Files that fail go to the
 manifest's ``quarantine`` list with the reason instead of into a shard. Training samples are
@@ -18,7 +22,6 @@ keeps its (unused) classifier row rather than shifting every later label.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import multiprocessing.pool
@@ -37,7 +40,10 @@ from wds2idx import IndexCreator
 
 from reid_platform.data.datasets import SPLITS, Sample, combine, load_dataset, with_labels
 from reid_platform.data.images import prepare_job
-from reid_platform.data.manifest import META_FIELDS, Manifest, QuarantineEntry, ShardDataset, ShardEntry, SplitEntry
+from reid_platform.data.manifest import (
+    META_FIELDS, Manifest, QuarantineEntry, ShardDataset, ShardEntry, SplitEntry, file_sha256,
+)  # fmt: skip
+from reid_platform.data.sample_table import sample_key, table_rows, write_table
 from reid_platform.errors import DatasetError
 
 
@@ -57,14 +63,6 @@ def encode_meta(sample: Sample, index: int) -> bytes:
 
 def decode_meta(raw: bytes) -> dict[str, int]:
     return dict(zip(META_FIELDS, np.frombuffer(raw, "<i8").tolist()))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _relative(sample: Sample, roots: dict[str, Path]) -> str:
@@ -106,7 +104,7 @@ def _write_split(
             index = len(written)  # contiguous over the written samples, in write order
             writer.write(
                 {
-                    "__key__": f"{split}_{index:09d}",
+                    "__key__": sample_key(split, index),
                     "jpg": data,
                     "meta": encode_meta(sample, index),
                     "json": json.dumps(where).encode(),
@@ -127,7 +125,8 @@ def _write_split(
                 index=index_path.name,
                 samples=index_sample_count(index_path),
                 bytes=tar.stat().st_size,
-                sha256=_sha256(tar),
+                sha256=file_sha256(tar),
+                table=write_table(tar, index_path).name,
             )
         )
     return shards, written
@@ -199,7 +198,7 @@ def pack_splits(
 
 def read_images(dataset: ShardDataset, split: str, indices: Iterable[int]) -> dict[int, bytes]:
     """JPEG bytes of the samples of ``split`` with the given dataset indices (for pictures)."""
-    wanted = {f"{split}_{index:09d}.jpg": index for index in indices}
+    wanted = {f"{sample_key(split, index)}.jpg": index for index in indices}
     found: dict[int, bytes] = {}
     for tar_path in dataset.split(split).tars:
         with tarfile.open(tar_path) as tar:
@@ -234,7 +233,7 @@ def verify_shards(shards_dir: str | Path) -> tuple[list[str], int]:
                 continue
             if tar.stat().st_size != shard.bytes:
                 problems.append(f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard.bytes}")
-            if (digest := _sha256(tar)) != shard.sha256:
+            if (digest := file_sha256(tar)) != shard.sha256:
                 problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}...")
             try:
                 samples = _tar_sample_count(tar)
@@ -252,4 +251,8 @@ def verify_shards(shards_dir: str | Path) -> tuple[list[str], int]:
                     creator.create_index()
                 if fresh.read_bytes() != index.read_bytes():
                     problems.append(f"{index}: does not match {tar.name} (the tar or the index changed)")
+                    continue
+            table = shards_dir / shard.table if shard.table else None
+            if table is not None and not (table.is_file() and np.array_equal(np.load(table), table_rows(tar, index))):
+                problems.append(f"{table}: missing or does not match {tar.name}")
     return problems, checked

@@ -13,10 +13,14 @@ person id, camera id and original index, so order and identity survive sharding.
 
 from __future__ import annotations
 
+import itertools
 import math
-import tarfile
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,9 +28,11 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from reid_platform.data.images import decode_problem
+from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
+from reid_platform.data.sample_table import SampleTable
 from reid_platform.errors import DatasetError
+from reid_platform.input.bad_samples import BadSample, error_summary, find_bad_samples, is_decode_failure, suspect_shards
 from reid_platform.input.config import InputConfig
 from reid_platform.input.identity import identity_source
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
@@ -160,10 +166,12 @@ def _eval_graph(tars, indexes, partition: Partition, cfg: InputConfig):
     return _crop_normalize(images, cfg, random_crop=False), meta
 
 
-def _pipeline(graph, split: str, dataset: ShardDataset, partition: Partition, cfg: InputConfig, batch_size: int, seed: int, **extra):
+def _pipeline(graph, split: str, dataset: ShardDataset, partition: Partition, cfg: InputConfig, batch_size: int, seed: int,
+              indexes: tuple[tuple[str, ...], tuple[str, ...]] | None = None, **extra):  # fmt: skip
+    tars, index_paths = indexes or (dataset.split(split).tars, dataset.split(split).indexes)
     pipe = graph(
-        dataset.split(split).tars,
-        dataset.split(split).indexes,
+        tars,
+        index_paths,
         partition,
         cfg,
         **extra,
@@ -178,17 +186,21 @@ def _pipeline(graph, split: str, dataset: ShardDataset, partition: Partition, cf
 
 
 class TrainLoader:
-    """Endless augmented batches; iterate it for one epoch of ``steps`` (images, labels)."""
+    """Endless augmented batches; iterate it for one epoch of ``steps`` (images, labels).
 
-    def __init__(self, dataset: ShardDataset, partition: Partition, cfg: InputConfig, seed: int):
-        extra = {"erasing_seed": seed}
-        if cfg.sampler == "identity":
-            identities = cfg.batch_size // cfg.images_per_identity
-            extra["batch_source"] = identity_source(dataset, identities, cfg.images_per_identity, seed)
-        pipe = _pipeline(_train_graph, "train", dataset, partition, cfg, cfg.batch_size, seed, **extra)
+    A sample that stops decoding (``bad_samples.py``) ends the run with ``on_bad_sample="fail"``;
+    with ``"skip"`` it is named in the job log, added to ``skipped``, and the pipeline is rebuilt
+    without it: the shuffled reader from index files that leave it out, the identity sampler by
+    never drawing it. Batches keep their size and the epoch its number of steps.
+    """
+
+    def __init__(self, dataset: ShardDataset, partition: Partition, cfg: InputConfig, seed: int, on_bad_sample: str = "fail"):
+        self.dataset, self.partition, self.cfg, self.seed, self.on_bad_sample = dataset, partition, cfg, seed, on_bad_sample
         self.steps = steps_per_epoch(dataset.split("train").samples, partition.world_size, cfg.batch_size)
-        self.dataset = dataset
-        self._batches = _named_failures(_endless(pipe), dataset, "train")
+        self.skipped: list[BadSample] = []
+        self._table = SampleTable.read(dataset) if cfg.sampler == "identity" else None
+        self._scratch: Path | None = None  # index files without the skipped samples
+        self._batches = self._stream()
 
     def __len__(self) -> int:
         return self.steps
@@ -197,51 +209,70 @@ class TrainLoader:
         for batch in islice(self._batches, self.steps):
             yield batch[0]["images"], checked_labels(batch[0]["meta"], self.dataset)
 
+    def _stream(self):
+        for rebuilds in itertools.count():
+            seed = self.seed + rebuilds  # a rebuilt pipeline does not replay the draws of the last one
+            try:
+                yield from _endless(self._build(seed))
+            except RuntimeError as error:
+                if not is_decode_failure(error):
+                    raise
+                known = [bad.index for bad in self.skipped]
+                found = find_bad_samples(self.dataset, "train", suspect_shards(self.dataset, "train"), known)
+                if not found:
+                    raise DatasetError(f"{self.dataset.root}: decoding the train shards failed: {error_summary(error)}") from None
+                if self.on_bad_sample == "fail":
+                    raise DatasetError(f"{found[0]}; data.on_bad_sample is fail") from None
+                for bad in found:
+                    say(f"skipping a bad training sample: {bad}")
+                self.skipped += found
+
+    def _build(self, seed: int):
+        cfg, extra = self.cfg, {"erasing_seed": seed}
+        if cfg.sampler == "identity":
+            excluded = np.flatnonzero(np.isin(self._table.rows[:, 3], [bad.index for bad in self.skipped]))
+            identities = cfg.batch_size // cfg.images_per_identity
+            extra["batch_source"] = identity_source(self._table, identities, cfg.images_per_identity, seed, excluded)
+        return _pipeline(_train_graph, "train", self.dataset, self.partition, cfg, cfg.batch_size, seed, self._indexes(), **extra)
+
+    def _indexes(self) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """The shards and index files the shuffled reader reads: the packed ones until a sample is skipped."""
+        if not self.skipped or self.cfg.sampler == "identity":
+            return None
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="reid-indexes-"))
+            weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
+        keys, tars, indexes = {bad.key for bad in self.skipped}, [], []
+        train = self.dataset.split("train")
+        for tar, index in zip(train.tars, train.indexes):
+            lines = Path(index).read_text().splitlines()
+            kept = [line for line in lines[1:] if line.split()[3].split(".", 1)[0] not in keys]
+            if kept:  # a shard with nothing left is not read at all
+                filtered = self._scratch / Path(index).name
+                filtered.write_text("\n".join([f"{lines[0].split()[0]} {len(kept)}", *kept]) + "\n")
+                tars.append(tar)
+                indexes.append(str(filtered))
+        return tuple(tars), tuple(indexes)
+
 
 def _endless(pipe):
     yield from DALIGenericIterator(pipe, ["images", "meta"], size=-1)
 
 
 def eval_batches(dataset: ShardDataset, split: str, partition: Partition, cfg: InputConfig, batch_size: int):
-    """This rank's part of ``split``, each sample once: yields (images, meta rows)."""
-    pipe = _pipeline(_eval_graph, split, dataset, partition, cfg, batch_size, seed=0)
+    """This rank's part of ``split``, each sample once: yields (images, meta rows).
 
-    def batches():  # the iterator runs the pipeline as it is made: make it inside the guard
-        yield from DALIGenericIterator(pipe, ["images", "meta"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL)
-
-    for batch in _named_failures(batches(), dataset, split):
-        yield batch[0]["images"], batch[0]["meta"]
-
-
-def _named_failures(batches, dataset: ShardDataset, split: str):
-    """DALI's batches; a failure (a sample that no longer decodes) is traced to its shard and key.
-
-    DALI's own error names only the operator, so the split's shards are searched with PIL for the
-    first sample that does not decode; that slow search happens only after a failure.
+    Evaluation never skips: a sample that does not decode fails it, named (``bad_samples.py``).
     """
-    iterator = iter(batches)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except RuntimeError as error:
-            message = " ".join(line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith("  "))
-            if "decoders" not in message:
-                raise
-            for tar, key, problem in undecodable_samples(dataset.split(split).tars):
-                raise DatasetError(f"{tar}: sample {key} does not decode ({problem}); repack or restore the shard") from None
-            raise DatasetError(f"{dataset.root}: decoding the {split} shards failed: {message}") from None
-        yield batch
-
-
-def undecodable_samples(tars: tuple[str, ...]):
-    """(tar, key, reason) of every JPEG member of ``tars`` that PIL cannot decode."""
-    for tar in tars:
-        with tarfile.open(tar) as archive:
-            found = [
-                (member.name.rsplit(".", 1)[0], decode_problem(archive.extractfile(member).read()))
-                for member in archive
-                if member.name.endswith(".jpg")
-            ]
-        yield from ((tar, key, reason) for key, reason in found if reason)
+    pipe = _pipeline(_eval_graph, split, dataset, partition, cfg, batch_size, seed=0)
+    try:  # the iterator runs the pipeline as it is made: make it inside the guard
+        for batch in DALIGenericIterator(pipe, ["images", "meta"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL):
+            yield batch[0]["images"], batch[0]["meta"]
+    except RuntimeError as error:
+        if not is_decode_failure(error):
+            raise
+        found = find_bad_samples(dataset, split, suspect_shards(dataset, split))
+        if not found:
+            raise DatasetError(f"{dataset.root}: decoding the {split} shards failed: {error_summary(error)}") from None
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise DatasetError(f"{found[0]}{more}; evaluation does not skip samples: repack or restore the shard") from None

@@ -10,9 +10,13 @@ the process, not from ``seed``: this baseline is not reproducible run to run, DA
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
+import tempfile
 from collections.abc import Iterator
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,11 +24,18 @@ import webdataset as wds
 from PIL import Image
 from torchvision.transforms import v2
 
+from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import DatasetError
+from reid_platform.input.bad_samples import BadSample
 from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
 from reid_platform.model.config import Preprocessing
+
+
+# DataLoader workers start from a fresh server process rather than a fork of this one: a fork copies
+# the threads of DALI or nvImageCodec (the bad-sample search) in a state their locks do not survive.
+WORKER_START = "forkserver"
 
 
 def _to_tensor(cfg: Preprocessing) -> list:
@@ -48,17 +59,33 @@ def eval_transform(cfg: Preprocessing) -> v2.Compose:
 
 
 class _Decode:
-    """A picklable sample -> (image tensor, meta row) map for DataLoader workers."""
+    """A picklable sample -> (image tensor, meta row) map for DataLoader workers.
 
-    def __init__(self, transform: v2.Compose):
-        self.transform = transform
+    A sample that does not decode raises a DatasetError naming it or, given ``skip_log``, is named
+    in the job log, appended to ``skip_log`` (the loader's ``skipped``) and mapped to None (dropped
+    by ``_decoded``).
+    """
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, transform: v2.Compose, skip_log: Path | None = None):
+        self.transform, self.skip_log = transform, skip_log
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        meta = np.frombuffer(sample["meta"], "<i8").copy()
         try:
             image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         except OSError as error:
-            raise DatasetError(f"{sample['__url__']}: sample {sample['__key__']} does not decode: {error}") from None
-        return self.transform(image), torch.from_numpy(np.frombuffer(sample["meta"], "<i8").copy())
+            bad = BadSample(sample["__url__"], sample["__key__"], int(meta[3]), str(error))
+            if self.skip_log is None:
+                raise DatasetError(str(bad)) from None
+            say(f"skipping a bad training sample: {bad}")
+            with self.skip_log.open("a") as handle:
+                handle.write(json.dumps(dataclasses.asdict(bad)) + "\n")
+            return None
+        return self.transform(image), torch.from_numpy(meta)
+
+
+def _decoded(item) -> bool:
+    return item is not None
 
 
 def _rank_shards(dataset: ShardDataset, split: str, partition: Partition) -> list[str]:
@@ -67,7 +94,8 @@ def _rank_shards(dataset: ShardDataset, split: str, partition: Partition) -> lis
 
 def _loader(dataset, batch_size: int, cfg: InputConfig, drop_last: bool) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=cfg.num_threads, drop_last=drop_last, persistent_workers=True
+        dataset, batch_size=batch_size, num_workers=cfg.num_threads, drop_last=drop_last, persistent_workers=True,
+        multiprocessing_context=WORKER_START,
     )
 
 
@@ -81,7 +109,7 @@ def _worker_errors_named(batches):
 
 
 class TorchTrainLoader:
-    def __init__(self, dataset: ShardDataset, partition: Partition, cfg: InputConfig, seed: int):
+    def __init__(self, dataset: ShardDataset, partition: Partition, cfg: InputConfig, seed: int, on_bad_sample: str = "fail"):
         tars = _rank_shards(dataset, "train", partition)
         if not tars:
             raise DatasetError(
@@ -90,15 +118,25 @@ class TorchTrainLoader:
             )
         self.steps = steps_per_epoch(dataset.split("train").samples, partition.world_size, cfg.batch_size)
         self.dataset = dataset
+        self._scratch = tempfile.TemporaryDirectory(prefix="reid-skipped-")
+        self._skip_log = Path(self._scratch.name) / "skipped.jsonl"
+        decode = _Decode(train_transform(cfg), self._skip_log if on_bad_sample == "skip" else None)
         dataset = (
             wds.WebDataset(tars, resampled=True, shardshuffle=False, nodesplitter=None, seed=seed)
             .shuffle(cfg.shuffle_buffer, seed=seed)
-            .map(_Decode(train_transform(cfg)))
+            .map(decode)
+            .select(_decoded)
         )
         self._batches = _worker_errors_named(_loader(dataset, cfg.batch_size, cfg, drop_last=True))
 
     def __len__(self) -> int:
         return self.steps
+
+    @property
+    def skipped(self) -> list[BadSample]:
+        if not self._skip_log.is_file():
+            return []
+        return [BadSample(**json.loads(line)) for line in self._skip_log.read_text().splitlines()]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, meta in islice(self._batches, self.steps):
@@ -111,4 +149,5 @@ def torch_eval_batches(dataset: ShardDataset, split: str, partition: Partition, 
         return
     workers = min(cfg.num_threads, len(tars))  # a worker without a shard would read nothing
     dataset = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None).map(_Decode(eval_transform(cfg)))
-    yield from _worker_errors_named(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, multiprocessing_context=WORKER_START)
+    yield from _worker_errors_named(loader)

@@ -188,7 +188,7 @@ class RunLogger:
         self._put_metrics([Metric("step_loss", float(value), now, step) for step, value in record.step_losses])
         epoch_metrics = {
             "epoch": record.epoch, "loss": record.loss, "lr": record.lr, "images_per_s": record.images_per_s,
-            "world_size": record.world_size, **(record.evaluation or {}),
+            "world_size": record.world_size, "skipped_samples": record.skipped_samples, **(record.evaluation or {}),
         }  # fmt: skip
         self.log_metrics(epoch_metrics, step=record.epoch, timestamp_ms=now)
 

@@ -37,6 +37,11 @@ class TrainConfig(Section):
     freeze_backbone_epochs: int = Field(
         0, ge=0, description="Epochs at the start in which only the classifier and the neck train."
     )
+    steps_per_epoch: int | None = Field(
+        None, ge=1,
+        description="At most this many steps per epoch (fast-reid's iters_per_epoch); None: one pass over the "
+        "training set. For datasets where one pass is days.",
+    )
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs; 0 only at the end.")
     precision: Precision = Field("auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU.")

@@ -21,6 +21,7 @@ them to Ray Train and checkpoints them.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from reid_platform.config import RunConfig
+from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.evaluation.distributed import Evaluation, evaluate_model
 from reid_platform.input import TrainBatches, train_loader
@@ -60,6 +62,7 @@ class EpochOutcome:
 
 class Engine:
     def __init__(self, cfg: RunConfig, dataset: ShardDataset, partition: Partition, device: torch.device):
+        self._created = time.perf_counter()
         if world() != (partition.rank, partition.world_size):
             raise RuntimeError(
                 f"partition {partition.rank} of {partition.world_size} does not match the process group "
@@ -90,6 +93,7 @@ class Engine:
         self.optimizer = backbone_optimizer(groups, cfg.train)
         self.progress = Progress()
         self.timer: PhaseTimer | None = None  # set by benchmarks to split each step's time
+        self._first_step = 1  # the first optimisation step of this process (after load_state_dict: the next)
 
     def _data_parallel(self, network: torch.nn.Module) -> torch.nn.Module:
         if self.partition.world_size == 1:
@@ -120,6 +124,7 @@ class Engine:
         self.optimizer.load_state_dict(state["optimizer"])  # lands on the parameters' device
         self.classifier.load_shards(state["classifier"])
         self.progress = Progress(**state["progress"])
+        self._first_step = self.progress.step + 1
 
     # -- training ------------------------------------------------------------------------------
 
@@ -157,8 +162,11 @@ class Engine:
         epoch, first_step = self.progress.epoch, self.progress.step + 1
         losses = []
         batches = self.timer.batches(batches) if self.timer else batches
-        for index, (images, labels) in enumerate(batches):
+        for index, (images, labels) in enumerate(itertools.islice(batches, steps)):
             losses.append(self.step(images, labels, epoch + index / steps))
+            if self.progress.step == self._first_step and self.partition.rank == 0:
+                # a start-up figure for the job log: at scale, minutes can go before the first step
+                say(f"first optimisation step done, {time.perf_counter() - self._created:.1f} s after the engine was made")
         if len(losses) != steps:
             raise RuntimeError(f"epoch {epoch + 1}: the input gave {len(losses)} batches, {steps} expected")
         average_buffers(self.network)
@@ -183,6 +191,9 @@ class Engine:
         epoch, every = self.progress.epoch, self.cfg.train.eval_every
         return epoch == self.cfg.train.epochs or bool(every and epoch % every == 0)
 
+    def steps_per_epoch(self, loader: TrainBatches) -> int:
+        return min(len(loader), self.cfg.train.steps_per_epoch or len(loader))
+
     def input_seed(self) -> int:
         """Distinct augmentation streams per (seed, rank, epoch of the start), also after a resume."""
         entropy = [self.cfg.train.seed, self.partition.rank, self.progress.epoch]
@@ -194,11 +205,13 @@ class Engine:
 
         The untrained model is evaluated first, unless that evaluation is done already.
         """
-        loader = loader or train_loader(self.dataset, self.partition, self.cfg.input, self.input_seed())
+        loader = loader or train_loader(
+            self.dataset, self.partition, self.cfg.input, self.input_seed(), self.cfg.data.on_bad_sample
+        )
         self.evaluate_untrained()
         while self.progress.epoch < self.cfg.train.epochs:
             started = _now(self.device)
-            losses = self.train_epoch(loader, len(loader))
+            losses = self.train_epoch(loader, self.steps_per_epoch(loader))
             elapsed = _now(self.device) - started
             evaluation = self.evaluate() if self.evaluation_due() else None
             record = EpochRecord(
@@ -210,8 +223,19 @@ class Engine:
                 images_per_s=len(losses) * self.cfg.input.batch_size * self.partition.world_size / elapsed,
                 evaluation=evaluation.metrics.summary() if evaluation else None,
                 before_training=self.progress.before_training,
+                skipped_samples=_distinct_over_ranks([bad.index for bad in loader.skipped]),
             )
             yield EpochOutcome(record, evaluation)
+
+
+def _distinct_over_ranks(indices: list[int]) -> int:
+    """How many distinct values all ranks' ``indices`` hold (ranks drawing from the same samples may
+    find the same bad one)."""
+    if not torch.distributed.is_initialized():
+        return len(set(indices))
+    gathered: list[list[int]] = [[] for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(gathered, indices)
+    return len({index for part in gathered for index in part})
 
 
 def _now(device: torch.device) -> float:

@@ -11,15 +11,25 @@ controller itself dies, that is if the whole job does.)
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ray.train import UserCallback
+from ray.train.v2._internal.execution.controller import controller
 
 from reid_platform.config import RunConfig
 from reid_platform.console import say
+from reid_platform.errors import ReidError
 from reid_platform.tracking.mlflow_run import RunLogger
 from reid_platform.train.publish import log_checkpoint_model
 from reid_platform.train.record import EVALUATION_DIR, EpochRecord
+
+
+def worker_errors_line(worker_exceptions: dict) -> str:
+    return "; ".join(
+        f"rank {rank}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+        for rank, error in sorted(worker_exceptions.items())
+    )
 
 
 class EpochMetricsToMlflow(UserCallback):
@@ -30,10 +40,15 @@ class EpochMetricsToMlflow(UserCallback):
         self._failure: str | None = None  # why the worker group last failed
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
-        self._failure = "; ".join(
-            f"rank {rank}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
-            for rank, error in sorted(worker_exceptions.items())
-        )
+        """Note why the group failed (for the resize record) and end the run when the cause would come
+        back in the next attempt: raised here, the error reaches Ray Train as a controller error,
+        which it does not retry (``run.max_failures`` is for lost workers and nodes)."""
+        self._failure = worker_errors_line(worker_exceptions)
+        for _, error in sorted(worker_exceptions.items()):
+            if isinstance(error, ReidError) and not error.transient:
+                # the worker's traceback is in the job log already; the controller's of this raise is noise
+                logging.getLogger(controller.__name__).setLevel(logging.CRITICAL)
+                raise error
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         record = EpochRecord.from_report(metrics[0])  # world rank 0's; every rank reports the same

@@ -20,18 +20,21 @@ from pathlib import Path
 import ray
 from mlflow.tracking import MlflowClient
 from ray._private.authentication import authentication_token_setup
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, ScalingConfig
+from ray.train import (
+    CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, Result, ScalingConfig, TrainingFailedError,
+    WorkerGroupError,
+)  # fmt: skip
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from reid_platform.config import RunConfig
 from reid_platform.data.manifest import ShardDataset
-from reid_platform.errors import ConfigError, RunAlreadyFinished
+from reid_platform.errors import ConfigError, DatasetError, ReidError, RunAlreadyFinished, TrainingFailed
 from reid_platform.model import pretrained
 from reid_platform.model.timm_family import check_timm_name
 from reid_platform.tracking.mlflow_run import call_with_retries, finish_run, open_run
 from reid_platform.tracking.server import check_reachable
-from reid_platform.train.epoch_log import EpochMetricsToMlflow
+from reid_platform.train.epoch_log import EpochMetricsToMlflow, worker_errors_line
 from reid_platform.train.publish import publish_model
 from reid_platform.train.record import EpochRecord
 from reid_platform.train.worker import train_loop_per_worker
@@ -59,12 +62,29 @@ def check_inputs(cfg: RunConfig) -> ShardDataset:
     if cfg.model.timm_name:
         check_timm_name(cfg.model.timm_name)
     dataset = ShardDataset.open(cfg.data.shards)
+    if cfg.data.verify_at_start == "sha256":
+        _verify_digests(dataset, cfg)
     if dataset.num_classes < cfg.scaling.max_workers:
         raise ConfigError(
             f"scaling.num_workers: {dataset.num_classes} classes of {cfg.data.shards} cannot be sharded over "
             f"{cfg.scaling.max_workers} workers"
         )
     return dataset
+
+
+def _verify_digests(dataset: ShardDataset, cfg: RunConfig) -> None:
+    """Every shard's sha256 against the manifest. A changed training shard is a warning when its bad
+    samples can be skipped as they are met (``data.on_bad_sample: skip``); otherwise, and for query
+    and gallery shards (evaluation never skips), it stops the run before it starts."""
+    changed = dataset.changed_shards(progress=True)
+    for split, number in changed:
+        tar = dataset.split(split).tars[number]
+        if split != "train" or cfg.data.on_bad_sample == "fail":
+            raise DatasetError(
+                f"{tar}: sha256 differs from the manifest's (data.verify_at_start sha256); restore the shard "
+                "or find its bad samples with `reid data verify`"
+            )
+        print(f"warning: {tar}: sha256 differs from the manifest's; samples that no longer decode will be skipped")
 
 
 def _committed(run_dir: Path) -> Result | None:
@@ -75,21 +95,22 @@ def _committed(run_dir: Path) -> Result | None:
         return None
 
 
-def _connect_ray() -> None:
+def _connect_ray() -> bool:
     """Join the job's cluster (inside a Ray job, RAY_ADDRESS is set) or start one on this machine.
 
     A cluster of our own starts quietly, without changing what Ray does: its token authentication
     (Ray's default for local clusters) is announced by a warning that we do not print, and it has no
     preemption watcher (nothing drains the nodes of a cluster that lives inside this process; the
     watcher's start logs an error line about its restart policy). On a shared cluster both stay as
-    its operator set them.
+    its operator set them. Whether it started a cluster of its own.
     """
     if ray.is_initialized():
-        return
+        return False
     if not os.environ.get("RAY_ADDRESS"):
         logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(logging_level="WARNING", log_to_driver=True)
+    return not os.environ.get("RAY_ADDRESS")
 
 
 def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
@@ -113,6 +134,19 @@ def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def _why(error: TrainingFailedError, cfg: RunConfig) -> ReidError:
+    """The error a failed run ends with, in one line: the input error that stopped it, or the last
+    workers' errors once ``run.max_failures`` restarts were spent."""
+    if isinstance(error, ControllerError) and isinstance(error.controller_failure, ReidError):
+        return error.controller_failure
+    if isinstance(error, WorkerGroupError):
+        return TrainingFailed(
+            f"run {cfg.run.name!r} failed after {cfg.run.max_failures} restarts (run.max_failures): "
+            f"{worker_errors_line(error.worker_failures)}"
+        )
+    return TrainingFailed(f"run {cfg.run.name!r} failed: {(str(error).strip().splitlines() or [''])[-1][:300]}")
 
 
 def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> TrainingOutcome:
@@ -140,16 +174,20 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
 
-    _connect_ray()
+    own_cluster = _connect_ray()
     # read by Ray Train's controller, which inherits it from this process when fit() starts it
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.start_timeout_s)
     try:
         result = _trainer(cfg, run_id).fit()
-    except BaseException:
+    except BaseException as error:
         try:  # best effort, briefly: the training error is the one to report
             call_with_retries(lambda: finish_run(uri, run_id, "FAILED"), "marking the run failed", uri, 30.0)
-        except Exception as error:  # noqa: BLE001
-            print(f"warning: could not mark MLflow run {run_id} failed: {error}", flush=True)
+        except Exception as marking:  # noqa: BLE001
+            print(f"warning: could not mark MLflow run {run_id} failed: {marking}", flush=True)
+        if isinstance(error, TrainingFailedError):
+            if own_cluster:  # stops the forwarding of its processes' logs: the one-line reason comes last
+                ray.shutdown()
+            raise _why(error, cfg) from None
         raise
     record = EpochRecord.from_report(result.metrics or {})
     with result.checkpoint.as_directory() as checkpoint_dir:

@@ -24,6 +24,7 @@ class EpochRecord:
     evaluation: dict[str, float] | None  # rank-1/5/10, mAP, mINP, query counts, when evaluated
     before_training: dict[str, float] = field(default_factory=dict)  # the untrained model's evaluation
     pictures: list[str] = field(default_factory=list)  # files under the checkpoint's EVALUATION_DIR
+    skipped_samples: int = 0  # training samples skipped so far in this attempt, as they do not decode
 
     @property
     def loss(self) -> float:

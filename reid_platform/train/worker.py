@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import ray.train
@@ -99,8 +100,10 @@ def _train(cfg: RunConfig, context) -> None:
             engine.load_state_dict(state)
         if rank == 0:
             say(f"resumed after epoch {engine.progress.epoch} on {world_size} workers from {checkpoint.path}")
-    elif engine.evaluate_untrained() and rank == 0:
-        say(f"before training: mAP {engine.progress.before_training['mAP']:.2%}")
+    else:
+        started = time.perf_counter()
+        if engine.evaluate_untrained() and rank == 0:
+            say(f"before training: mAP {engine.progress.before_training['mAP']:.2%} ({time.perf_counter() - started:.1f} s)")
     for outcome in engine.run():
         if rank == 0:
             say(progress_line(outcome.record))

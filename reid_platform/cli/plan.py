@@ -1,0 +1,302 @@
+"""`reid plan`: per-worker memory, network bytes per step and the largest class count that fits,
+before renting a cluster (``reid_platform/cluster/capacity.py`` does the arithmetic)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from reid_platform.cli.common import format_columns
+from reid_platform.errors import ConfigError
+
+GIB = 1024**3
+DEFAULT_GPU_MEMORY_GIB = 80.0  # an A100 / H100 80 GB
+DEFAULT_BANDWIDTH_GBIT = 100.0  # one 100 Gbit/s NIC per GPU; NVLink within a node is faster
+DEFAULT_SIZE = (256, 128)
+# the flags a CONFIG decides instead, with the key that does
+CONFIG_KEYS = {
+    "dim": ("--dim", "model.embedding_dim"),
+    "batch": ("--batch", "input.batch_size"),
+    "sample_rate": ("--sample-rate", "loss.sample_rate"),
+    "arch": ("--arch", "model.arch"),
+    "size": ("--size", "input.height and input.width"),
+    "precision": ("--precision", "train.precision"),
+    "optimizer": ("--optimizer", "train.optimizer"),
+}
+REQUIRED_FLAGS = {
+    "classes": "--classes",
+    "dim": "--dim",
+    "workers": "--workers",
+    "batch": "--batch",
+    "sample_rate": "--sample-rate",
+}
+
+
+def _positive(option: str, value: float) -> float:
+    if value <= 0:
+        raise ConfigError(f"{option}: must be positive (got {value:g})")
+    return value
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    height, separator, width = text.lower().partition("x")
+    if not (separator and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise ConfigError(f"--size: expected HEIGHTxWIDTH with positive sizes, e.g. 256x128 (got {text!r})")
+    return int(height), int(width)
+
+
+def _check_sample_rate(option: str, rate: float) -> None:
+    if not 0.0 < rate <= 1.0:
+        raise ConfigError(f"{option}: must be in (0, 1], the fraction of classes a step uses (got {rate:g})")
+
+
+def _check_split(classes: int, workers: int, source: str) -> None:
+    if workers > classes:
+        raise ConfigError(
+            f"--workers: {workers} workers need at least as many classes, {source} gives {classes}"
+        )
+
+
+def _profile(profiles: dict, arch: str, option: str):
+    if arch not in profiles:
+        raise ConfigError(
+            f"{option}: no measured memory for {arch!r} (measured: {', '.join(sorted(profiles))}); "
+            f"measure it with python benchmarks/backbone_memory.py --arch {arch}"
+        )
+    return profiles[arch]
+
+
+def _workload_from_flags(args: argparse.Namespace, profiles: dict):
+    """(workload, profile, where the classes came from) from the command line alone."""
+    from reid_platform.cluster.capacity import Optimizer, Workload
+    from reid_platform.train.config import TrainConfig
+
+    for name, option in REQUIRED_FLAGS.items():
+        if getattr(args, name) is None:
+            raise ConfigError(f"{option}: required without a CONFIG")
+    if args.set:
+        raise ConfigError("--set: overrides a CONFIG's keys; give the CONFIG first")
+    for name in ("classes", "dim", "workers", "batch"):
+        _positive(REQUIRED_FLAGS[name], getattr(args, name))
+    _check_sample_rate("--sample-rate", args.sample_rate)
+    _check_split(args.classes, args.workers, "--classes")
+    height, width = _parse_size(args.size) if args.size else DEFAULT_SIZE
+    profile = _profile(profiles, args.arch or "resnet50", "--arch")
+    defaults = TrainConfig()
+    optimizer = Optimizer(args.optimizer or defaults.optimizer, defaults.momentum, defaults.weight_decay)
+    workload = Workload(
+        classes=args.classes, workers=args.workers, batch=args.batch, sample_rate=args.sample_rate,
+        arch=profile.arch, height=height, width=width,
+        embedding_dim=None if args.dim == profile.width else args.dim,  # the trunk's width needs no projection
+        precision=args.precision or "bf16", optimizer=optimizer,
+    )  # fmt: skip
+    return workload, profile, "--classes"
+
+
+def _workload_from_config(args: argparse.Namespace, profiles: dict):
+    """(workload, profile, where the classes came from) from a run config, as its workers would run it."""
+    from reid_platform.cluster.capacity import Optimizer, Workload
+    from reid_platform.config import load_config
+
+    for name, (option, key) in CONFIG_KEYS.items():
+        if getattr(args, name) is not None:
+            raise ConfigError(f"{option}: a CONFIG gives it ({key}); change it with --set")
+    cfg = load_config(args.config, args.set)
+    workers = (
+        int(_positive("--workers", args.workers)) if args.workers is not None else cfg.scaling.max_workers
+    )
+    cfg = cfg.on_workers(workers)  # an elastic run that keeps its global batch gives each worker its share
+    classes, source = _config_classes(args, cfg)
+    _check_split(classes, workers, source)
+    profile = _profile(profiles, cfg.model.arch, "model.arch")
+    train = cfg.train
+    workload = Workload(
+        classes=classes, workers=workers, batch=cfg.input.batch_size, sample_rate=cfg.loss.sample_rate,
+        arch=profile.arch, height=cfg.input.height, width=cfg.input.width, embedding_dim=cfg.model.embedding_dim,
+        precision=_config_precision(cfg), optimizer=Optimizer(train.optimizer, train.momentum, train.weight_decay),
+        last_stride=cfg.model.last_stride, gem=cfg.model.pooling == "gem", sync_bn=cfg.model.sync_bn,
+        pairwise=cfg.loss.pairwise is not None,
+    )  # fmt: skip
+    return workload, profile, source
+
+
+def _config_classes(args: argparse.Namespace, cfg) -> tuple[int, str]:
+    """--classes, else the dataset's manifest: (classes, which of them it was)."""
+    from reid_platform.data.manifest import MANIFEST, Manifest
+
+    if args.classes is not None:
+        return int(_positive("--classes", args.classes)), "--classes"
+    manifest = Path(cfg.data.shards) / MANIFEST
+    if not manifest.is_file():
+        raise ConfigError(f"--classes: needed, since data.shards has no {manifest} to count the classes in")
+    return Manifest.read(cfg.data.shards).num_classes, f"the manifest {manifest}"
+
+
+def _config_precision(cfg) -> str:
+    """train.precision as a GPU worker resolves it: auto is bf16 there (fp32 on CPU workers)."""
+    if cfg.train.precision == "auto":
+        return "bf16" if cfg.scaling.use_gpu else "fp32"
+    return cfg.train.precision
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count} B"
+
+
+def _memory_rows(plan) -> list[list[str]]:
+    from reid_platform.cluster.capacity import FLOAT32
+
+    w, c, b = plan.workload, plan.classifier, plan.backbone
+    batch, rows, active = w.global_batch, plan.shard_rows, plan.active_classes
+    optimizer = w.optimizer.name
+    state = "momentum" if optimizer == "sgd" else "2 moments + a step count per row"
+    sampled = f"{active:,} of {rows:,} rows, copied" if w.sample_rate < 1 else "none: all rows used in place"
+    precision = f"{w.precision} (half of fp32's)" if w.half_precision else "fp32"
+    autocast = w.precision if w.half_precision else "none in fp32"
+    return [
+        ["classifier weights", _size(c.weights), f"{rows:,} x {plan.dim} fp32 (the largest shard)"],
+        ["classifier optimizer state", _size(c.optimizer_state), f"{optimizer}: {state}, fp32"],
+        ["active rows", _size(c.active_rows), sampled],
+        ["active rows' gradient", _size(c.active_gradient), f"{active:,} x {plan.dim} fp32"],
+        ["logits", _size(c.logits), f"{batch:,} x {active:,} fp32 (global batch x active rows)"],
+        ["gathered batch", _size(c.gathered_batch), f"{batch:,} features, their gradient, labels"],
+        ["chunk temporaries", _size(c.chunk_temporaries), f"{plan.chunk_classes:,} classes a chunk"],
+        ["classifier update temporaries", _size(c.update_temporaries), "sampled rows' state, the update's"],
+        ["backbone parameters", _size(b.parameters), f"{b.parameters / FLOAT32 / 1e6:.1f} M fp32"],
+        ["backbone gradients", _size(b.gradients), "fp32 (DDP's buckets)"],
+        ["backbone optimizer state", _size(b.optimizer_state), optimizer],
+        ["autocast weight copies", _size(b.autocast_weights), autocast],
+        ["activations", _size(b.activations), f"{w.batch} images of {w.height}x{w.width}, {precision}"],
+        ["backbone update temporaries", _size(b.update_temporaries), f"torch's foreach {optimizer}"],
+    ]
+
+
+def _report_text(plan, source: str, memory: int, bandwidth: float, most: int) -> str:
+    w = plan.workload
+    lines = [
+        (
+            f"Plan: {w.classes:,} classes (from {source}) x {plan.dim} dims on {w.workers} workers, "
+            f"{w.batch} images per worker (global batch {w.global_batch:,}), sample rate {w.sample_rate:g}"
+        ),
+        f"  {w.arch} at {w.height}x{w.width}, {w.precision}, {w.optimizer.name}",
+        "",
+        format_columns(["memory per worker", "size", "what"], _memory_rows(plan)),
+        "",
+        format_columns(["peak", "size", ""], _peak_rows(plan, memory)),
+        "",
+        _network_text(plan, bandwidth),
+        "",
+        f"Largest class count that fits in {memory / GIB:g} GiB per worker, everything else as above: "
+        + (f"{most:,}" if most else "none (the backbone alone does not fit)"),
+        "Not modelled: the CUDA context and the allocator's cached blocks (about 1 GiB; keep that margin).",
+    ]
+    return "\n".join(lines)
+
+
+def _peak_rows(plan, memory: int) -> list[list[str]]:
+    verdict = "fits" if plan.peak <= memory else "does NOT fit"
+    return [
+        ["at the loss's backward", _size(plan.loss_backward), "activations, logits and gradients held"],
+        ["at the optimizer step", _size(plan.optimizer_step), "activations freed, update temporaries"],
+        ["peak", _size(plan.peak), f"of {memory / GIB:g} GiB: {verdict}"],
+    ]
+
+
+def _network_text(plan, bandwidth: float) -> str:
+    if not plan.transfers:
+        return "Network: none (one worker runs no collectives)"
+    rows = [[transfer.name, _size(transfer.bytes)] for transfer in plan.transfers]
+    seconds = plan.network_seconds(bandwidth * 1e9)
+    rows.append(["total", f"{_size(plan.network_bytes)}, {seconds * 1e3:.1f} ms at {bandwidth:g} Gbit/s"])
+    return format_columns(["sent per worker and step (ring collectives)", "bytes"], rows)
+
+
+def _report_json(plan, source: str, memory: int, bandwidth: float, most: int) -> str:
+    report = {
+        "workload": asdict(plan.workload),
+        "classes_source": source,
+        "dim": plan.dim,
+        "shard_rows": plan.shard_rows,
+        "active_classes": plan.active_classes,
+        "chunk_classes": plan.chunk_classes,
+        "memory_bytes": {
+            "classifier": asdict(plan.classifier),
+            "backbone": asdict(plan.backbone),
+            "loss_backward": plan.loss_backward,
+            "optimizer_step": plan.optimizer_step,
+            "peak": plan.peak,
+        },
+        "gpu_memory_bytes": memory,
+        "fits": plan.peak <= memory,
+        "network": {
+            "transfers": {transfer.name: transfer.bytes for transfer in plan.transfers},
+            "total_bytes": plan.network_bytes,
+            "bandwidth_gbit_s": bandwidth,
+            "seconds": plan.network_seconds(bandwidth * 1e9),
+        },
+        "max_classes": most,
+    }
+    return json.dumps(report, indent=2)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from reid_platform.cluster.capacity import load_profiles, max_classes, plan
+
+    profiles = load_profiles()
+    build = _workload_from_config if args.config else _workload_from_flags
+    workload, profile, source = build(args, profiles)
+    memory = round(_positive("--gpu-memory", args.gpu_memory) * GIB)
+    bandwidth = _positive("--bandwidth", args.bandwidth)
+    result = plan(workload, profile)
+    most = max_classes(workload, profile, memory)
+    report = _report_json if args.json else _report_text
+    print(report(result, source, memory, bandwidth, most))
+    return 0
+
+
+def add_commands(commands) -> None:
+    parser = commands.add_parser(
+        "plan", help="per-worker memory, network bytes per step and the most classes that fit, before renting GPUs",
+        description="Size a training run per worker: memory (classifier shard, backbone), bytes each step "
+        "sends, and the largest class count that fits. Give the sizes as flags, or a CONFIG (and --classes "
+        "unless its data.shards has a manifest).",
+    )  # fmt: skip
+    parser.add_argument("config", nargs="?", help="YAML run config to take every value from")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    parser.add_argument(
+        "--classes", type=int, help="identities of the classifier (with a CONFIG: default its manifest's)"
+    )
+    parser.add_argument("--dim", type=int, help="embedding size (the trunk's width: no projection)")
+    parser.add_argument(
+        "--workers", type=int, help="GPUs (with a CONFIG: default scaling.num_workers, its MAX)"
+    )
+    parser.add_argument("--batch", type=int, help="images per worker (input.batch_size)")
+    parser.add_argument(
+        "--sample-rate", type=float, help="fraction of classes per step, (0, 1] (loss.sample_rate)"
+    )
+    parser.add_argument("--arch", help="model.arch (default resnet50)")
+    parser.add_argument("--size", metavar="HxW", help="input height x width (default 256x128)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"),
+        help="backbone autocast (default bf16); fp16 sizes as bf16, for comparing with other systems",
+    )  # fmt: skip
+    parser.add_argument(
+        "--optimizer", choices=("sgd", "adam", "adamw"), help="both halves' optimizer (default adam)"
+    )
+    parser.add_argument(
+        "--gpu-memory", type=float, default=DEFAULT_GPU_MEMORY_GIB, metavar="GIB",
+        help=f"memory per GPU in GiB (default {DEFAULT_GPU_MEMORY_GIB:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBIT, metavar="GBIT_PER_S",
+        help=f"network per worker in Gbit/s (default {DEFAULT_BANDWIDTH_GBIT:g})",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(handler=_cmd_plan)

@@ -1,0 +1,113 @@
+"""Samples that stop decoding after packing: skipped and named in training, fatal and named in
+evaluation and with ``data.on_bad_sample: fail``; the sample tables the search and the identity
+sampler read instead of every meta member."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from reid_platform.data.images import decode_problem
+from reid_platform.data.manifest import ShardDataset
+from reid_platform.data.pack import verify_shards
+from reid_platform.data.sample_table import COLUMNS, SampleTable, table_rows
+from reid_platform.errors import DatasetError
+from reid_platform.input import train_loader
+from reid_platform.input.config import InputConfig
+from reid_platform.input.dali import eval_batches
+from reid_platform.input.partition import Partition
+from tests.faults import damage_sample
+
+CFG = InputConfig(height=64, width=32, batch_size=8, num_threads=1, pad=4, shuffle_buffer=32)
+
+
+@pytest.fixture
+def damaged(tiny_shards, tmp_path):
+    """A copy of the tiny shards with one training JPEG damaged in place: (dataset, tar, key)."""
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    tar, key = damage_sample(ShardDataset.open(copy), "train", position=5)
+    return ShardDataset.open(copy), tar, key
+
+
+def test_sample_tables_hold_every_meta_member_and_the_jpeg_offsets(tiny_dataset):
+    for split, info in tiny_dataset.splits.items():
+        table = SampleTable.read(tiny_dataset, split)
+        slow = np.concatenate([table_rows(tar, index) for tar, index in zip(info.tars, info.indexes)])
+        assert np.array_equal(table.rows, slow) and table.rows.shape == (info.samples, len(COLUMNS))
+        assert sorted(table.meta[:, 3].tolist()) == list(range(info.samples))
+        first = table.reader()(np.array([0]))[0].tobytes()
+        assert decode_problem(first) == "" and first[:2] == b"\xff\xd8"  # the offset is the JPEG's
+
+
+def test_shards_packed_before_the_tables_are_read_from_their_meta_members(tiny_shards, tiny_dataset, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for entry in manifest["splits"].values():
+        for shard in entry["shards"]:
+            (copy / shard.pop("table")).unlink()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    old = ShardDataset.open(copy)
+    assert np.array_equal(SampleTable.read(old).rows, SampleTable.read(tiny_dataset).rows)
+    assert verify_shards(copy) == ([], sum(len(s.tars) for s in old.splits.values()))
+
+
+def test_a_damaged_table_is_named(tiny_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    table = copy / "train-000000.samples.npy"
+    np.save(table, np.zeros((3, 2), np.int64))
+    with pytest.raises(DatasetError, match=rf"{table}: sample table of shape \(3, 2\)"):
+        SampleTable.read(ShardDataset.open(copy))
+    assert f"{table}: missing or does not match train-000000.tar" in verify_shards(copy)[0]
+
+
+def test_the_damage_is_what_pil_decodes_and_dali_refuses(damaged):
+    dataset, tar, key = damaged
+    table = SampleTable.read(dataset)
+    position = [table.key(i) for i in range(len(table.rows))].index(key)
+    assert decode_problem(table.reader()(np.array([position]))[0].tobytes()) == ""  # PIL would find nothing
+    assert any(tar in problem and "sha256" in problem for problem in verify_shards(dataset.root)[0])
+
+
+@pytest.mark.parametrize("sampler", ["shuffle", "identity"])
+def test_skip_drops_the_bad_sample_names_it_and_keeps_every_batch_full(damaged, sampler, capfd):
+    dataset, tar, key = damaged
+    cfg = CFG.model_copy(update={"sampler": sampler})
+    loader = train_loader(dataset, Partition(0, 1), cfg, seed=0, on_bad_sample="skip")
+    epochs = 6  # enough for the identity sampler to draw the bad sample
+    batches = [labels for _ in range(epochs) for _, labels in loader]
+    assert len(batches) == epochs * len(loader) and all(len(labels) == cfg.batch_size for labels in batches)
+    assert [(bad.tar, bad.key) for bad in loader.skipped] == [(tar, key)]
+    assert f"skipping a bad training sample: {tar}: sample {key} does not decode (nvImageCodec, DALI's decoder, refuses it" in capfd.readouterr().out
+
+
+def test_fail_stops_at_the_bad_sample_naming_shard_and_key(damaged):
+    dataset, tar, key = damaged
+    loader = train_loader(dataset, Partition(0, 1), CFG, seed=0, on_bad_sample="fail")
+    with pytest.raises(DatasetError, match=rf"^{tar}: sample {key} does not decode \(nvImageCodec, DALI's decoder, refuses it\); data.on_bad_sample is fail$"):
+        for _ in range(2):
+            list(loader)
+
+
+def test_evaluation_never_skips(tiny_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    tar, key = damage_sample(ShardDataset.open(copy), "gallery", position=3)
+    with pytest.raises(DatasetError, match=rf"^{tar}: sample {key} does not decode .*evaluation does not skip samples"):
+        list(eval_batches(ShardDataset.open(copy), "gallery", Partition(), CFG, 16))
+
+
+def test_the_torch_backend_skips_what_pil_cannot_decode(tiny_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    tar, key = damage_sample(ShardDataset.open(copy), "train", position=2, lenient_pil=False)
+    cfg = CFG.model_copy(update={"backend": "torch"})
+    loader = train_loader(ShardDataset.open(copy), Partition(0, 1), cfg, seed=0, on_bad_sample="skip")
+    batches = [labels for _ in range(3) for _, labels in loader]
+    assert all(len(labels) == cfg.batch_size for labels in batches)
+    assert {(bad.tar, bad.key) for bad in loader.skipped} == {(tar, key)}

@@ -1,0 +1,313 @@
+"""`reid plan` and its arithmetic (``cluster/capacity.py``) against the real objects: the classifier's
+tensors, the backbones' parameters and saved activations, the collectives a step issues."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from reid_platform.cli import main
+from reid_platform.cluster.capacity import (
+    BackboneProfile,
+    Optimizer,
+    Workload,
+    backbone_memory,
+    backbone_parameters,
+    classifier_memory,
+    load_profiles,
+    max_classes,
+    plan,
+    step_transfers,
+    trainable_parameters,
+)
+from reid_platform.config import load_config
+from reid_platform.data.manifest import Manifest
+from reid_platform.model.backbone import ReIDNet
+from reid_platform.model.config import ModelConfig
+from reid_platform.model.resnet import resnet_trunk
+from reid_platform.parallel.classifier import ShardedClassifier, shard_range
+from reid_platform.parallel.config import LossConfig, PairwiseConfig
+from reid_platform.parallel.criterion import Criterion
+from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
+from reid_platform.train.config import TrainConfig
+from reid_platform.train.optimizers import classifier_optimizer
+from tests.gloo import run_gloo
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = load_profiles()
+CLASSES, DIM, BATCH = 23, 8, 4
+
+
+def measurement_script():
+    """benchmarks/backbone_memory.py, the method the table was made with."""
+    spec = importlib.util.spec_from_file_location("backbone_memory", REPO / "benchmarks/backbone_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def classifier_workload(workers: int, sample_rate: float, optimizer: str) -> Workload:
+    train = TrainConfig(optimizer=optimizer)
+    return Workload(
+        classes=CLASSES, workers=workers, batch=BATCH, sample_rate=sample_rate,
+        optimizer=Optimizer(train.optimizer, train.momentum, train.weight_decay),
+    )  # fmt: skip
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(tensor.nbytes for tensor in tensors)
+
+
+# -- the classifier: the planner's bytes are the tensors' ---------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_classifier_bytes_are_those_of_a_real_shard_after_a_step(workers, sample_rate, optimizer):
+    workload = classifier_workload(workers, sample_rate, optimizer)
+    predicted = classifier_memory(workload, DIM)
+    # rank 0 of W, in one process: the largest shard, the whole global batch as its input
+    classifier = ShardedClassifier(
+        CLASSES, DIM, 0, workers, LossConfig(sample_rate=sample_rate), classifier_optimizer(TrainConfig(optimizer=optimizer))
+    )  # fmt: skip
+    start, end = shard_range(CLASSES, 0, workers)
+    assert predicted.weights == (end - start) * DIM * 4
+    # distinct classes spread over all of them, as the planner counts the classes a shard sees
+    labels = torch.arange(workload.global_batch) * 3 % CLASSES
+    embeddings = torch.randn(workload.global_batch, DIM, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = classifier.global_loss(embeddings, labels)
+    loss.backward()
+    rows, active = classifier._active
+    assert active.grad.nbytes == predicted.active_gradient
+    assert (active.nbytes + rows.nbytes if rows is not None else 0) == predicted.active_rows
+    logits = [t for t in saved if t.shape == (workload.global_batch, active.shape[0])]
+    assert logits[0].nbytes == predicted.logits
+    classifier.step(lr=0.1)
+    held = tensor_bytes([*classifier.parameters(), *classifier.buffers()])
+    assert held == predicted.weights + predicted.optimizer_state
+    assert predicted.weights == tensor_bytes(classifier.parameters())
+
+
+# -- the backbone: parameters and activations ----------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", sorted(PROFILES))
+def test_the_table_has_each_trunks_parameters_width_and_batchnorms(arch):
+    trunk, width = resnet_trunk(arch, last_stride=1)
+    norms = [m for m in trunk.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    profile = PROFILES[arch]
+    assert profile.trunk_parameters == sum(p.numel() for p in trunk.parameters())
+    assert (profile.width, profile.batchnorm_layers) == (width, len(norms))
+    assert profile.batchnorm_channels == sum(norm.num_features for norm in norms)
+
+
+@pytest.mark.parametrize("embedding_dim, pooling", [(None, "avg"), (128, "gem")])
+def test_backbone_parameters_are_the_networks(embedding_dim, pooling):
+    network = ReIDNet(ModelConfig(arch="resnet18", embedding_dim=embedding_dim, pooling=pooling))
+    workload = Workload(
+        classes=10, workers=1, batch=2, arch="resnet18", embedding_dim=embedding_dim, gem=pooling == "gem"
+    )
+    profile = PROFILES["resnet18"]
+    assert backbone_parameters(workload, profile) == sum(p.numel() for p in network.parameters())
+    assert trainable_parameters(workload, profile) == sum(
+        p.numel() for p in network.parameters() if p.requires_grad
+    )
+
+
+@pytest.mark.parametrize("last_stride", [1, 2])
+def test_activations_scale_from_the_reference_to_another_batch_and_size(last_stride):
+    script = measurement_script()
+    size, batch = (96, 48), 3  # the table's reference is 256x128 at 2 and 4 images
+    assert size != script.REFERENCE
+    measured = script.saved_bytes(script.network("resnet18", last_stride, size), batch, size)
+    workload = Workload(classes=10, workers=1, batch=batch, arch="resnet18", height=size[0], width=size[1],
+                        precision="fp32", last_stride=last_stride)  # fmt: skip
+    predicted = backbone_memory(workload, PROFILES["resnet18"]).activations
+    assert abs(predicted - measured) <= 0.15 * measured
+
+
+# -- the collectives: what a step sends -----------------------------------------------------------
+
+# a Linear "trunk" whose BNNeck is the BatchNorm of the step below
+LINEAR = BackboneProfile("linear", DIM * DIM + DIM, DIM, 0, 0, {1: 0.0}, {1: 0})
+
+
+def collectives_of_a_step(rank, world_size, pairwise):
+    """Bytes each collective of one step sends from this rank (ring all-reduce, all-gather), DDP's
+    gradient all-reduce aside: it runs in C++, below ``torch.distributed``'s Python functions."""
+    sent = []
+    gather, reduce = dist.all_gather_single, dist.all_reduce
+
+    def all_gather_single(output, tensor, *args, **kwargs):
+        sent.append((world_size - 1) * tensor.nbytes)
+        return gather(output, tensor, *args, **kwargs)
+
+    def all_reduce(tensor, *args, **kwargs):
+        sent.append(round(2 * (world_size - 1) / world_size * tensor.nbytes))
+        return reduce(tensor, *args, **kwargs)
+
+    torch.manual_seed(0)
+    backbone = convert_sync_batchnorm(
+        torch.nn.Sequential(torch.nn.Linear(DIM, DIM), torch.nn.BatchNorm1d(DIM))
+    )
+    model = torch.nn.parallel.DistributedDataParallel(backbone)
+    cfg = LossConfig(pairwise=PairwiseConfig(name="triplet") if pairwise else None)
+    criterion = Criterion(ShardedClassifier(CLASSES, DIM, rank, world_size, cfg), cfg)
+    inputs, labels = torch.randn(BATCH, DIM), torch.tensor([0, 0, 1, 1]) + 2 * rank
+    dist.all_gather_single, dist.all_reduce = all_gather_single, all_reduce
+    try:
+        criterion(model(inputs), labels).total.backward()
+    finally:
+        dist.all_gather_single, dist.all_reduce = gather, reduce
+    return sent
+
+
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_the_planned_transfers_are_the_collectives_a_step_issues(pairwise):
+    workload = Workload(
+        classes=CLASSES, workers=2, batch=BATCH, precision="fp32", sync_bn=True, pairwise=pairwise
+    )
+    planned = [
+        t.bytes for t in step_transfers(workload, LINEAR) if not t.name.startswith("backbone gradients")
+    ]
+    for sent in run_gloo(2, collectives_of_a_step, pairwise):
+        assert sum(sent) == sum(planned)
+    assert step_transfers(replace(workload, workers=1), LINEAR) == ()
+
+
+# -- the largest class count -------------------------------------------------------------------
+
+
+def test_max_classes_is_the_last_count_that_fits():
+    workload = Workload(
+        classes=1000, workers=4, batch=32, sample_rate=0.2, arch="resnet18", height=128, width=64
+    )
+    profile, memory = PROFILES["resnet18"], 6 * 1024**3
+    most = max_classes(workload, profile, memory)
+    assert plan(replace(workload, classes=most), profile).peak <= memory
+    assert plan(replace(workload, classes=most + 1), profile).peak > memory
+    assert max_classes(workload, profile, 1024**2) == 0  # not even the backbone fits
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+FLAGS = ["--classes", "1000", "--dim", "128", "--workers", "2", "--batch", "16", "--sample-rate", "0.5"]
+
+
+def plan_json(argv, capsys) -> dict:
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_json_from_flags(capsys):
+    report = plan_json([*FLAGS, "--arch", "resnet18", "--size", "128x64", "--optimizer", "sgd"], capsys)
+    train = TrainConfig()
+    workload = Workload(classes=1000, workers=2, batch=16, sample_rate=0.5, arch="resnet18", height=128, width=64,
+                        embedding_dim=128, optimizer=Optimizer("sgd", train.momentum, train.weight_decay))  # fmt: skip
+    expected = plan(workload, PROFILES["resnet18"])
+    assert report["classes_source"] == "--classes"
+    assert (report["dim"], report["shard_rows"], report["active_classes"]) == (128, 500, 250)
+    assert report["memory_bytes"]["classifier"]["weights"] == 500 * 128 * 4
+    assert report["memory_bytes"]["peak"] == expected.peak
+    assert (
+        report["network"]["total_bytes"]
+        == expected.network_bytes
+        == sum(report["network"]["transfers"].values())
+    )
+    assert report["network"]["seconds"] == pytest.approx(expected.network_bytes * 8 / 100e9)
+    assert report["max_classes"] == max_classes(workload, PROFILES["resnet18"], 80 * 1024**3)
+    assert report["fits"] is True
+
+
+def test_plan_prints_a_table_by_default(capsys):
+    assert main(["plan", *FLAGS, "--arch", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    for line in ("classifier weights", "activations", "at the loss's backward", "features (all-gather, fp32)",
+                 "Largest class count that fits in 80 GiB"):  # fmt: skip
+        assert line in out
+
+
+def test_plan_of_a_config_with_classes(capsys):
+    report = plan_json([str(REPO / "configs/demo.yaml"), "--classes", "751"], capsys)
+    cfg = load_config(REPO / "configs/demo.yaml")
+    workload = report["workload"]
+    assert report["classes_source"] == "--classes" and workload["classes"] == 751
+    assert (workload["arch"], workload["batch"], workload["workers"]) == (
+        cfg.model.arch,
+        cfg.input.batch_size,
+        cfg.scaling.max_workers,
+    )
+    assert (workload["height"], workload["width"]) == (cfg.input.height, cfg.input.width)
+    assert workload["optimizer"]["name"] == cfg.train.optimizer
+    assert workload["precision"] == "fp32"  # precision auto on CPU workers (scaling.use_gpu: false)
+
+
+def test_plan_of_a_config_counts_the_classes_in_its_manifest(tiny_shards, capsys):
+    report = plan_json([str(REPO / "configs/demo.yaml"), "--set", f"data.shards={tiny_shards}"], capsys)
+    assert report["workload"]["classes"] == Manifest.read(tiny_shards).num_classes
+    assert (
+        report["classes_source"].startswith("the manifest") and str(tiny_shards) in report["classes_source"]
+    )
+
+
+def test_plan_of_an_elastic_config_gives_each_worker_its_share_of_the_global_batch(capsys):
+    argv = [
+        str(REPO / "configs/demo.yaml"),
+        "--classes",
+        "100",
+        "--set",
+        "scaling.num_workers=[1,2]",
+        "--workers",
+        "1",
+    ]
+    report = plan_json(argv, capsys)
+    cfg = load_config(REPO / "configs/demo.yaml", ["scaling.num_workers=[1,2]"])
+    assert report["workload"]["batch"] == cfg.on_workers(1).input.batch_size == 2 * cfg.input.batch_size
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--classes", "0", *FLAGS[2:]], "--classes"),
+        (["--classes", "-5", *FLAGS[2:]], "--classes"),
+        ([*FLAGS[:2], "--dim", "0", *FLAGS[4:]], "--dim"),
+        ([*FLAGS[:4], "--workers", "-1", *FLAGS[6:]], "--workers"),
+        ([*FLAGS[:6], "--batch", "0", *FLAGS[8:]], "--batch"),
+        ([*FLAGS[:8], "--sample-rate", "0"], "--sample-rate"),
+        ([*FLAGS[:8], "--sample-rate", "1.5"], "--sample-rate"),
+        (["--classes", "3", *FLAGS[2:4], "--workers", "4", *FLAGS[6:]], "--workers"),
+        ([*FLAGS, "--arch", "vgg16"], "--arch"),
+        ([*FLAGS, "--size", "256"], "--size"),
+        ([*FLAGS, "--size", "0x128"], "--size"),
+        ([*FLAGS, "--gpu-memory", "0"], "--gpu-memory"),
+        ([*FLAGS, "--bandwidth", "-1"], "--bandwidth"),
+        (FLAGS[2:], "--classes"),
+        ([str(REPO / "configs/demo.yaml"), "--set", "data.shards=/nonexistent"], "--classes"),
+        ([str(REPO / "configs/demo.yaml"), "--classes", "100", "--dim", "64"], "--dim"),
+        (
+            [str(REPO / "configs/demo.yaml"), "--classes", "100", "--set", "model.arch=timm/convnext_tiny"],
+            "model.arch",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_option_and_exit_2(argv, option, capsys):
+    assert main(["plan", *argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"reid: config error: {option}:")
+
+
+def test_max_classes_grows_with_workers_and_a_lower_sample_rate():
+    base = Workload(classes=10**6, workers=8, batch=128, sample_rate=1.0)
+    profile, memory = PROFILES["resnet50"], 80 * 1024**3
+    most = max_classes(base, profile, memory)
+    assert max_classes(replace(base, workers=16), profile, memory) > most
+    assert max_classes(replace(base, sample_rate=0.1), profile, memory) > most
