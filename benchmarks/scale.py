@@ -203,8 +203,7 @@ def train(args, work: Path, name: str, sampler: str, rate: float) -> dict:
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
     marks: dict[str, float] = {}
-    log = (work / f"{name}.log").open("w")
-    with ProcessTree(process.pid) as tree:
+    with ProcessTree(process.pid) as tree, (work / f"{name}.log").open("w") as log:
         for line in process.stdout:
             log.write(line)
             for mark, text in (("evaluated", "before training:"), ("first_step", "first optimisation step done"), ("epoch", "epoch 1/1")):
@@ -213,7 +212,6 @@ def train(args, work: Path, name: str, sampler: str, rate: float) -> dict:
                     if mark == "evaluated":
                         marks["evaluation_s"] = float(line.rsplit("(", 1)[1].split(" s)")[0])
         process.wait()
-    log.close()
     if process.returncode != 0:
         raise RuntimeError(f"reid train {name} failed ({process.returncode}); see {work / f'{name}.log'}")
     results = json.loads((work / "out" / name / "results.json").read_text())
@@ -285,8 +283,8 @@ def _checkpoint_io(engine, out: Path) -> dict:
     block = np.ones(64 * 1024**2, np.uint8)
     started = time.perf_counter()
     with plain.open("wb") as handle:
-        for _ in range(size // block.size + 1):
-            handle.write(block.data)
+        for start in range(0, size, block.size):
+            handle.write(block.data[: min(block.size, size - start)])
         handle.flush()
         os.fsync(handle.fileno())
     plain_write_s = time.perf_counter() - started

@@ -18,7 +18,7 @@ def damage_sample(dataset: ShardDataset, split: str, position: int = 0, lenient_
     offset, size = (int(table.rows[position, COLUMNS.index(name)]) for name in ("offset", "size"))
     data = bytearray(Path(tar).read_bytes())
     jpeg = bytes(data[offset : offset + size])
-    for start in range(2, min(size, 800)):
+    for start in range(2, min(size - 8, 800)):
         damaged = jpeg[:start] + bytes(8) + jpeg[start + 8 :]
         if undecodable([damaged])[0] and (decode_problem(damaged) == "") == lenient_pil:
             data[offset : offset + size] = damaged

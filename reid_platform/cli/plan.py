@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,8 +36,8 @@ REQUIRED_FLAGS = {
 
 
 def _positive(option: str, value: float) -> float:
-    if value <= 0:
-        raise ConfigError(f"{option}: must be positive (got {value:g})")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{option}: must be a positive finite number (got {value:g})")
     return value
 
 

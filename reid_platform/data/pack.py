@@ -218,9 +218,16 @@ def _tar_sample_count(tar: Path) -> int:
         return len({member.name.split(".", 1)[0] for member in handle if member.isfile()})
 
 
+def _table_matches(table: Path, tar: Path, index: Path) -> bool:
+    try:
+        return np.array_equal(np.load(table, allow_pickle=False), table_rows(tar, index))
+    except (OSError, ValueError, EOFError, DatasetError):
+        return False
+
+
 def verify_shards(shards_dir: str | Path) -> tuple[list[str], int]:
-    """Every mismatch between the shards and the manifest (size, sha256, sample count, DALI index),
-    and the number of shards checked."""
+    """Every mismatch between the shards and the manifest (size, sha256, sample count, DALI index,
+    sample table), and the number of shards checked."""
     shards_dir = Path(shards_dir)
     manifest = Manifest.read(shards_dir)
     problems, checked = [], 0
@@ -253,6 +260,6 @@ def verify_shards(shards_dir: str | Path) -> tuple[list[str], int]:
                     problems.append(f"{index}: does not match {tar.name} (the tar or the index changed)")
                     continue
             table = shards_dir / shard.table if shard.table else None
-            if table is not None and not (table.is_file() and np.array_equal(np.load(table), table_rows(tar, index))):
-                problems.append(f"{table}: missing or does not match {tar.name}")
+            if table is not None and not _table_matches(table, tar, index):
+                problems.append(f"{table}: missing, unreadable or does not match {tar.name}")
     return problems, checked

@@ -11,6 +11,7 @@ existed (no ``table`` in their manifest entry) are read the slow way, from index
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ def table_rows(tar: str | Path, index_path: str | Path) -> np.ndarray:
             if "jpg" not in members or "meta" not in members:
                 raise DatasetError(f"{index_path}: sample {key} lacks a jpg or meta member")
             offset, size = members["meta"]
+            if size != 8 * len(META_FIELDS):
+                raise DatasetError(f"{tar}: sample {key} has a meta member of {size} bytes, {8 * len(META_FIELDS)} expected")
             handle.seek(offset)
             rows.append([*np.frombuffer(handle.read(size), "<i8"), *members["jpg"]])
     return np.array(rows, dtype=np.int64).reshape(-1, len(COLUMNS))
@@ -61,10 +64,12 @@ def write_table(tar: Path, index_path: Path) -> Path:
 def _load_table(path: str, samples: int) -> np.ndarray:
     try:
         rows = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (ValueError, EOFError) as error:  # an OSError (a storage hiccup) is left as it is: it may pass
         raise DatasetError(f"{path}: sample table does not load ({error}); repack the shard") from None
     if rows.shape != (samples, len(COLUMNS)) or rows.dtype != np.int64:
-        raise DatasetError(f"{path}: sample table of shape {rows.shape}, expected ({samples}, {len(COLUMNS)}); repack the shard")
+        raise DatasetError(
+            f"{path}: sample table of {rows.dtype} {rows.shape}, expected int64 ({samples}, {len(COLUMNS)}); repack the shard"
+        )
     return rows
 
 
@@ -102,9 +107,10 @@ class SampleTable:
     def key(self, i: int) -> str:
         return sample_key(self.split, int(self.rows[i, 3]))
 
-    def reader(self):
-        """A function from sample positions to their JPEG bytes, keeping one open file per shard."""
-        handles: dict[int, object] = {}
+    def reader(self, open_files: int = 64):
+        """A function from sample positions to their JPEG bytes, keeping the last ``open_files`` shards
+        it read open (thousands of shards would exhaust the process's file descriptors)."""
+        handles: OrderedDict[int, object] = OrderedDict()
         offset, size = COLUMNS.index("offset"), COLUMNS.index("size")
 
         def read(positions: np.ndarray) -> list[np.ndarray]:
@@ -112,7 +118,10 @@ class SampleTable:
             for i in positions:
                 number = int(self.shard[i])
                 if number not in handles:
+                    if len(handles) >= open_files:
+                        handles.popitem(last=False)[1].close()
                     handles[number] = open(self.tars[number], "rb")  # noqa: SIM115 - lives with the reader
+                handles.move_to_end(number)
                 handle = handles[number]
                 handle.seek(int(self.rows[i, offset]))
                 out.append(np.frombuffer(handle.read(int(self.rows[i, size])), np.uint8))

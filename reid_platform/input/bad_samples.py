@@ -58,28 +58,51 @@ def find_bad_samples(
     """Every sample of ``split`` (of its shards numbered ``shards``; None: all) that DALI's CPU decoder
     refuses, but those whose indices are ``known``."""
     table = SampleTable.read(dataset, split, shards)
-    positions = np.flatnonzero(~np.isin(table.rows[:, 3], np.fromiter(known, np.int64)))
+    return _bad(table, np.flatnonzero(~np.isin(table.rows[:, 3], np.fromiter(known, np.int64))))
+
+
+def _bad(table: SampleTable, positions: np.ndarray) -> list[BadSample]:
     return [
         BadSample(table.tars[table.shard[i]], table.key(i), int(table.rows[i, 3]), reason)
-        for i, reason in _refused(table.reader(), positions)
+        for i, reason in _refused(table.reader(), np.unique(positions))
     ]
 
 
 def _refused(read, positions: np.ndarray) -> list[tuple[int, str]]:
     """(position, reason) of the samples in ``positions`` that do not decode, a batch at a time."""
-    found = []
+    found, decoder = [], _decoder()
     for start in range(0, len(positions), CHECK_BATCH):
         batch = positions[start : start + CHECK_BATCH]
-        refused = undecodable([encoded.tobytes() for encoded in read(batch)])
+        refused = undecodable([encoded.tobytes() for encoded in read(batch)], decoder)
         found += [(int(i), "nvImageCodec, DALI's decoder, refuses it") for i, bad in zip(batch, refused) if bad]
     return found
 
 
-def undecodable(encoded: list[bytes]) -> list[bool]:
+def undecodable(encoded: list[bytes], decoder=None) -> list[bool]:
     """Which of the images nvImageCodec (the library DALI decodes with) refuses, on the CPU."""
+    decoder = decoder or _decoder()
+    try:
+        return [image is None for image in decoder.decode(encoded)]
+    except RuntimeError:  # the batch as a whole refused (e.g. an empty member): one image at a time
+        return [len(encoded) == 1 or undecodable([image], decoder)[0] for image in encoded]
+
+
+def _decoder():
     from nvidia import nvimgcodec  # it returns None for an image it refuses, where DALI raises
 
-    decoder = nvimgcodec.Decoder(
+    return nvimgcodec.Decoder(
         device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)]
     )
-    return [image is None for image in decoder.decode(encoded)]
+
+
+def among(table: SampleTable, positions: np.ndarray, known: Iterable[int] = ()) -> list[BadSample]:
+    """The samples at ``positions`` of ``table`` (those in flight when decoding failed) that do not decode."""
+    return _bad(table, positions[~np.isin(table.rows[positions, 3], np.fromiter(known, np.int64))])
+
+
+def search(dataset: ShardDataset, split: str, known: Iterable[int] = ()) -> list[BadSample]:
+    """The samples of ``split`` to blame for a decoding failure: in the shards whose sha256 changed
+    and, when they hold no new one, in all of the split's shards."""
+    suspects = suspect_shards(dataset, split)
+    found = find_bad_samples(dataset, split, suspects, known)
+    return found if found or suspects is None else find_bad_samples(dataset, split, None, known)

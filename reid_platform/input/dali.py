@@ -18,6 +18,7 @@ import math
 import shutil
 import tempfile
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -32,7 +33,7 @@ from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.sample_table import SampleTable
 from reid_platform.errors import DatasetError
-from reid_platform.input.bad_samples import BadSample, error_summary, find_bad_samples, is_decode_failure, suspect_shards
+from reid_platform.input.bad_samples import BadSample, among, error_summary, is_decode_failure, search
 from reid_platform.input.config import InputConfig
 from reid_platform.input.identity import identity_source
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
@@ -190,8 +191,10 @@ class TrainLoader:
 
     A sample that stops decoding (``bad_samples.py``) ends the run with ``on_bad_sample="fail"``;
     with ``"skip"`` it is named in the job log, added to ``skipped``, and the pipeline is rebuilt
-    without it: the shuffled reader from index files that leave it out, the identity sampler by
-    never drawing it. Batches keep their size and the epoch its number of steps.
+    without it: the shuffled reader from index files that read another sample of its shard in its
+    place, the identity sampler by never drawing it. Batches keep their size and the epoch its
+    number of steps. The identity sampler's failing sample is among its last batches; the shuffled
+    reader's is searched for in the shards (``bad_samples.search``).
     """
 
     def __init__(self, dataset: ShardDataset, partition: Partition, cfg: InputConfig, seed: int, on_bad_sample: str = "fail"):
@@ -200,6 +203,7 @@ class TrainLoader:
         self.skipped: list[BadSample] = []
         self._table = SampleTable.read(dataset) if cfg.sampler == "identity" else None
         self._scratch: Path | None = None  # index files without the skipped samples
+        self._recent: deque = deque(maxlen=4)  # the identity sampler's last batches: DALI's prefetch and one more
         self._batches = self._stream()
 
     def __len__(self) -> int:
@@ -218,7 +222,9 @@ class TrainLoader:
                 if not is_decode_failure(error):
                     raise
                 known = [bad.index for bad in self.skipped]
-                found = find_bad_samples(self.dataset, "train", suspect_shards(self.dataset, "train"), known)
+                in_flight = np.concatenate(list(self._recent)) if self._recent else None
+                found = among(self._table, in_flight, known) if in_flight is not None else []
+                found = found or search(self.dataset, "train", known)
                 if not found:
                     raise DatasetError(f"{self.dataset.root}: decoding the train shards failed: {error_summary(error)}") from None
                 if self.on_bad_sample == "fail":
@@ -232,7 +238,8 @@ class TrainLoader:
         if cfg.sampler == "identity":
             excluded = np.flatnonzero(np.isin(self._table.rows[:, 3], [bad.index for bad in self.skipped]))
             identities = cfg.batch_size // cfg.images_per_identity
-            extra["batch_source"] = identity_source(self._table, identities, cfg.images_per_identity, seed, excluded)
+            self._recent.clear()
+            extra["batch_source"] = identity_source(self._table, identities, cfg.images_per_identity, seed, excluded, self._recent)
         return _pipeline(_train_graph, "train", self.dataset, self.partition, cfg, cfg.batch_size, seed, self._indexes(), **extra)
 
     def _indexes(self) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
@@ -242,17 +249,21 @@ class TrainLoader:
         if self._scratch is None:
             self._scratch = Path(tempfile.mkdtemp(prefix="reid-indexes-"))
             weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
-        keys, tars, indexes = {bad.key for bad in self.skipped}, [], []
+        keys, indexes = {bad.key for bad in self.skipped}, []
         train = self.dataset.split("train")
-        for tar, index in zip(train.tars, train.indexes):
-            lines = Path(index).read_text().splitlines()
-            kept = [line for line in lines[1:] if line.split()[3].split(".", 1)[0] not in keys]
-            if kept:  # a shard with nothing left is not read at all
-                filtered = self._scratch / Path(index).name
-                filtered.write_text("\n".join([f"{lines[0].split()[0]} {len(kept)}", *kept]) + "\n")
-                tars.append(tar)
-                indexes.append(str(filtered))
-        return tuple(tars), tuple(indexes)
+        for index in train.indexes:
+            header, *lines = Path(index).read_text().splitlines()
+            bad = [line.split()[3].split(".", 1)[0] in keys for line in lines]
+            good = [line for line, skipped in zip(lines, bad) if not skipped]
+            if not good:
+                raise DatasetError(f"{index}: every sample of the shard is bad; repack or restore it")
+            # A skipped sample's line becomes another sample's of the same shard: the sample count stays
+            # the same, so DALI splits the samples over ranks as before (the other ranks skip nothing).
+            lines = [good[n % len(good)] if skipped else line for n, (line, skipped) in enumerate(zip(lines, bad))]
+            filtered = self._scratch / Path(index).name
+            filtered.write_text("\n".join([header, *lines]) + "\n")
+            indexes.append(str(filtered))
+        return train.tars, tuple(indexes)
 
 
 def _endless(pipe):
@@ -271,7 +282,7 @@ def eval_batches(dataset: ShardDataset, split: str, partition: Partition, cfg: I
     except RuntimeError as error:
         if not is_decode_failure(error):
             raise
-        found = find_bad_samples(dataset, split, suspect_shards(dataset, split))
+        found = search(dataset, split)
         if not found:
             raise DatasetError(f"{dataset.root}: decoding the {split} shards failed: {error_summary(error)}") from None
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""

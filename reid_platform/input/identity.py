@@ -10,6 +10,7 @@ set; identities with fewer than K images are drawn with replacement.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -39,16 +40,22 @@ def identity_batches(labels: np.ndarray, identities: int, images: int, seed: int
         )
 
 
-def identity_source(table: SampleTable, identities: int, images: int, seed: int, excluded: np.ndarray | None = None):
+def identity_source(
+    table: SampleTable, identities: int, images: int, seed: int, excluded: np.ndarray | None = None,
+    recent: deque | None = None,
+):  # fmt: skip
     """A DALI external-source callable: each call returns one P x K batch (JPEG bytes, meta rows).
 
-    ``excluded`` are table positions never drawn (samples found not to decode).
+    ``excluded`` are table positions never drawn (samples found not to decode); each batch's positions
+    are appended to ``recent`` (the batches DALI may be decoding, where a decoding failure lies).
     """
     usable = np.arange(len(table.rows)) if excluded is None else np.setdiff1d(np.arange(len(table.rows)), excluded)
     batches, read = identity_batches(table.labels[usable], identities, images, seed), table.reader()
 
     def next_batch():
         positions = usable[next(batches)]
+        if recent is not None:
+            recent.append(positions)
         return read(positions), list(table.meta[positions])
 
     return next_batch

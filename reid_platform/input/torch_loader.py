@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from reid_platform.console import say
+from reid_platform.data.images import decode_rgb
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import DatasetError
 from reid_platform.input.bad_samples import BadSample
@@ -68,18 +69,20 @@ class _Decode:
 
     def __init__(self, transform: v2.Compose, skip_log: Path | None = None):
         self.transform, self.skip_log = transform, skip_log
+        self.skipped: set[int] = set()  # in this worker: the endless stream meets a bad sample again
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         meta = np.frombuffer(sample["meta"], "<i8").copy()
-        try:
-            image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        except OSError as error:
-            bad = BadSample(sample["__url__"], sample["__key__"], int(meta[3]), str(error))
+        image, reason = decode_rgb(sample["jpg"])
+        if image is None:
+            bad = BadSample(sample["__url__"], sample["__key__"], int(meta[3]), reason)
             if self.skip_log is None:
-                raise DatasetError(str(bad)) from None
-            say(f"skipping a bad training sample: {bad}")
-            with self.skip_log.open("a") as handle:
-                handle.write(json.dumps(dataclasses.asdict(bad)) + "\n")
+                raise DatasetError(str(bad))
+            if bad.index not in self.skipped:
+                self.skipped.add(bad.index)
+                say(f"skipping a bad training sample: {bad}")
+                with self.skip_log.open("a") as handle:
+                    handle.write(json.dumps(dataclasses.asdict(bad)) + "\n")
             return None
         return self.transform(image), torch.from_numpy(meta)
 
@@ -136,7 +139,8 @@ class TorchTrainLoader:
     def skipped(self) -> list[BadSample]:
         if not self._skip_log.is_file():
             return []
-        return [BadSample(**json.loads(line)) for line in self._skip_log.read_text().splitlines()]
+        found = [BadSample(**json.loads(line)) for line in self._skip_log.read_text().splitlines()]
+        return list({bad.index: bad for bad in reversed(found)}.values())[::-1]  # each once, as first found
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, meta in islice(self._batches, self.steps):
