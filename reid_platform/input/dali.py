@@ -191,8 +191,8 @@ class TrainLoader:
 
     A sample that stops decoding (``bad_samples.py``) ends the run with ``on_bad_sample="fail"``;
     with ``"skip"`` it is named in the job log, added to ``skipped``, and the pipeline is rebuilt
-    without it: the shuffled reader from index files that read another sample of its shard in its
-    place, the identity sampler by never drawing it. Batches keep their size and the epoch its
+    without it: the shuffled reader from index files that leave it out (DALI then splits one sample
+    fewer over the ranks), the identity sampler by never drawing it. Batches keep their size and the epoch its
     number of steps. The identity sampler's failing sample is among its last batches; the shuffled
     reader's is searched for in the shards (``bad_samples.search``).
     """
@@ -253,15 +253,11 @@ class TrainLoader:
         train = self.dataset.split("train")
         for index in train.indexes:
             header, *lines = Path(index).read_text().splitlines()
-            bad = [line.split()[3].split(".", 1)[0] in keys for line in lines]
-            good = [line for line, skipped in zip(lines, bad) if not skipped]
+            good = [line for line in lines if line.split()[3].split(".", 1)[0] not in keys]
             if not good:
                 raise DatasetError(f"{index}: every sample of the shard is bad; repack or restore it")
-            # A skipped sample's line becomes another sample's of the same shard: the sample count stays
-            # the same, so DALI splits the samples over ranks as before (the other ranks skip nothing).
-            lines = [good[n % len(good)] if skipped else line for n, (line, skipped) in enumerate(zip(lines, bad))]
             filtered = self._scratch / Path(index).name
-            filtered.write_text("\n".join([header, *lines]) + "\n")
+            filtered.write_text("\n".join([f"{header.split()[0]} {len(good)}", *good]) + "\n")
             indexes.append(str(filtered))
         return train.tars, tuple(indexes)
 
