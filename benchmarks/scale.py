@@ -129,7 +129,7 @@ def in_child(function, *args) -> tuple[float, dict, object]:
 def _child(results, function, args) -> None:
     try:
         results.put(function(*args))
-    except BaseException as error:  # noqa: BLE001 - reported by the parent
+    except BaseException as error:
         results.put(RuntimeError(repr(error)))
         raise
 

@@ -41,7 +41,13 @@ from wds2idx import IndexCreator
 from reid_platform.data.datasets import SPLITS, Sample, combine, load_dataset, with_labels
 from reid_platform.data.images import prepare_job
 from reid_platform.data.manifest import (
-    META_FIELDS, Manifest, QuarantineEntry, ShardDataset, ShardEntry, SplitEntry, file_sha256,
+    META_FIELDS,
+    Manifest,
+    QuarantineEntry,
+    ShardDataset,
+    ShardEntry,
+    SplitEntry,
+    file_sha256,
 )  # fmt: skip
 from reid_platform.data.sample_table import sample_key, table_rows, write_table
 from reid_platform.errors import DatasetError

@@ -11,7 +11,6 @@ the process, not from ``seed``: this baseline is not reproducible run to run, DA
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torchvision.transforms import v2
 
 from reid_platform.console import say
@@ -32,7 +30,6 @@ from reid_platform.input.bad_samples import BadSample
 from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
 from reid_platform.model.config import Preprocessing
-
 
 # DataLoader workers start from a fresh server process rather than a fork of this one: a fork copies
 # the threads of DALI or nvImageCodec (the bad-sample search) in a state their locks do not survive.

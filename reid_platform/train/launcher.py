@@ -21,7 +21,13 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray._private.authentication import authentication_token_setup
 from ray.train import (
-    CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, Result, ScalingConfig, TrainingFailedError,
+    CheckpointConfig,
+    ControllerError,
+    FailureConfig,
+    LoggingConfig,
+    Result,
+    ScalingConfig,
+    TrainingFailedError,
     WorkerGroupError,
 )  # fmt: skip
 from ray.train import RunConfig as RayRunConfig
