@@ -152,7 +152,8 @@ def _why(error: TrainingFailedError, cfg: RunConfig) -> ReidError:
             f"run {cfg.run.name!r} failed after {cfg.run.max_failures} restarts (run.max_failures): "
             f"{worker_errors_line(error.worker_failures)}"
         )
-    return TrainingFailed(f"run {cfg.run.name!r} failed: {(str(error).strip().splitlines() or [''])[-1][:300]}")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith("Training failed")]
+    return TrainingFailed(f"run {cfg.run.name!r} failed: {(lines or [''])[0][:300]}")  # e.g. Ray's out-of-memory kill
 
 
 def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> TrainingOutcome:
