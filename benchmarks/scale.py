@@ -230,18 +230,20 @@ def train(args, work: Path, name: str, sampler: str, rate: float) -> dict:
 # -- resume and checkpoint throughput ------------------------------------------------------------
 
 
-def rows_digest(classifier) -> int:
+def rows_digest(start: int, tensors: dict) -> int:
     """A sum over rows of (2 * global row + 1) x a hash of the row's bits, in uint64 arithmetic
-    (wrapping): the same for any split of the rows over ranks, different for any changed bit."""
-    state = classifier.shard_state()["slices"][0]
-    multipliers = np.random.default_rng(0).integers(1, 2**63, classifier.dim, dtype=np.uint64) | np.uint64(1)
+    (wrapping), of rows from global row ``start`` on: the same for any split of the rows over ranks,
+    different for any changed bit. ``tensors``: the rows' weight and optimizer state, numpy or torch."""
+    state = {name: np.asarray(tensor) for name, tensor in tensors.items()}
+    dim = next(iter(state.values())).shape[1]
+    multipliers = np.random.default_rng(0).integers(1, 2**63, dim, dtype=np.uint64) | np.uint64(1)
     total = np.uint64(0)
     with np.errstate(over="ignore"):
-        for name in sorted(key for key in state if key not in ("start", "end")):
-            rows = state[name].cpu().numpy().view(np.uint32)
+        for name in sorted(state):
+            rows = state[name].view(np.uint32)
             for lo in range(0, len(rows), 1 << 16):
                 block = rows[lo : lo + (1 << 16)].astype(np.uint64)
-                index = np.arange(state["start"] + lo, state["start"] + lo + len(block), dtype=np.uint64)
+                index = np.arange(start + lo, start + lo + len(block), dtype=np.uint64)
                 total += ((block * multipliers).sum(axis=1) * (index * np.uint64(2) + np.uint64(1))).sum()
     return int(total)
 
@@ -263,7 +265,9 @@ def _resume_rank(rank: int, world_size: int, settings: list[str], checkpoint: st
     started = time.perf_counter()
     with open_checkpoint(directory) as state:
         engine.load_state_dict(state)
-    result = {"load_s": time.perf_counter() - started, "digest": rows_digest(engine.classifier)}
+    rows = engine.classifier.shard_state()["slices"][0]
+    tensors = {name: tensor.cpu() for name, tensor in rows.items() if name not in ("start", "end")}
+    result = {"load_s": time.perf_counter() - started, "digest": rows_digest(rows["start"], tensors)}
     if measure_io:
         result.update(_checkpoint_io(engine, directory.parent / "rewritten"))
     return result
@@ -331,22 +335,12 @@ def resume(world_size: int, settings: list[str], checkpoint: str, measure_io: bo
             **{key: value for key, value in ranks[0].items() if key not in ("load_s", "digest")}}  # fmt: skip
 
 
-def saved_digest(checkpoint: Path, dim: int) -> int:
+def saved_digest(checkpoint: Path) -> int:
     """The digest of the rows as the checkpoint's files hold them (independent of any engine)."""
     from safetensors.numpy import load_file
 
-    class Saved:
-        def __init__(self, path: Path):
-            self.path, self.dim = path, dim
-
-        def shard_state(self):
-            import torch
-
-            start, end = (int(part) for part in self.path.stem.split("-")[1:3])
-            tensors = {name: torch.from_numpy(array) for name, array in load_file(self.path).items()}
-            return {"slices": [{"start": start, "end": end, **tensors}]}
-
-    return sum(rows_digest(Saved(path)) for path in sorted((checkpoint / "classifier").glob("rows-*.safetensors"))) % 2**64
+    files = sorted((checkpoint / "classifier").glob("rows-*.safetensors"))
+    return sum(rows_digest(int(path.stem.split("-")[1]), load_file(path)) for path in files) % 2**64
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -409,7 +403,7 @@ def main() -> None:
     report("train_identity_r01", **train(args, work, "identity_r01", "identity", 0.1))
 
     checkpoint = max(path for path in (work / "ray" / "shuffle_r1").glob("checkpoint_*") if path.is_dir())
-    saved = saved_digest(checkpoint, args.dim)
+    saved = saved_digest(checkpoint)
     settings = train_settings(args, work, "shuffle_r1", "shuffle", 1.0)
     for world_size in (1, 3):
         seconds, tree, result = in_child(resume, world_size, settings, str(checkpoint), world_size == 1)
