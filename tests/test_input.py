@@ -191,7 +191,6 @@ def test_erasing_boxes_follow_torchvision_random_erasing():
 
     cfg = InputConfig(height=256, width=128, erasing_prob=0.5)
     anchors, shapes = ErasingBoxes(cfg, 20_000, seed=0)()
-    anchors, shapes = np.stack(anchors), np.stack(shapes)
     erased = shapes[:, 0] > 0
     assert abs(erased.mean() - 0.5) < 0.02
     assert ((anchors + shapes) <= [256, 128]).all() and (shapes < [256, 128]).all()
@@ -201,3 +200,35 @@ def test_erasing_boxes_follow_torchvision_random_erasing():
     theirs = np.array([RandomErasing.get_params(image, (0.02, 0.33), (0.3, 3.3), [0.0])[2:4] for _ in range(10_000)])
     ours_area, their_area = (shapes[erased].prod(1) / (256 * 128)), theirs.prod(1) / (256 * 128)
     assert abs(ours_area.mean() - their_area.mean()) < 0.005
+
+
+def test_shards_packed_at_the_input_size_skip_the_resize_and_decode_the_same(tiny_market, tmp_path, monkeypatch):
+    from reid_platform.data.pack import pack_dataset
+    from reid_platform.input import dali
+
+    shards = tmp_path / "at-size"
+    pack_dataset([("market1501", tiny_market)], shards, PackOptions(workers=1, resize=(CFG.height, CFG.width)), progress=False)
+    dataset = ShardDataset.open(shards)
+    assert dali.packed_at_input_size(dataset, CFG) and not dali.packed_at_input_size(dataset, CFG.model_copy(update={"height": 128}))
+
+    def gallery():
+        batches = list(eval_batches(dataset, "gallery", Partition(0, 1), CFG, batch_size=16))
+        return torch.cat([images for images, _ in batches]), torch.cat([meta for _, meta in batches])
+
+    skipped, skipped_meta = gallery()
+    monkeypatch.setattr(dali, "packed_at_input_size", lambda *_: False)
+    resized, resized_meta = gallery()
+    assert torch.equal(skipped_meta, resized_meta) and skipped.shape == resized.shape
+    torch.testing.assert_close(skipped, resized, rtol=0, atol=1e-5)  # a resize to the same size changes nothing
+
+
+def test_erase_zeroes_each_box_across_channels_and_nothing_else():
+    from reid_platform.input.dali import erase
+
+    images = torch.ones(3, 3, 8, 6)
+    anchors, shapes = np.array([[1, 2], [0, 0], [6, 5]]), np.array([[3, 2], [0, 0], [2, 1]])  # the second: no box
+    erase(images, anchors, shapes)
+    expected = torch.ones(3, 3, 8, 6)
+    expected[0, :, 1:4, 2:4] = 0
+    expected[2, :, 6:8, 5:6] = 0
+    assert torch.equal(images, expected)

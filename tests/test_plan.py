@@ -193,9 +193,11 @@ def test_max_classes_is_the_last_count_that_fits():
     )
     profile, memory = PROFILES["resnet18"], 6 * 1024**3
     most = max_classes(workload, profile, memory)
-    assert plan(replace(workload, classes=most), profile).peak <= memory
-    assert plan(replace(workload, classes=most + 1), profile).peak > memory
+    assert plan(replace(workload, classes=most), profile).total <= memory
+    assert plan(replace(workload, classes=most + 1), profile).total > memory
     assert max_classes(workload, profile, 1024**2) == 0  # not even the backbone fits
+    # the runtime counts against the memory: without it more classes fit
+    assert max_classes(replace(workload, runtime_bytes=0), profile, memory) > most
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -218,6 +220,7 @@ def test_plan_json_from_flags(capsys):
     assert (report["dim"], report["shard_rows"], report["active_classes"]) == (128, 500, 250)
     assert report["memory_bytes"]["classifier"]["weights"] == 500 * 128 * 4
     assert report["memory_bytes"]["peak"] == expected.peak
+    assert report["memory_bytes"]["total"] == expected.peak + report["memory_bytes"]["runtime"] == expected.total
     assert (
         report["network"]["total_bytes"]
         == expected.network_bytes
@@ -290,6 +293,8 @@ def test_plan_of_an_elastic_config_gives_each_worker_its_share_of_the_global_bat
         ([*FLAGS, "--size", "0x128"], "--size"),
         ([*FLAGS, "--gpu-memory", "0"], "--gpu-memory"),
         ([*FLAGS, "--bandwidth", "-1"], "--bandwidth"),
+        ([*FLAGS, "--runtime-memory", "-0.5"], "--runtime-memory"),
+        ([*FLAGS, "--runtime-memory", "nan"], "--runtime-memory"),
         (FLAGS[2:], "--classes"),
         ([str(REPO / "configs/demo.yaml"), "--set", "data.shards=/nonexistent"], "--classes"),
         ([str(REPO / "configs/demo.yaml"), "--classes", "100", "--dim", "64"], "--dim"),
@@ -311,3 +316,12 @@ def test_max_classes_grows_with_workers_and_a_lower_sample_rate():
     most = max_classes(base, profile, memory)
     assert max_classes(replace(base, workers=16), profile, memory) > most
     assert max_classes(replace(base, sample_rate=0.1), profile, memory) > most
+
+
+def test_runtime_memory_is_added_to_the_peak(capsys):
+    default = plan_json(FLAGS, capsys)["memory_bytes"]
+    none = plan_json([*FLAGS, "--runtime-memory", "0"], capsys)["memory_bytes"]
+    two = plan_json([*FLAGS, "--runtime-memory", "2"], capsys)["memory_bytes"]
+    assert default["peak"] == none["peak"] == two["peak"] == none["total"]
+    assert default["total"] - default["peak"] == Workload(1, 1, 1).runtime_bytes
+    assert two["total"] - two["peak"] == 2 * 1024**3

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners, reducers
 
+from reid_platform.parallel import row_optim
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.config import LossConfig, PairwiseConfig
 from reid_platform.parallel.criterion import Criterion
@@ -165,10 +166,12 @@ def test_sync_batchnorm_equals_one_batchnorm_over_the_global_batch(world_size):
         torch.testing.assert_close(result["var"], dense.running_var)
 
 
+@pytest.mark.parametrize("block_rows", [7, row_optim.UPDATE_BLOCK_ROWS])  # 30 rows in 5 blocks, or in one
 @pytest.mark.parametrize("decoupled", [False, True])
-def test_row_wise_adam_at_full_rate_is_torch_adam(decoupled):
+def test_row_wise_adam_at_full_rate_is_torch_adam(decoupled, block_rows, monkeypatch):
     """In float64, so that the comparison is of the rule, not of float32 rounding (which Adam's
     division by the root of tiny second moments amplifies)."""
+    monkeypatch.setattr(row_optim, "UPDATE_BLOCK_ROWS", block_rows)
     loss = LossConfig(name="circle", scale=32.0, margin=0.25)
     model = ShardedClassifier(30, 8, loss=loss, optimizer=RowAdam((0.9, 0.99), 1e-8, 1e-2, decoupled)).double()
     reference = torch.nn.Parameter(model.weight.detach().clone())

@@ -16,8 +16,9 @@ The model follows what the code allocates, tensor by tensor:
 
 A step's peak is the larger of two moments: the end of the loss's backward (every activation is
 still held, and so are the logits and the active rows' gradient) and the optimizer updates (the
-activations are gone, the optimizers' temporaries are there). The CUDA context and the caching
-allocator's slack are not modelled: leave a margin for them.
+activations are gone, the optimizers' temporaries are there). Under it, a fixed runtime: what the
+process holds before it allocates a tensor of its own (``Workload.runtime_bytes``); the two
+together must fit.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ from typing import Literal
 
 from reid_platform.parallel.classifier import shard_range
 from reid_platform.parallel.losses import default_chunk_size
+from reid_platform.parallel.row_optim import UPDATE_BLOCK_ROWS
 
 TABLE_PATH = Path(__file__).with_name("backbone_memory.json")
 FLOAT32, INT64, HALF = 4, 8, 2
+# What a worker holds whatever it trains: on a GPU, the CUDA context, cuBLAS's and NCCL's buffers
+# and the caching allocator's slack (about 1 GiB); in a CPU worker, the libraries' own memory
+# (torch, DALI, Ray: 1.4 GiB of RSS for a 3,000-class run on this project's 2-core machine).
+RUNTIME_BYTES = 1024**3
 HALF_PRECISIONS = ("bf16", "fp16")
 # Saved activations of a half-precision forward take half the bytes of the fp32 measurement: an
 # assumption (BatchNorm statistics and the fp32 input stay full size), which the GPU benchmark bears
@@ -42,9 +48,9 @@ HALF_ACTIVATION_FACTOR = 0.5
 # chunk (``_ShardedMarginLoss.backward``): the cosines, Circle's two factors, the margin logits and
 # the gradients of two of them. Circle has the most; the other losses fewer.
 CHUNK_LOGIT_TEMPORARIES = 6
-# ... and of size (chunk x d) and (global batch x d): the normalised rows or features, their gradient
-# and the normalisation's own gradient.
-CHUNK_ROW_TEMPORARIES = 3
+# ... and of size (chunk x d) and (global batch x d): the chunk's rows' gradient before it is
+# stored (the rows are not normalised into a copy: ``losses._cosines``) and the features' gradient.
+CHUNK_ROW_TEMPORARIES = 1
 
 Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -69,7 +75,7 @@ class Optimizer:
 
     @property
     def update_temporaries(self) -> int:
-        """Tensors of the updated rows' size alive at once in one row update (RowSGD / RowAdam)."""
+        """Tensors of a block of updated rows' size alive at once in one row update (RowSGD / RowAdam)."""
         decay_copy = 1 if self.weight_decay and self.name != "adamw" else 0
         # Adam's denominator, exp_avg / denominator, and that times the step size
         return decay_copy + (0 if self.name == "sgd" else 3)
@@ -105,6 +111,7 @@ class Workload:
     gem: bool = False
     sync_bn: bool = False
     pairwise: bool = False
+    runtime_bytes: int = RUNTIME_BYTES
 
     @property
     def global_batch(self) -> int:
@@ -203,7 +210,7 @@ def classifier_memory(workload: Workload, dim: int) -> ClassifierMemory:
         gathered_batch=batch * (2 * dim * FLOAT32 + INT64),
         chunk_temporaries=chunk_temporaries,
         update_temporaries=(active * state_per_row if sampled else 0)
-        + optimizer.update_temporaries * active * dim * FLOAT32,
+        + optimizer.update_temporaries * min(active, UPDATE_BLOCK_ROWS) * dim * FLOAT32,  # row_optim.update_rows
     )
 
 
@@ -353,7 +360,13 @@ class Plan:
 
     @property
     def peak(self) -> int:
+        """The tensors' peak (what ``torch.cuda.max_memory_allocated`` reports)."""
         return max(self.loss_backward, self.optimizer_step)
+
+    @property
+    def total(self) -> int:
+        """The peak and the runtime under it: what the worker needs of its GPU (or a CPU worker's RSS)."""
+        return self.peak + self.workload.runtime_bytes
 
     @property
     def network_bytes(self) -> int:
@@ -383,7 +396,7 @@ def max_classes(workload: Workload, profile: BackboneProfile, memory_bytes: int)
     ``workload``; 0 when not even one class per worker fits."""
 
     def fits(classes: int) -> bool:
-        return plan(replace(workload, classes=classes), profile).peak <= memory_bytes
+        return plan(replace(workload, classes=classes), profile).total <= memory_bytes
 
     low = workload.workers  # every worker owns a row at least
     if not fits(low):

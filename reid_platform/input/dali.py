@@ -41,7 +41,8 @@ from reid_platform.input.partition import Partition, checked_labels, steps_per_e
 READER = "Reader"
 
 
-def _read(tars: tuple[str, ...], indexes: tuple[str, ...], partition: Partition, shuffle: bool, cfg: InputConfig):
+def _read(tars: tuple[str, ...], indexes: tuple[str, ...], partition: Partition, shuffle: bool, cfg: InputConfig,
+          resize: bool):  # fmt: skip
     images, meta = fn.readers.webdataset(
         paths=list(tars),
         index_paths=list(indexes),
@@ -55,13 +56,21 @@ def _read(tars: tuple[str, ...], indexes: tuple[str, ...], partition: Partition,
         pad_last_batch=not shuffle,
         name=READER,
     )
-    return _decode(images, partition, cfg), meta
+    return _decode(images, partition, cfg, resize), meta
 
 
-def _decode(encoded, partition: Partition, cfg: InputConfig):
+def _decode(encoded, partition: Partition, cfg: InputConfig, resize: bool):
     decoder_device = "cpu" if partition.device_id is None else "mixed"
     images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
-    return fn.resize(images, resize_x=cfg.width, resize_y=cfg.height)
+    return fn.resize(images, resize_x=cfg.width, resize_y=cfg.height) if resize else images
+
+
+def packed_at_input_size(dataset: ShardDataset, cfg: InputConfig) -> bool:
+    """Whether every image of the shards decodes to the input size already (``reid data pack --resize HxW``).
+
+    Then the pipelines leave out the resize, which on the CPU costs more than the decode itself.
+    """
+    return dataset.manifest.resize == (cfg.height, cfg.width)
 
 
 def _crop_normalize(images, cfg: InputConfig, random_crop: bool, mirror=0):
@@ -80,12 +89,12 @@ def _crop_normalize(images, cfg: InputConfig, random_crop: bool, mirror=0):
 
 
 @pipeline_def(enable_conditionals=False)
-def _train_graph(tars, indexes, partition: Partition, cfg: InputConfig, erasing_seed: int, batch_source=None):
+def _train_graph(tars, indexes, partition: Partition, cfg: InputConfig, resize: bool, batch_source=None):
     if batch_source is None:
-        images, meta = _read(tars, indexes, partition, shuffle=True, cfg=cfg)
+        images, meta = _read(tars, indexes, partition, shuffle=True, cfg=cfg, resize=resize)
     else:  # identity-balanced batches (identity.py) instead of the shuffled shard stream
         encoded, meta = fn.external_source(source=batch_source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
-        images = _decode(encoded, partition, cfg)
+        images = _decode(encoded, partition, cfg, resize)
     if cfg.pad:  # zero border on every side; the crop below then lands at a random position
         images = fn.crop(
             images,
@@ -96,10 +105,8 @@ def _train_graph(tars, indexes, partition: Partition, cfg: InputConfig, erasing_
     if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
         images = _color_jitter(images, cfg)
     mirror = fn.random.coin_flip(probability=cfg.flip_prob)
-    images = _crop_normalize(images, cfg, random_crop=cfg.pad > 0, mirror=mirror)
-    if cfg.erasing_prob:
-        images = _random_erasing(images, ErasingBoxes(cfg, cfg.batch_size, erasing_seed))
-    return images, meta
+    # random erasing follows, on the batch in torch (``TrainLoader``)
+    return _crop_normalize(images, cfg, random_crop=cfg.pad > 0, mirror=mirror), meta
 
 
 def _factor(spread: float):
@@ -126,12 +133,13 @@ def _color_jitter(images, cfg: InputConfig):
 
 
 class ErasingBoxes:
-    """torchvision RandomErasing's rectangles for a batch, drawn in numpy (an external source).
+    """torchvision RandomErasing's rectangles for a batch: (top-left corners, heights and widths), (n, 2) each.
 
     As torchvision: with probability ``p`` per image, up to ``attempts`` draws of area fraction and
-    log aspect ratio; the first rectangle strictly inside the image wins (none: no erasing), and its
-    top-left corner is uniform over every position where it fits. Drawn here rather than with DALI
-    arithmetic because ten attempts as graph operators cost a third of the pipeline's throughput.
+    log aspect ratio; the first rectangle strictly inside the image wins (none: no erasing, a 0 x 0
+    box), and its top-left corner is uniform over every position where it fits. Drawn in numpy and
+    applied in torch (``erase``): ten attempts as DALI operators cost a third of the pipeline's
+    throughput, and DALI's erase copies the whole float image to zero one rectangle of it.
     """
 
     def __init__(self, cfg: InputConfig, batch_size: int, seed: int, scale=(0.02, 0.33), ratio=(0.3, 3.3), attempts=10):
@@ -151,19 +159,21 @@ class ErasingBoxes:
         erase = (rng.random(n) < self.p) & found
         height, width = height * erase, width * erase
         top, left = rng.integers(0, self.height - height + 1), rng.integers(0, self.width - width + 1)
-        anchors = np.stack([top, left], 1).astype(np.float32)
-        shapes = np.stack([height, width], 1).astype(np.float32)
-        return list(anchors), list(shapes)
+        return np.stack([top, left], 1).astype(np.int64), np.stack([height, width], 1).astype(np.int64)
 
 
-def _random_erasing(images, boxes: ErasingBoxes):
-    anchor, shape = fn.external_source(source=boxes, num_outputs=2, batch=True, dtype=[types.FLOAT, types.FLOAT])
-    return fn.erase(images, anchor=anchor, shape=shape, axis_names="HW", fill_value=0.0)
+def erase(images: torch.Tensor, anchors: np.ndarray, shapes: np.ndarray) -> torch.Tensor:
+    """Zero each image's box (``ErasingBoxes``) in place, across channels: after normalisation, as
+    torchvision's RandomErasing(value=0) does."""
+    for i in np.flatnonzero(shapes.prod(axis=1)):
+        (top, left), (height, width) = anchors[i], shapes[i]
+        images[i, :, top : top + height, left : left + width] = 0.0
+    return images
 
 
 @pipeline_def(enable_conditionals=False)
-def _eval_graph(tars, indexes, partition: Partition, cfg: InputConfig):
-    images, meta = _read(tars, indexes, partition, shuffle=False, cfg=cfg)
+def _eval_graph(tars, indexes, partition: Partition, cfg: InputConfig, resize: bool):
+    images, meta = _read(tars, indexes, partition, shuffle=False, cfg=cfg, resize=resize)
     return _crop_normalize(images, cfg, random_crop=False), meta
 
 
@@ -175,6 +185,7 @@ def _pipeline(graph, split: str, dataset: ShardDataset, partition: Partition, cf
         index_paths,
         partition,
         cfg,
+        resize=not packed_at_input_size(dataset, cfg),
         **extra,
         batch_size=batch_size,
         num_threads=cfg.num_threads,
@@ -210,14 +221,17 @@ class TrainLoader:
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in islice(self._batches, self.steps):
-            yield batch[0]["images"], checked_labels(batch[0]["meta"], self.dataset)
+        for images, meta in islice(self._batches, self.steps):
+            yield images, checked_labels(meta, self.dataset)
 
     def _stream(self):
         for rebuilds in itertools.count():
             seed = self.seed + rebuilds  # a rebuilt pipeline does not replay the draws of the last one
+            boxes = ErasingBoxes(self.cfg, self.cfg.batch_size, seed) if self.cfg.erasing_prob else None
             try:
-                yield from _endless(self._build(seed))
+                for batch in _endless(self._build(seed)):
+                    images = batch[0]["images"]
+                    yield (erase(images, *boxes()) if boxes else images), batch[0]["meta"]
             except RuntimeError as error:
                 if not is_decode_failure(error):
                     raise
@@ -234,7 +248,7 @@ class TrainLoader:
                 self.skipped += found
 
     def _build(self, seed: int):
-        cfg, extra = self.cfg, {"erasing_seed": seed}
+        cfg, extra = self.cfg, {}
         if cfg.sampler == "identity":
             excluded = np.flatnonzero(np.isin(self._table.rows[:, 3], [bad.index for bad in self.skipped]))
             identities = cfg.batch_size // cfg.images_per_identity

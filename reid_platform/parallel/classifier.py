@@ -38,7 +38,7 @@ from reid_platform.errors import ModelFormatError
 from reid_platform.parallel.comm import gather_global_batch
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.losses import columns_in_range, sharded_margin_loss
-from reid_platform.parallel.row_optim import RowOptimizer, RowSGD
+from reid_platform.parallel.row_optim import RowOptimizer, RowSGD, update_rows
 
 SHARD_FILE = "rows-{start:012d}-{end:012d}.safetensors"
 ROWS_NAME = re.compile(r"rows-(\d{12})-(\d{12})\.safetensors")
@@ -157,7 +157,7 @@ class ShardedClassifier(nn.Module):
             weight, state = self.weight.data, {name: self.state(name) for name in names}
         else:
             weight, state = active.detach(), {name: self.state(name)[rows] for name in names}
-        self.optimizer.update(weight, active.grad, state, lr)
+        update_rows(self.optimizer, weight, active.grad, state, lr)
         if rows is not None:
             self.weight.data.index_copy_(0, rows, weight)
             for name in names:

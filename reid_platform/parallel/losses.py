@@ -77,7 +77,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
         logits = x.new_empty((x.shape[0], weight.shape[0]))
         for start in range(0, weight.shape[0], chunk_size):
             block = slice(start, start + chunk_size)
-            cosine = x @ F.normalize(weight[block].detach().to(dtype), dim=1).t()
+            cosine, _, _ = _cosines(x, weight[block], dtype)
             logits[:, block] = margin_logits(cosine, columns_in_range(target, start, cosine.shape[1]), cfg)
         row_max = logits.max(dim=1).values
         all_reduce(row_max, dist.ReduceOp.MAX)
@@ -112,20 +112,40 @@ class _ShardedMarginLoss(torch.autograd.Function):
         grad_logits.mul_(grad_loss / grad_logits.shape[0])
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         dtype = _compute_dtype(embeddings, weight)
-        grad_embeddings = torch.zeros_like(embeddings, dtype=dtype)
-        x = embeddings.detach().to(dtype)
+        with torch.enable_grad():
+            x_leaf = embeddings.detach().to(dtype).requires_grad_(True)
+            x_unit = F.normalize(x_leaf, dim=1)
+        x = x_unit.detach()
+        grad_x = torch.zeros_like(x)
         for start in range(0, weight.shape[0], ctx.chunk_size):
             block = slice(start, start + ctx.chunk_size)
-            with torch.enable_grad():
-                x_leaf = x.requires_grad_(True)
-                w_leaf = weight[block].detach().to(dtype).requires_grad_(True)
-                cosine = F.normalize(x_leaf, dim=1) @ F.normalize(w_leaf, dim=1).t()
-                logits = margin_logits(cosine, columns_in_range(target, start, cosine.shape[1]), ctx.cfg)
-                grad_x, grad_w = torch.autograd.grad(logits, (x_leaf, w_leaf), grad_logits[:, block])
-            grad_embeddings += grad_x
+            cosine, w, inverse_norm = _cosines(x, weight[block], dtype)
+            with torch.enable_grad():  # autograd for the margin only: elementwise on (batch x chunk)
+                cosine_leaf = cosine.requires_grad_(True)
+                logits = margin_logits(cosine_leaf, columns_in_range(target, start, cosine.shape[1]), ctx.cfg)
+                (grad_cosine,) = torch.autograd.grad(logits, cosine_leaf, grad_logits[:, block])
+            # cosine_ij = x_i . w_j / |w_j|: d/dx_i = w_j / |w_j|, d/dw_j = (x_i - cosine_ij w_j / |w_j|) / |w_j|
+            grad_scaled = grad_cosine * inverse_norm
+            grad_x.addmm_(grad_scaled, w)
             if grad_weight is not None:
-                grad_weight[block] = grad_w
+                radial = (grad_cosine * cosine).sum(dim=0).mul_(inverse_norm.square())
+                grad_weight[block] = (grad_scaled.t() @ x).addcmul_(w, radial[:, None], value=-1.0)
+        (grad_embeddings,) = torch.autograd.grad(x_unit, x_leaf, grad_x)  # through the features' normalisation
         return grad_embeddings.to(embeddings.dtype), grad_weight, None, None, None
+
+
+def _cosines(
+    x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cosines of the unit features ``x`` with ``rows``, the rows in ``dtype``, their inverse norms).
+
+    The (batch x chunk) products are divided by the rows' norms instead of normalising the
+    (chunk x d) rows: the batch is much smaller than d, so this saves a copy of the rows and the
+    passes over it (and, in backward, those of the normalisation's gradient).
+    """
+    w = rows.detach().to(dtype)
+    inverse_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
+    return (x @ w.t()).mul_(inverse_norm), w, inverse_norm
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
