@@ -11,7 +11,9 @@ wrote and read at the block layer):
 - ``train_shuffle_r1`` and ``train_identity_r01``: ``reid train`` on a local Ray cluster, 2 workers,
   ``--steps`` steps: the shuffled reader at sample rate 1.0, then the identity sampler at 0.1. From
   the command to the first optimisation step (the untrained model's evaluation, on the whole
-  gallery, reported separately as ``evaluation_s``), and the steps' rate;
+  gallery, reported separately as ``evaluation_s``), and the steps' rate; ``reid plan`` of the same
+  config (``plan_mb``: the tensors' peak and the total with the runtime) and the largest worker's
+  peak RSS over that total;
 - ``resume_w1`` and ``resume_w3``: the first run's checkpoint loaded by the engine on 1 and on 3 gloo
   processes, the classifier's rows and optimizer state reduced to a digest that does not depend on
   how rows are split (equal digests: identical rows); on 1 process also the checkpoint written
@@ -215,6 +217,7 @@ def train(args, work: Path, name: str, sampler: str, rate: float) -> dict:
     if process.returncode != 0:
         raise RuntimeError(f"reid train {name} failed ({process.returncode}); see {work / f'{name}.log'}")
     results = json.loads((work / "out" / name / "results.json").read_text())
+    measured = tree.summary()
     return {
         "seconds": round(time.perf_counter() - started, 1),
         "to_first_step_s": round(marks["first_step"] - marks["evaluation_s"], 1),
@@ -223,8 +226,20 @@ def train(args, work: Path, name: str, sampler: str, rate: float) -> dict:
         "steps": args.steps,
         "steps_per_s": round(args.steps / (marks["epoch"] - marks["first_step"]), 3),
         "mAP": results["mAP"], "rank1": results["rank1"],
-        **tree.summary(),
+        **measured,
+        **planned(command, measured),
     }  # fmt: skip
+
+
+def planned(train_command: list[str], measured: dict) -> dict:
+    """``reid plan`` of the run's config, and the largest training worker's peak RSS over its total."""
+    command = [train_command[0], "plan", *train_command[2:], "--json"]
+    memory = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)["memory_bytes"]
+    workers = [entry["mb"] for entry in measured["peak_rss_mb"] if entry["process"].startswith("ray::RayTrainWorker")]
+    return {
+        "plan_mb": {"peak": mb(memory["peak"]), "total": mb(memory["total"])},
+        "worker_rss_over_plan": round(max(workers) / mb(memory["total"]), 3) if workers else None,
+    }
 
 
 # -- resume and checkpoint throughput ------------------------------------------------------------

@@ -232,3 +232,26 @@ def test_erase_zeroes_each_box_across_channels_and_nothing_else():
     expected[0, :, 1:4, 2:4] = 0
     expected[2, :, 6:8, 5:6] = 0
     assert torch.equal(images, expected)
+
+
+@pytest.mark.parametrize("start", [(-4, -4), (4, 4), (-4, 3), (0, 0), (2, -1)])
+def test_padded_window_is_the_window_of_the_zero_padded_image(start):
+    """DALI's one-copy window equals padding with zeros and cropping, as torchvision's Pad + RandomCrop."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from reid_platform.input.dali import padded_window
+
+    image = np.random.default_rng(0).integers(1, 256, (CFG.height, CFG.width, 3), dtype=np.uint8)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def window():
+        images = fn.external_source(source=lambda: [image], batch=True, layout="HWC", dtype=types.UINT8)
+        offsets = fn.external_source(source=lambda: [np.array(start, np.int32)], batch=True, dtype=types.INT32)
+        return padded_window(images, CFG, offsets)
+
+    pipe = window()
+    pipe.build()
+    (out,) = pipe.run()
+    padded = np.pad(image, ((CFG.pad, CFG.pad), (CFG.pad, CFG.pad), (0, 0)))
+    top, left = start[0] + CFG.pad, start[1] + CFG.pad
+    assert np.array_equal(np.array(out[0]), padded[top : top + CFG.height, left : left + CFG.width])

@@ -73,18 +73,24 @@ def packed_at_input_size(dataset: ShardDataset, cfg: InputConfig) -> bool:
     return dataset.manifest.resize == (cfg.height, cfg.width)
 
 
-def _crop_normalize(images, cfg: InputConfig, random_crop: bool, mirror=0):
-    """(H, W) crop, optional mirror, mean/std normalisation, HWC uint8 -> CHW float."""
+def _normalize(images, cfg: InputConfig, mirror=0):
+    """Optional mirror, mean/std normalisation, HWC uint8 -> CHW float."""
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
         output_layout="CHW",
-        crop=(cfg.height, cfg.width),
-        crop_pos_x=fn.random.uniform(range=(0.0, 1.0)) if random_crop else 0.5,
-        crop_pos_y=fn.random.uniform(range=(0.0, 1.0)) if random_crop else 0.5,
         mean=[255 * m for m in cfg.mean],
         std=[255 * s for s in cfg.std],
         mirror=mirror,
+    )
+
+
+def padded_window(images, cfg: InputConfig, start):
+    """The (H, W) window at ``start`` (top, left) of the image zero-padded by ``cfg.pad`` on every side,
+    ``start`` in [-pad, pad]: torchvision's Pad + RandomCrop in one copy (padding the whole image
+    first and cropping it after cost twice as much)."""
+    return fn.slice(
+        images, start=start, shape=[cfg.height, cfg.width], axis_names="HW", out_of_bounds_policy="pad", fill_values=0
     )
 
 
@@ -95,18 +101,13 @@ def _train_graph(tars, indexes, partition: Partition, cfg: InputConfig, resize: 
     else:  # identity-balanced batches (identity.py) instead of the shuffled shard stream
         encoded, meta = fn.external_source(source=batch_source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
         images = _decode(encoded, partition, cfg, resize)
-    if cfg.pad:  # zero border on every side; the crop below then lands at a random position
-        images = fn.crop(
-            images,
-            crop=(cfg.height + 2 * cfg.pad, cfg.width + 2 * cfg.pad),
-            out_of_bounds_policy="pad",
-            fill_values=0,
-        )
+    if cfg.pad:  # each offset uniform over the 2 pad + 1 positions, as torchvision's RandomCrop
+        images = padded_window(images, cfg, fn.random.uniform(values=list(range(-cfg.pad, cfg.pad + 1)), shape=[2], dtype=types.INT32))
     if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
         images = _color_jitter(images, cfg)
     mirror = fn.random.coin_flip(probability=cfg.flip_prob)
     # random erasing follows, on the batch in torch (``TrainLoader``)
-    return _crop_normalize(images, cfg, random_crop=cfg.pad > 0, mirror=mirror), meta
+    return _normalize(images, cfg, mirror=mirror), meta
 
 
 def _factor(spread: float):
@@ -174,7 +175,7 @@ def erase(images: torch.Tensor, anchors: np.ndarray, shapes: np.ndarray) -> torc
 @pipeline_def(enable_conditionals=False)
 def _eval_graph(tars, indexes, partition: Partition, cfg: InputConfig, resize: bool):
     images, meta = _read(tars, indexes, partition, shuffle=False, cfg=cfg, resize=resize)
-    return _crop_normalize(images, cfg, random_crop=False), meta
+    return _normalize(images, cfg), meta
 
 
 def _pipeline(graph, split: str, dataset: ShardDataset, partition: Partition, cfg: InputConfig, batch_size: int, seed: int,

@@ -43,10 +43,10 @@ def _to_tensor(cfg: Preprocessing) -> list:
 def train_transform(cfg: InputConfig) -> v2.Compose:
     steps: list = [v2.Resize((cfg.height, cfg.width))]
     if cfg.pad:
-        steps += [v2.Pad(cfg.pad, fill=0)]
-    if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
+        steps += [v2.Pad(cfg.pad, fill=0), v2.RandomCrop((cfg.height, cfg.width))]
+    if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:  # on the window, as the DALI pipeline
         steps += [v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)]
-    steps += [v2.RandomCrop((cfg.height, cfg.width)), v2.RandomHorizontalFlip(cfg.flip_prob), *_to_tensor(cfg)]
+    steps += [v2.RandomHorizontalFlip(cfg.flip_prob), *_to_tensor(cfg)]
     if cfg.erasing_prob:
         steps += [v2.RandomErasing(cfg.erasing_prob, value=0)]
     return v2.Compose(steps)
