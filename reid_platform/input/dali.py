@@ -102,7 +102,8 @@ def _train_graph(tars, indexes, partition: Partition, cfg: InputConfig, resize: 
         encoded, meta = fn.external_source(source=batch_source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
         images = _decode(encoded, partition, cfg, resize)
     if cfg.pad:  # each offset uniform over the 2 pad + 1 positions, as torchvision's RandomCrop
-        images = padded_window(images, cfg, fn.random.uniform(values=list(range(-cfg.pad, cfg.pad + 1)), shape=[2], dtype=types.INT32))
+        offsets = fn.random.uniform(values=list(range(-cfg.pad, cfg.pad + 1)), shape=[2], dtype=types.INT32)
+        images = padded_window(images, cfg, offsets)
     if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
         images = _color_jitter(images, cfg)
     mirror = fn.random.coin_flip(probability=cfg.flip_prob)
