@@ -3,8 +3,9 @@
 For each configuration, W separate processes (gloo) each hold C/W class rows and run forward,
 backward and the row-wise SGD step on random embeddings (128 per worker, d = 512). Peak RSS is the
 largest worker's high-water mark above its own baseline (taken after torch and the process group are
-up). A dense single-process baseline (full weight matrix, the same loss, torch.optim.SGD) runs in
-the same invocation wherever it fits in memory.
+up); ``planned_mb`` is ``reid plan``'s prediction of it (the classifier's part of the plan) and
+``rss_over_plan`` the one over the other. A dense single-process baseline (full weight matrix, the
+same loss, torch.optim.SGD) runs in the same invocation wherever it fits in memory.
 
     python benchmarks/classifier.py                       # the whole matrix
     python benchmarks/classifier.py --classes 1000000 --world-size 2 --rho 0.1
@@ -29,12 +30,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from reid_platform.parallel.classifier import ShardedClassifier, shard_range
+from reid_platform.cluster.capacity import Optimizer, Workload, classifier_memory
+from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.losses import default_chunk_size, margin_logits
 from reid_platform.parallel.row_optim import RowSGD
 
 SPEC = LossConfig(name="circle", scale=128.0, margin=0.25)
+SGD_SETTINGS = (0.9, 5e-4)  # momentum, weight decay: the row optimizer's and the dense baseline's
 MB = 1024**2
 DENSE_LIMIT_BYTES = 18 * 1024**3  # leave room for the OS on a 24 GiB machine
 
@@ -58,7 +61,9 @@ def _sharded_worker(rank, world_size, init_file, out_dir, classes, dim, batch, r
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(rank)
     loss = SPEC.model_copy(update={"sample_rate": rho})
-    build = functools.partial(ShardedClassifier, rank=rank, world_size=world_size, loss=loss, optimizer=RowSGD(0.9, 5e-4))
+    build = functools.partial(
+        ShardedClassifier, rank=rank, world_size=world_size, loss=loss, optimizer=RowSGD(*SGD_SETTINGS)
+    )
     losses = []
 
     def step():
@@ -101,11 +106,11 @@ def _dense_worker(_, out_dir, classes, dim, batch, steps):
         optimizer.step()
 
     weight = torch.nn.Parameter(torch.randn(1000, dim) * 0.01)
-    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=SGD_SETTINGS[0], weight_decay=SGD_SETTINGS[1])
     step()  # the same warm-up as the sharded workers
     baseline = peak_rss_bytes()
     weight = torch.nn.Parameter(torch.randn(classes, dim) * 0.01)
-    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=SGD_SETTINGS[0], weight_decay=SGD_SETTINGS[1])
     times = _timed_steps(step, steps)
     result = {"step_s": statistics.median(times), "peak_rss_mb": (peak_rss_bytes() - baseline) / MB}
     (Path(out_dir) / "dense.json").write_text(json.dumps(result))
@@ -125,15 +130,16 @@ def run_dense(classes: int, dim: int, batch: int, steps: int) -> dict | None:
         return json.loads((Path(tmp) / "dense.json").read_text())
 
 
-def theoretical_mb(classes: int, dim: int, batch: int, world_size: int, rho: float) -> float:
-    """One worker's share: weights, gradient and momentum of its C_r rows, plus its logits."""
-    start, end = shard_range(classes, 0, world_size)
-    rows = end - start
-    return (3 * rows * dim + batch * world_size * int(rho * rows)) * 4 / MB
+def planned_mb(classes: int, dim: int, batch: int, world_size: int, rho: float) -> float:
+    """``reid plan``'s classifier peak for this configuration (``cluster/capacity.py``; no backbone)."""
+    optimizer = Optimizer("sgd", *SGD_SETTINGS)
+    workload = Workload(classes, world_size, batch, rho, precision="fp32", optimizer=optimizer)
+    return classifier_memory(workload, dim).peak / MB
 
 
 def benchmark(classes: int, world_size: int, rho: float, dim: int, batch: int, steps: int, dense: bool) -> dict:
     workers = run_sharded(classes, dim, batch, world_size, rho, steps)
+    planned = planned_mb(classes, dim, batch, world_size, rho)
     baseline = run_dense(classes, dim, batch * world_size, steps) if dense else None
     return {
         "classes": classes,
@@ -143,10 +149,8 @@ def benchmark(classes: int, world_size: int, rho: float, dim: int, batch: int, s
         "rho": rho,
         "step_s": max(w["step_s"] for w in workers),
         "peak_rss_mb": round(max(w["peak_rss_mb"] for w in workers), 1),
-        "theoretical_mb": round(theoretical_mb(classes, dim, batch, world_size, rho), 1),
-        "rss_over_theoretical": round(
-            max(w["peak_rss_mb"] for w in workers) / theoretical_mb(classes, dim, batch, world_size, rho), 3
-        ),
+        "planned_mb": round(planned, 1),
+        "rss_over_plan": round(max(w["peak_rss_mb"] for w in workers) / planned, 3),
         "class_chunk": default_chunk_size(batch * world_size, dim),
         "dense_step_s": baseline["step_s"] if baseline else None,
         "dense_peak_rss_mb": round(baseline["peak_rss_mb"], 1) if baseline else None,

@@ -190,6 +190,26 @@ class ClassifierMemory:
     chunk_temporaries: int
     update_temporaries: int  # the sampled rows' state, gathered, and the optimizer's temporaries
 
+    @property
+    def resident(self) -> int:
+        return self.weights + self.optimizer_state
+
+    @property
+    def at_loss_backward(self) -> int:
+        """Held at the end of the loss's backward, beyond ``resident``."""
+        transient = self.active_rows + self.active_gradient + self.logits
+        return transient + self.gathered_batch + self.chunk_temporaries
+
+    @property
+    def at_update(self) -> int:
+        """Held in the rows' update, beyond ``resident`` (the active rows' gradient is still there)."""
+        return self.active_rows + self.active_gradient + self.update_temporaries
+
+    @property
+    def peak(self) -> int:
+        """The classifier alone (``benchmarks/classifier.py`` measures it without a backbone)."""
+        return self.resident + max(self.at_loss_backward, self.at_update)
+
 
 def classifier_memory(workload: Workload, dim: int) -> ClassifierMemory:
     rows, active, batch = shard_rows(workload), active_classes(workload), workload.global_batch
@@ -337,26 +357,20 @@ class Plan:
     @property
     def resident(self) -> int:
         """What every moment of the step holds: weights and optimizer states of both halves."""
-        c, b = self.classifier, self.backbone
-        return c.weights + c.optimizer_state + b.parameters + b.gradients + b.optimizer_state
+        b = self.backbone
+        return self.classifier.resident + b.parameters + b.gradients + b.optimizer_state
 
     @property
     def loss_backward(self) -> int:
         """The end of the classifier's backward: the backbone's activations are all still held."""
-        c, b = self.classifier, self.backbone
-        transient = c.active_rows + c.active_gradient + c.logits + c.gathered_batch + c.chunk_temporaries
-        return self.resident + b.activations + b.autocast_weights + transient
+        b = self.backbone
+        return self.resident + b.activations + b.autocast_weights + self.classifier.at_loss_backward
 
     @property
     def optimizer_step(self) -> int:
         """The updates, backbone first, then the classifier's rows (their gradient still held)."""
         c, b = self.classifier, self.backbone
-        return (
-            self.resident
-            + c.active_rows
-            + c.active_gradient
-            + max(b.update_temporaries, c.update_temporaries)
-        )
+        return self.resident + max(c.at_update, c.active_rows + c.active_gradient + b.update_temporaries)
 
     @property
     def peak(self) -> int:
