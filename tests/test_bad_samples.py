@@ -14,7 +14,7 @@ import pytest
 
 from reid_platform.data.images import decode_problem
 from reid_platform.data.manifest import ShardDataset
-from reid_platform.data.pack import decode_meta, verify_shards
+from reid_platform.data.pack import ShardCheck, decode_meta, verify_shards
 from reid_platform.data.sample_table import COLUMNS, SampleTable
 from reid_platform.errors import DatasetError
 from reid_platform.input import train_loader
@@ -63,7 +63,7 @@ def test_shards_packed_before_the_tables_are_read_from_their_meta_members(tiny_s
     (copy / "manifest.json").write_text(json.dumps(manifest))
     old = ShardDataset.open(copy)
     assert np.array_equal(SampleTable.read(old).rows, SampleTable.read(tiny_dataset).rows)
-    assert verify_shards(copy) == ([], sum(len(s.tars) for s in old.splits.values()))
+    assert verify_shards(copy) == ShardCheck([], sum(len(s.tars) for s in old.splits.values()), [])
 
 
 def test_a_damaged_table_is_named(tiny_shards, tmp_path):
@@ -73,7 +73,7 @@ def test_a_damaged_table_is_named(tiny_shards, tmp_path):
     np.save(table, np.zeros((3, 2), np.int64))
     with pytest.raises(DatasetError, match=rf"{table}: sample table of int64 \(3, 2\), expected int64 \(\d+, 6\)"):
         SampleTable.read(ShardDataset.open(copy))
-    assert f"{table}: missing, unreadable or does not match train-000000.tar" in verify_shards(copy)[0]
+    assert f"{table}: missing, unreadable or does not match train-000000.tar" in verify_shards(copy).problems
 
 
 def test_the_damage_keeps_the_size_and_pil_still_decodes_it(damaged, tiny_shards):
@@ -84,7 +84,9 @@ def test_the_damage_keeps_the_size_and_pil_still_decodes_it(damaged, tiny_shards
     table = SampleTable.read(dataset)
     position = [table.key(i) for i in range(len(table.rows))].index(key)
     assert decode_problem(table.reader()(np.array([position]))[0].tobytes()) == ""  # PIL would find nothing
-    assert any(tar in problem and "sha256" in problem for problem in verify_shards(dataset.root)[0])
+    check = verify_shards(dataset.root)
+    assert any(tar in problem and "sha256" in problem for problem in check.problems)
+    assert check.changed == [("train", dataset.split("train").tars.index(tar))]
 
 
 @pytest.mark.parametrize("sampler", ["shuffle", "identity"])

@@ -256,7 +256,7 @@ def test_bad_files_are_quarantined_with_reasons_and_the_rest_packs(tiny_market, 
     assert manifest.splits["train"].samples == len(original["train"]) - 3
     assert manifest.splits["gallery"].samples == len(original["gallery"]) - 1
     assert manifest.num_classes == 8  # labels are kept: no identity lost all its images
-    assert verify_shards(out)[0] == []
+    assert verify_shards(out).problems == []
 
 
 def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
@@ -273,7 +273,10 @@ def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
     flipped.write_bytes(bytes(data))
     index = copy / manifest.splits["train"].shards[0].index
     index.write_text(index.read_text().replace("jpg", "JPG", 1))
-    problems, _ = verify_shards(copy)
+    check = verify_shards(copy)
+    problems = check.problems
+    assert sorted(check.changed) == [("gallery", 0), ("query", 0)]  # the index edit leaves the tar as it was
+    assert check.checked == sum(len(split.shards) for split in manifest.splits.values())
     assert any(p.startswith(f"{grown}: ") and "bytes, the manifest says" in p for p in problems)
     assert any(p.startswith(f"{flipped}: sha256") for p in problems)
     assert any(p.startswith(f"{index}: does not match") for p in problems)

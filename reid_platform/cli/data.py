@@ -65,23 +65,24 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from reid_platform.data.pack import verify_shards
     from reid_platform.errors import DatasetError
 
-    problems, checked = verify_shards(args.shards)
-    for problem in problems:
+    check = verify_shards(args.shards, progress=True)
+    for problem in check.problems:
         print(problem)
-    if any("sha256" in problem for problem in problems):
+    if check.changed:
         from reid_platform.input.bad_samples import find_bad_samples
 
         try:  # the samples of the changed shards that no longer decode (when their sizes are unchanged)
             dataset = ShardDataset.open(args.shards)
         except DatasetError:
             dataset = None
-        changed = dataset.changed_shards() if dataset else []
         for split in dataset.splits if dataset else ():
-            numbers = [number for name, number in changed if name == split]
+            numbers = [number for name, number in check.changed if name == split]
             for bad in find_bad_samples(dataset, split, numbers) if numbers else []:
                 print(bad)
-    print(f"{checked} shards checked: " + (f"{len(problems)} problems" if problems else "all match the manifest"))
-    return 1 if problems else 0
+    count = len(check.problems)
+    summary = f"{count} problem{'s' * (count != 1)}" if count else "all match the manifest"
+    print(f"{check.checked} shards checked: {summary}")
+    return 1 if check.problems else 0
 
 
 def add_commands(commands) -> None:

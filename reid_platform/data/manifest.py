@@ -150,16 +150,18 @@ class ShardDataset:
         return self.splits[name]
 
     def changed_shards(self, splits: tuple[str, ...] = SPLITS, progress: bool = False) -> list[tuple[str, int]]:
-        """(split, shard number) of every shard whose sha256 is no longer the packed one.
-
-        The shards are hashed by a thread pool (hashlib releases the GIL on large blocks), at about
-        the disk's speed.
-        """
+        """(split, shard number) of every shard whose sha256 is no longer the packed one."""
         jobs = [(split, number) for split in splits for number in range(len(self.split(split).tars))]
-        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-            digests = pool.map(lambda job: file_sha256(self.split(job[0]).tars[job[1]]), jobs)
-            digests = tqdm(digests, total=len(jobs), desc="sha256", unit="shard", disable=not progress)
-            return [(split, n) for (split, n), digest in zip(jobs, digests) if digest != self.split(split).sha256[n]]
+        digests = files_sha256([self.split(split).tars[number] for split, number in jobs], progress)
+        return [job for job, digest in zip(jobs, digests) if digest != self.split(job[0]).sha256[job[1]]]
+
+
+def files_sha256(paths: list[str | Path], progress: bool = False) -> list[str]:
+    """Each file's sha256, hashed by a thread pool (hashlib releases the GIL on large blocks): at
+    about the disk's speed."""
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = pool.map(file_sha256, paths)
+        return list(tqdm(digests, total=len(paths), desc="sha256", unit="shard", disable=not progress))
 
 
 def file_sha256(path: str | Path) -> str:

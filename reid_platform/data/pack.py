@@ -48,6 +48,7 @@ from reid_platform.data.manifest import (
     ShardEntry,
     SplitEntry,
     file_sha256,
+    files_sha256,
 )  # fmt: skip
 from reid_platform.data.sample_table import sample_key, table_rows, write_table
 from reid_platform.errors import DatasetError
@@ -231,41 +232,55 @@ def _table_matches(table: Path, tar: Path, index: Path) -> bool:
         return False
 
 
-def verify_shards(shards_dir: str | Path) -> tuple[list[str], int]:
-    """Every mismatch between the shards and the manifest (size, sha256, sample count, DALI index,
-    sample table), and the number of shards checked."""
+@dataclass(frozen=True)
+class ShardCheck:
+    """What ``verify_shards`` found: every mismatch, the shards checked, and which of them changed
+    their bytes (split, shard number: their sha256 differs from the manifest's)."""
+
+    problems: list[str]
+    checked: int
+    changed: list[tuple[str, int]]
+
+
+def verify_shards(shards_dir: str | Path, progress: bool = False) -> ShardCheck:
+    """Every mismatch between the shards and the manifest: size, sha256 (hashed in parallel first,
+    with a progress bar if asked), sample count, DALI index, sample table."""
     shards_dir = Path(shards_dir)
     manifest = Manifest.read(shards_dir)
-    problems, checked = [], 0
+    listed = {}
     for split, info in manifest.splits.items():
-        for shard in info.shards:
-            checked += 1
-            tar, index = shards_dir / shard.file, shards_dir / shard.index
-            if not tar.is_file():
-                problems.append(f"{tar}: missing ({split} shard listed in the manifest)")
+        listed.update({(split, number): shard for number, shard in enumerate(info.shards)})
+    present = [key for key, shard in listed.items() if (shards_dir / shard.file).is_file()]
+    digests = dict(zip(present, files_sha256([shards_dir / listed[key].file for key in present], progress)))
+    problems, changed = [], []
+    for (split, number), shard in listed.items():
+        tar, index = shards_dir / shard.file, shards_dir / shard.index
+        if not tar.is_file():
+            problems.append(f"{tar}: missing ({split} shard listed in the manifest)")
+            continue
+        if tar.stat().st_size != shard.bytes:
+            problems.append(f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard.bytes}")
+        if (digest := digests[split, number]) != shard.sha256:
+            problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}...")
+            changed.append((split, number))
+        try:
+            samples = _tar_sample_count(tar)
+        except (tarfile.TarError, OSError) as error:
+            problems.append(f"{tar}: not a readable tar file: {error}")
+            continue
+        if samples != shard.samples:
+            problems.append(f"{tar}: {samples} samples, the manifest says {shard.samples}")
+        if not index.is_file():
+            problems.append(f"{index}: missing DALI index")
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            fresh = Path(scratch) / index.name
+            with IndexCreator(str(tar), str(fresh), verbose=False) as creator:
+                creator.create_index()
+            if fresh.read_bytes() != index.read_bytes():
+                problems.append(f"{index}: does not match {tar.name} (the tar or the index changed)")
                 continue
-            if tar.stat().st_size != shard.bytes:
-                problems.append(f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard.bytes}")
-            if (digest := file_sha256(tar)) != shard.sha256:
-                problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}...")
-            try:
-                samples = _tar_sample_count(tar)
-            except (tarfile.TarError, OSError) as error:
-                problems.append(f"{tar}: not a readable tar file: {error}")
-                continue
-            if samples != shard.samples:
-                problems.append(f"{tar}: {samples} samples, the manifest says {shard.samples}")
-            if not index.is_file():
-                problems.append(f"{index}: missing DALI index")
-                continue
-            with tempfile.TemporaryDirectory() as scratch:
-                fresh = Path(scratch) / index.name
-                with IndexCreator(str(tar), str(fresh), verbose=False) as creator:
-                    creator.create_index()
-                if fresh.read_bytes() != index.read_bytes():
-                    problems.append(f"{index}: does not match {tar.name} (the tar or the index changed)")
-                    continue
-            table = shards_dir / shard.table if shard.table else None
-            if table is not None and not _table_matches(table, tar, index):
-                problems.append(f"{table}: missing, unreadable or does not match {tar.name}")
-    return problems, checked
+        table = shards_dir / shard.table if shard.table else None
+        if table is not None and not _table_matches(table, tar, index):
+            problems.append(f"{table}: missing, unreadable or does not match {tar.name}")
+    return ShardCheck(problems, len(listed), changed)
