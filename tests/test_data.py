@@ -20,7 +20,7 @@ from reid_platform.data.datasets import (
     parse_market_style_name,
     with_labels,
 )
-from reid_platform.data.manifest import MANIFEST, Manifest, ShardDataset
+from reid_platform.data.manifest import MANIFEST, Manifest, ShardDataset, files_sha256
 from reid_platform.errors import DatasetError
 from reid_platform.data.pack import PackOptions, decode_meta, pack_dataset, verify_shards
 from reid_platform.data.synth import write_synthetic_market1501
@@ -282,6 +282,15 @@ def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
     assert any(p.startswith(f"{index}: does not match") for p in problems)
     assert main(["data", "verify", str(copy)]) == 1
     assert "problems" in capsys.readouterr().out
+
+
+def test_a_file_that_cannot_be_read_is_named_not_a_pool_traceback(tmp_path):
+    readable, unreadable = tmp_path / "a.tar", tmp_path / "b.tar"
+    readable.write_bytes(b"x")
+    unreadable.mkdir()  # open() fails on it even for root, as on a file gone or unreadable since it was listed
+    assert files_sha256([readable]) == [hashlib.sha256(b"x").hexdigest()]
+    with pytest.raises(DatasetError, match=rf"^{unreadable}: cannot be read to hash it: Is a directory$"):
+        files_sha256([readable, unreadable])
 
 
 def test_changed_shard_is_refused(tiny_shards, tmp_path):

@@ -161,12 +161,15 @@ def files_sha256(paths: list[str | Path], progress: bool = False) -> list[str]:
     about the disk's speed."""
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         digests = pool.map(file_sha256, paths)
-        return list(tqdm(digests, total=len(paths), desc="sha256", unit="shard", disable=not progress))
+        return list(tqdm(digests, total=len(paths), desc="sha256", unit="file", disable=not progress))
 
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:  # gone or unreadable since it was listed: named, not a pool thread's traceback
+        raise DatasetError(f"{path}: cannot be read to hash it: {error.strerror or error}") from None
     return digest.hexdigest()

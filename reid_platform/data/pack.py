@@ -232,7 +232,7 @@ def _table_matches(table: Path, tar: Path, index: Path) -> bool:
         return False
 
 
-@dataclass(frozen=True)
+@dataclass
 class ShardCheck:
     """What ``verify_shards`` found: every mismatch, the shards checked, and which of them changed
     their bytes (split, shard number: their sha256 differs from the manifest's)."""
@@ -244,7 +244,8 @@ class ShardCheck:
 
 def verify_shards(shards_dir: str | Path, progress: bool = False) -> ShardCheck:
     """Every mismatch between the shards and the manifest: size, sha256 (hashed in parallel first,
-    with a progress bar if asked), sample count, DALI index, sample table."""
+    with a progress bar if asked), sample count, DALI index, sample table. A shard that cannot be
+    read raises a ``DatasetError`` naming it."""
     shards_dir = Path(shards_dir)
     manifest = Manifest.read(shards_dir)
     listed = {}
@@ -255,7 +256,7 @@ def verify_shards(shards_dir: str | Path, progress: bool = False) -> ShardCheck:
     problems, changed = [], []
     for (split, number), shard in listed.items():
         tar, index = shards_dir / shard.file, shards_dir / shard.index
-        if not tar.is_file():
+        if (split, number) not in digests:
             problems.append(f"{tar}: missing ({split} shard listed in the manifest)")
             continue
         if tar.stat().st_size != shard.bytes:
