@@ -370,7 +370,8 @@ class Plan:
     def optimizer_step(self) -> int:
         """The updates, backbone first, then the classifier's rows (their gradient still held)."""
         c, b = self.classifier, self.backbone
-        return self.resident + max(c.at_update, c.active_rows + c.active_gradient + b.update_temporaries)
+        held = self.resident + c.active_rows + c.active_gradient
+        return held + max(b.update_temporaries, c.update_temporaries)
 
     @property
     def peak(self) -> int:

@@ -259,8 +259,8 @@ def verify_shards(shards_dir: str | Path, progress: bool = False) -> ShardCheck:
         if (split, number) not in digests:
             problems.append(f"{tar}: missing ({split} shard listed in the manifest)")
             continue
-        if tar.stat().st_size != shard.bytes:
-            problems.append(f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard.bytes}")
+        if (size := tar.stat().st_size) != shard.bytes:
+            problems.append(f"{tar}: {size} bytes, the manifest says {shard.bytes}")
         if (digest := digests[split, number]) != shard.sha256:
             problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}...")
             changed.append((split, number))
