@@ -122,7 +122,12 @@ def test_the_torch_backend_skips_what_pil_cannot_decode(tiny_shards, tmp_path):
     shutil.copytree(tiny_shards, copy)
     tar, key = damage_sample(ShardDataset.open(copy), "train", position=2, lenient_pil=False)
     cfg = CFG.model_copy(update={"backend": "torch"})
-    loader = train_loader(ShardDataset.open(copy), Partition(0, 1), cfg, seed=0, on_bad_sample="skip")
-    batches = [labels for _ in range(3) for _, labels in loader]
+    dataset = ShardDataset.open(copy)
+    train = dataset.split("train")
+    shard = train.tars.index(tar)
+    only_the_damaged_shard = Partition(shard, len(train.tars))  # a rank reads tars[rank::world_size]
+    loader = train_loader(dataset, only_the_damaged_shard, cfg, seed=0, on_bad_sample="skip")
+    epochs = 1 + -(-train.shard_samples[shard] // (len(loader) * cfg.batch_size))  # past the whole shard once
+    batches = [labels for _ in range(epochs) for _, labels in loader]
     assert all(len(labels) == cfg.batch_size for labels in batches)
     assert {(bad.tar, bad.key) for bad in loader.skipped} == {(tar, key)}

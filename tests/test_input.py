@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -255,3 +256,16 @@ def test_padded_window_is_the_window_of_the_zero_padded_image(start):
     padded = np.pad(image, ((CFG.pad, CFG.pad), (CFG.pad, CFG.pad), (0, 0)))
     top, left = start[0] + CFG.pad, start[1] + CFG.pad
     assert np.array_equal(np.array(out[0]), padded[top : top + CFG.height, left : left + CFG.width])
+
+
+def test_the_torch_backend_is_reproducible_from_its_seed(tiny_dataset):
+    """Shard draws, shuffle buffer and augmentation all follow ``seed``, per rank, as DALI's do."""
+    cfg = CFG.model_copy(update={"backend": "torch", "num_threads": 2})
+
+    def first_batches(seed: int, rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(islice(train_loader(tiny_dataset, Partition(rank, 2), cfg, seed=seed), 3))
+
+    again, other_seed, other_rank = first_batches(5), first_batches(6), first_batches(5, rank=1)
+    for (images, labels), (same_images, same_labels) in zip(first_batches(5), again):
+        assert torch.equal(images, same_images) and torch.equal(labels, same_labels)
+    assert not torch.equal(again[0][0], other_seed[0][0]) and not torch.equal(again[0][0], other_rank[0][0])

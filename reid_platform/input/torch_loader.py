@@ -2,15 +2,16 @@
 
 For comparison (``benchmarks/input_pipeline.py``) and for machines without DALI. The same steps in
 the same order as the DALI graph: resize, zero pad, colour jitter, random crop, flip, normalise,
-random erasing. Ranks split the work by shard (``tars[rank::world_size]``) and DataLoader workers
-split their rank's shards again, as webdataset does; training resamples shards endlessly and an
-epoch is the same fixed number of steps as with DALI. webdataset seeds its shard resampling from
-the process, not from ``seed``: this baseline is not reproducible run to run, DALI is.
+random erasing. Ranks split the work by shard (``tars[rank::world_size]``); in training each
+DataLoader worker resamples its rank's shards endlessly, and an epoch is the same fixed number of
+steps as with DALI. Like DALI's, a run is reproducible from ``seed``: the shard draws, the shuffle
+buffer and the augmentation are seeded from it, per rank and per DataLoader worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 from collections.abc import Iterator
@@ -92,10 +93,21 @@ def _rank_shards(dataset: ShardDataset, split: str, partition: Partition) -> lis
     return list(dataset.split(split).tars[partition.rank :: partition.world_size])
 
 
-def _loader(dataset, batch_size: int, cfg: InputConfig, drop_last: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=cfg.num_threads, drop_last=drop_last, persistent_workers=True,
-        multiprocessing_context=WORKER_START,
+def _shard_draw_seed(rank: int) -> int:
+    """A seed per (rank, DataLoader worker), mixed with ``seed`` by webdataset's ResampledShards: the
+    rank is the loader's own, not whatever torch.distributed says (benchmarks run ranks in one process)."""
+    worker = torch.utils.data.get_worker_info()
+    return rank * 1000 + (worker.id if worker else 0)
+
+
+def _train_stream(tars: list[str], decode: _Decode, cfg: InputConfig, rank: int, seed: int) -> wds.DataPipeline:
+    draws = functools.partial(_shard_draw_seed, rank)
+    return wds.DataPipeline(
+        wds.ResampledShards(tars, seed=seed, worker_seed=draws, deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(cfg.shuffle_buffer, seed=seed),
+        wds.map(decode),
+        wds.select(_decoded),
     )
 
 
@@ -121,13 +133,12 @@ class TorchTrainLoader:
         self._scratch = tempfile.TemporaryDirectory(prefix="reid-skipped-")
         self._skip_log = Path(self._scratch.name) / "skipped.jsonl"
         decode = _Decode(train_transform(cfg), self._skip_log if on_bad_sample == "skip" else None)
-        dataset = (
-            wds.WebDataset(tars, resampled=True, shardshuffle=False, nodesplitter=None, seed=seed)
-            .shuffle(cfg.shuffle_buffer, seed=seed)
-            .map(decode)
-            .select(_decoded)
+        loader = torch.utils.data.DataLoader(
+            _train_stream(tars, decode, cfg, partition.rank, seed), batch_size=cfg.batch_size,
+            num_workers=cfg.num_threads, drop_last=True, persistent_workers=True, multiprocessing_context=WORKER_START,
+            generator=torch.Generator().manual_seed(seed * 1000 + partition.rank),  # the workers' augmentation seeds
         )
-        self._batches = _worker_errors_named(_loader(dataset, cfg.batch_size, cfg, drop_last=True))
+        self._batches = _worker_errors_named(loader)
 
     def __len__(self) -> int:
         return self.steps
