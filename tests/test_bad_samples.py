@@ -60,10 +60,15 @@ def test_shards_packed_before_the_tables_are_read_from_their_meta_members(tiny_s
     for entry in manifest["splits"].values():
         for shard in entry["shards"]:
             (copy / shard.pop("table")).unlink()
+            del shard["index_sha256"], shard["table_sha256"]  # recorded since the tables
     (copy / "manifest.json").write_text(json.dumps(manifest))
     old = ShardDataset.open(copy)
     assert np.array_equal(SampleTable.read(old).rows, SampleTable.read(tiny_dataset).rows)
     assert verify_shards(copy) == ShardCheck([], sum(len(s.tars) for s in old.splits.values()), [])
+    # without the index's digest, verify rebuilds the index from the tar to check it
+    index = Path(old.split("gallery").indexes[0])
+    index.write_text(index.read_text().replace("jpg", "JPG", 1))
+    assert verify_shards(copy).problems == [f"{index}: does not match {Path(old.split('gallery').tars[0]).name} (the tar or the index changed)"]
 
 
 def test_a_damaged_table_is_named(tiny_shards, tmp_path):

@@ -201,7 +201,8 @@ def test_manifest_matches_shards(tiny_shards):
         keys, indices = [], []
         for shard in info["shards"]:
             tar = tiny_shards / shard["file"]
-            assert hashlib.sha256(tar.read_bytes()).hexdigest() == shard["sha256"]
+            for name, digest in (("file", "sha256"), ("index", "index_sha256"), ("table", "table_sha256")):
+                assert hashlib.sha256((tiny_shards / shard[name]).read_bytes()).hexdigest() == shard[digest]
             assert tar.stat().st_size == shard["bytes"]
             with tarfile.open(tar) as archive:
                 names = archive.getnames()
@@ -273,6 +274,9 @@ def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
     flipped.write_bytes(bytes(data))
     index = copy / manifest.splits["train"].shards[0].index
     index.write_text(index.read_text().replace("jpg", "JPG", 1))
+    deleted_index, deleted_tar = copy / manifest.splits["train"].shards[1].index, copy / manifest.splits["train"].shards[2].file
+    deleted_index.unlink()
+    deleted_tar.unlink()
     check = verify_shards(copy)
     problems = check.problems
     assert sorted(check.changed) == [("gallery", 0), ("query", 0)]  # the index edit leaves the tar as it was
@@ -280,6 +284,9 @@ def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
     assert any(p.startswith(f"{grown}: ") and "bytes, the manifest says" in p for p in problems)
     assert any(p.startswith(f"{flipped}: sha256") for p in problems)
     assert any(p.startswith(f"{index}: does not match") for p in problems)
+    assert f"{deleted_index}: missing DALI index" in problems
+    assert f"{deleted_tar}: missing (train shard listed in the manifest)" in problems
+    assert {p.split(": ", 1)[0] for p in problems} == {str(f) for f in (grown, flipped, index, deleted_index, deleted_tar)}
     assert main(["data", "verify", str(copy)]) == 1
     assert "problems" in capsys.readouterr().out
 

@@ -38,6 +38,15 @@ class ShardEntry(_Record):
     bytes: int
     sha256: str
     table: str | None = None  # its sample table (data/sample_table.py); None in packs made before them
+    # the index's and the table's own sha256: with the tar's, they prove a shard is as packed without
+    # rebuilding what was written from its bytes (``verify_shards``); None in packs made before them
+    index_sha256: str | None = None
+    table_sha256: str | None = None
+
+    def files(self, root: Path) -> dict[Path, str | None]:
+        """Each file of the shard under ``root`` (tar, index, table if any) with its recorded sha256."""
+        files = {root / self.file: self.sha256, root / self.index: self.index_sha256}
+        return files | ({root / self.table: self.table_sha256} if self.table else {})
 
 
 class SplitEntry(_Record):

@@ -126,6 +126,7 @@ def _write_split(
         index_path = tar.with_suffix(".idx")
         with IndexCreator(str(tar), str(index_path), verbose=False) as creator:
             creator.create_index()
+        table = write_table(tar, index_path)
         shards.append(
             ShardEntry(
                 file=tar.name,
@@ -133,7 +134,9 @@ def _write_split(
                 samples=index_sample_count(index_path),
                 bytes=tar.stat().st_size,
                 sha256=file_sha256(tar),
-                table=write_table(tar, index_path).name,
+                table=table.name,
+                index_sha256=file_sha256(index_path),
+                table_sha256=file_sha256(table),
             )
         )
     return shards, written
@@ -244,24 +247,29 @@ class ShardCheck:
 
 def verify_shards(shards_dir: str | Path, progress: bool = False) -> ShardCheck:
     """Every mismatch between the shards and the manifest: size, sha256 (hashed in parallel first,
-    with a progress bar if asked), sample count, DALI index, sample table. A shard that cannot be
-    read raises a ``DatasetError`` naming it."""
+    with a progress bar if asked), sample count, DALI index, sample table. A shard whose tar, index
+    and table all have their packed sha256 is as packed: its count, index and table are not rebuilt
+    from the tar (packing wrote them from those bytes). A shard that cannot be read raises a
+    ``DatasetError`` naming it."""
     shards_dir = Path(shards_dir)
     manifest = Manifest.read(shards_dir)
     listed = {}
     for split, info in manifest.splits.items():
         listed.update({(split, number): shard for number, shard in enumerate(info.shards)})
-    present = [key for key, shard in listed.items() if (shards_dir / shard.file).is_file()]
-    digests = dict(zip(present, files_sha256([shards_dir / listed[key].file for key in present], progress)))
+    present = [path for shard in listed.values() for path in shard.files(shards_dir) if path.is_file()]
+    digests = dict(zip(present, files_sha256(present, progress)))
     problems, changed = [], []
     for (split, number), shard in listed.items():
         tar, index = shards_dir / shard.file, shards_dir / shard.index
-        if (split, number) not in digests:
+        if tar not in digests:
             problems.append(f"{tar}: missing ({split} shard listed in the manifest)")
             continue
+        recorded = shard.files(shards_dir).items()
+        if all(packed is not None and digests.get(path) == packed for path, packed in recorded):
+            continue  # as packed, byte for byte
         if (size := tar.stat().st_size) != shard.bytes:
             problems.append(f"{tar}: {size} bytes, the manifest says {shard.bytes}")
-        if (digest := digests[split, number]) != shard.sha256:
+        if (digest := digests[tar]) != shard.sha256:
             problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}...")
             changed.append((split, number))
         try:
