@@ -277,6 +277,9 @@ def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
     deleted_index, deleted_tar = copy / manifest.splits["train"].shards[1].index, copy / manifest.splits["train"].shards[2].file
     deleted_index.unlink()
     deleted_tar.unlink()
+    unreadable_table = copy / manifest.splits["gallery"].shards[1].table
+    unreadable_table.unlink()
+    unreadable_table.mkdir()  # open() fails on it even for root
     check = verify_shards(copy)
     problems = check.problems
     assert sorted(check.changed) == [("gallery", 0), ("query", 0)]  # the index edit leaves the tar as it was
@@ -286,9 +289,37 @@ def test_verify_names_every_mismatch(tiny_shards, tmp_path, capsys):
     assert any(p.startswith(f"{index}: does not match") for p in problems)
     assert f"{deleted_index}: missing DALI index" in problems
     assert f"{deleted_tar}: missing (train shard listed in the manifest)" in problems
-    assert {p.split(": ", 1)[0] for p in problems} == {str(f) for f in (grown, flipped, index, deleted_index, deleted_tar)}
+    assert f"{unreadable_table}: missing, unreadable or does not match {unreadable_table.name.split('.')[0]}.tar" in problems
+    named = (grown, flipped, index, deleted_index, deleted_tar, unreadable_table)
+    assert {p.split(": ", 1)[0] for p in problems} == {str(f) for f in named}
     assert main(["data", "verify", str(copy)]) == 1
     assert "problems" in capsys.readouterr().out
+
+
+def test_shards_as_packed_are_checked_by_their_digests_and_counts_not_rebuilt(tiny_shards, tmp_path, monkeypatch):
+    """Tar, index and table with their packed sha256: nothing is rebuilt from the tars (a rebuild
+    here fails the test), and the manifest's own counts are still checked."""
+    from reid_platform.data import pack
+
+    def rebuilt(*_):
+        raise AssertionError("rebuilt a shard whose files all have their packed sha256")
+
+    for name in ("_tar_sample_count", "IndexCreator", "_table_matches"):
+        monkeypatch.setattr(pack, name, rebuilt)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    listed = sum(len(split.shards) for split in Manifest.read(copy).splits.values())
+    assert verify_shards(copy) == pack.ShardCheck([], listed, [])
+    manifest = json.loads((copy / MANIFEST).read_text())
+    shard = manifest["splits"]["gallery"]["shards"][0]
+    shard["samples"] += 1
+    shard["bytes"] += 1
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    tar = copy / shard["file"]
+    assert verify_shards(copy).problems == [
+        f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard['bytes']}",
+        f"{tar}: {shard['samples'] - 1} samples, the manifest says {shard['samples']}",
+    ]
 
 
 def test_a_file_that_cannot_be_read_is_named_not_a_pool_traceback(tmp_path):

@@ -43,11 +43,6 @@ class ShardEntry(_Record):
     index_sha256: str | None = None
     table_sha256: str | None = None
 
-    def files(self, root: Path) -> dict[Path, str | None]:
-        """Each file of the shard under ``root`` (tar, index, table if any) with its recorded sha256."""
-        files = {root / self.file: self.sha256, root / self.index: self.index_sha256}
-        return files | ({root / self.table: self.table_sha256} if self.table else {})
-
 
 class SplitEntry(_Record):
     samples: int

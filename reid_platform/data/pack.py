@@ -228,6 +228,16 @@ def _tar_sample_count(tar: Path) -> int:
         return len({member.name.split(".", 1)[0] for member in handle if member.isfile()})
 
 
+def _sidecars_as_packed(shards_dir: Path, shard: ShardEntry) -> bool:
+    """Whether the shard's index and table have the sha256 recorded at packing (False when none was
+    recorded, or a file cannot be read: then they are rebuilt and compared instead)."""
+    recorded = [(shard.index, shard.index_sha256)] + ([(shard.table, shard.table_sha256)] if shard.table else [])
+    try:
+        return all(digest is not None and file_sha256(shards_dir / name) == digest for name, digest in recorded)
+    except DatasetError:
+        return False
+
+
 def _table_matches(table: Path, tar: Path, index: Path) -> bool:
     try:
         return np.array_equal(np.load(table, allow_pickle=False), table_rows(tar, index))
@@ -248,30 +258,31 @@ class ShardCheck:
 def verify_shards(shards_dir: str | Path, progress: bool = False) -> ShardCheck:
     """Every mismatch between the shards and the manifest: size, sha256 (hashed in parallel first,
     with a progress bar if asked), sample count, DALI index, sample table. A shard whose tar, index
-    and table all have their packed sha256 is as packed: its count, index and table are not rebuilt
-    from the tar (packing wrote them from those bytes). A shard that cannot be read raises a
-    ``DatasetError`` naming it."""
+    and table all have their packed sha256 is as packed: its index and table are not rebuilt from
+    the tar (packing wrote them from those bytes) and its samples are counted in its index. A tar
+    that cannot be read raises a ``DatasetError`` naming it."""
     shards_dir = Path(shards_dir)
     manifest = Manifest.read(shards_dir)
     listed = {}
     for split, info in manifest.splits.items():
         listed.update({(split, number): shard for number, shard in enumerate(info.shards)})
-    present = [path for shard in listed.values() for path in shard.files(shards_dir) if path.is_file()]
-    digests = dict(zip(present, files_sha256(present, progress)))
+    present = [key for key, shard in listed.items() if (shards_dir / shard.file).is_file()]
+    digests = dict(zip(present, files_sha256([shards_dir / listed[key].file for key in present], progress)))
     problems, changed = [], []
     for (split, number), shard in listed.items():
         tar, index = shards_dir / shard.file, shards_dir / shard.index
-        if tar not in digests:
+        if (split, number) not in digests:
             problems.append(f"{tar}: missing ({split} shard listed in the manifest)")
             continue
-        recorded = shard.files(shards_dir).items()
-        if all(packed is not None and digests.get(path) == packed for path, packed in recorded):
-            continue  # as packed, byte for byte
         if (size := tar.stat().st_size) != shard.bytes:
             problems.append(f"{tar}: {size} bytes, the manifest says {shard.bytes}")
-        if (digest := digests[tar]) != shard.sha256:
+        if (digest := digests[split, number]) != shard.sha256:
             problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}...")
             changed.append((split, number))
+        elif _sidecars_as_packed(shards_dir, shard):
+            if (samples := index_sample_count(index)) != shard.samples:
+                problems.append(f"{tar}: {samples} samples, the manifest says {shard.samples}")
+            continue
         try:
             samples = _tar_sample_count(tar)
         except (tarfile.TarError, OSError) as error:

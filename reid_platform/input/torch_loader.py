@@ -93,19 +93,30 @@ def _rank_shards(dataset: ShardDataset, split: str, partition: Partition) -> lis
     return list(dataset.split(split).tars[partition.rank :: partition.world_size])
 
 
-def _shard_draw_seed(rank: int) -> int:
-    """A seed per (rank, DataLoader worker), mixed with ``seed`` by webdataset's ResampledShards: the
-    rank is the loader's own, not whatever torch.distributed says (benchmarks run ranks in one process)."""
+def _worker_seed(rank: int) -> int:
+    """A seed per (rank, DataLoader worker), called in the worker: the rank is the loader's own, not
+    whatever torch.distributed says (benchmarks run ranks in one process)."""
     worker = torch.utils.data.get_worker_info()
     return rank * 1000 + (worker.id if worker else 0)
 
 
+class _WorkerShuffle:
+    """webdataset's shuffle buffer with its generator seeded in the worker, from ``seed`` and the
+    worker's own seed: seeded once where the stage is built, every worker would pick from its buffer
+    in the same order."""
+
+    def __init__(self, buffer: int, rank: int, seed: int):
+        self.buffer, self.rank, self.seed = buffer, rank, seed
+
+    def __call__(self, samples):
+        return wds.shuffle(self.buffer, seed=wds.utils.make_seed(_worker_seed(self.rank), self.seed))(samples)
+
+
 def _train_stream(tars: list[str], decode: _Decode, cfg: InputConfig, rank: int, seed: int) -> wds.DataPipeline:
-    draws = functools.partial(_shard_draw_seed, rank)
     return wds.DataPipeline(
-        wds.ResampledShards(tars, seed=seed, worker_seed=draws, deterministic=True),
+        wds.ResampledShards(tars, seed=seed, worker_seed=functools.partial(_worker_seed, rank), deterministic=True),
         wds.tarfile_to_samples(),
-        wds.shuffle(cfg.shuffle_buffer, seed=seed),
+        _WorkerShuffle(cfg.shuffle_buffer, rank, seed),
         wds.map(decode),
         wds.select(_decoded),
     )
