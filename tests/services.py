@@ -72,7 +72,7 @@ class MlflowServer:
     """`reid mlflow serve` in its own process group, so that it can be killed like a crashed server."""
 
     def __init__(self, root: Path, host: str = "127.0.0.1"):
-        self.root, self.host, self.port = root, host, free_port(host)
+        self.root, self.host, self.port = root, host, free_port()
         self.uri, self.process = f"http://{host}:{self.port}", None
 
     def start(self) -> None:
@@ -160,7 +160,7 @@ class LocalCluster:
         self.root, self.host, self.env = root, host, {**os.environ, **FAST_HEALTH_CHECK, **(env or {})}
         # each node's own Ray folder; short, as Ray's socket paths in it must fit in 107 characters
         self.ray_dirs = Path(tempfile.mkdtemp(prefix="reid-ray-"))
-        self.port, self.dashboard_port = free_port(host), free_port(host)
+        self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"{host}:{self.port}"
         self.job_address = f"http://{host}:{self.dashboard_port}"
         self.processes: dict[str, subprocess.Popen] = {}

@@ -3,10 +3,19 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from reid_platform.cli import main
-from reid_platform.cluster.local import HeadOptions, NodeResources, outward_address, parse_cluster_address
+from reid_platform.cluster.local import (
+    HeadOptions,
+    NodeResources,
+    _ephemeral_port_range,
+    free_port,
+    outward_address,
+    parse_cluster_address,
+)
 
 
 @pytest.mark.parametrize(
@@ -36,3 +45,12 @@ def test_a_head_on_every_interface_is_joined_at_this_machines_address():
     head = HeadOptions("0.0.0.0", port=6380)
     assert head.cluster_address == f"{outward_address()}:6380" and head.job_address == "http://127.0.0.1:8265"
     assert HeadOptions("10.0.0.5").cluster_address == "10.0.0.5:6379"
+
+
+def test_free_ports_are_free_on_every_address_and_below_the_ephemeral_range():
+    """Below it, no outgoing connection takes a node's port between choosing and binding it."""
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= port < _ephemeral_port_range()[0] for port in ports)
+    for port in ports:
+        with socket.socket() as probe:
+            probe.bind(("", port))  # on every address: as Ray's servers bind

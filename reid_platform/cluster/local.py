@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -21,11 +22,30 @@ NODE_SERVICE_PORTS = (
 )  # fmt: skip
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on (at the moment of asking)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+def free_port() -> int:
+    """A port that no socket on any address holds at the moment of asking (Ray's servers bind every
+    address), drawn from below the kernel's ephemeral range where there is room: a port from that
+    range can become the local end of any outgoing connection before the server that was given it
+    binds it (a test's cluster failed so: "Address already in use"). Ray's own worker ports are
+    10002-19999 by default, so the draw starts above them."""
+    ephemeral_low = _ephemeral_port_range()[0]
+    candidates = random.sample(range(20000, ephemeral_low), min(200, max(0, ephemeral_low - 20000)))
+    for port in [*candidates, 0]:  # 0: the kernel's pick, the last resort
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError("no free TCP port on this machine")
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):  # not Linux: IANA's dynamic range, which macOS and Windows use
+        return 49152, 65535
 
 
 def outward_address() -> str:
@@ -129,16 +149,16 @@ class Placement:
     temp_dir: Path | None = None  # Ray's session folder root; default /tmp/ray
     own_ports: bool = False  # free ports for the node's services instead of Ray's fixed defaults
 
-    def arguments(self, host: str) -> list[str]:
+    def arguments(self) -> list[str]:
         arguments = [f"--temp-dir={self.temp_dir}"] if self.temp_dir is not None else []
-        return arguments + ([f"--{name}={free_port(host)}" for name in NODE_SERVICE_PORTS] if self.own_ports else [])
+        return arguments + ([f"--{name}={free_port()}" for name in NODE_SERVICE_PORTS] if self.own_ports else [])
 
 
 def start_head(options: HeadOptions, block: bool = False, placement: Placement = Placement()) -> None:
     arguments = [
         "--head", f"--node-ip-address={options.node_ip}", f"--port={options.port}",
         "--include-dashboard=true", f"--dashboard-host={options.host}", f"--dashboard-port={options.dashboard_port}",
-        *options.resources.arguments(), *placement.arguments(options.node_ip),
+        *options.resources.arguments(), *placement.arguments(),
     ]  # fmt: skip
     _start(arguments, block)
 
@@ -167,7 +187,7 @@ def join_cluster(
     # A head with a token (Ray's default) refuses nodes without it, and `ray start --address` only
     # sends one in token mode: with a token here (the head's, copied, or RAY_AUTH_TOKEN), use it.
     token_mode = {"RAY_AUTH_MODE": "token"} if "RAY_AUTH_MODE" not in os.environ and auth_token() else {}
-    _start(arguments + placement.arguments(node_ip or "127.0.0.1"), block, token_mode)
+    _start(arguments + placement.arguments(), block, token_mode)
 
 
 def stop_all() -> None:
