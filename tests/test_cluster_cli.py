@@ -11,7 +11,7 @@ from reid_platform.cli import main
 from reid_platform.cluster.local import (
     HeadOptions,
     NodeResources,
-    _ephemeral_port_range,
+    _ephemeral_port_low,
     free_port,
     outward_address,
     parse_cluster_address,
@@ -50,7 +50,7 @@ def test_a_head_on_every_interface_is_joined_at_this_machines_address():
 def test_free_ports_are_free_on_every_address_and_below_the_ephemeral_range():
     """Below it, no outgoing connection takes a node's port between choosing and binding it."""
     ports = {free_port() for _ in range(20)}
-    assert all(20000 <= port < _ephemeral_port_range()[0] for port in ports)
+    assert all(20000 <= port < _ephemeral_port_low() for port in ports)
     for port in ports:
         with socket.socket() as probe:
             probe.bind(("", port))  # on every address: as Ray's servers bind

@@ -28,7 +28,7 @@ def free_port() -> int:
     range can become the local end of any outgoing connection before the server that was given it
     binds it (a test's cluster failed so: "Address already in use"). Ray's own worker ports are
     10002-19999 by default, so the draw starts above them."""
-    ephemeral_low = _ephemeral_port_range()[0]
+    ephemeral_low = _ephemeral_port_low()
     candidates = random.sample(range(20000, ephemeral_low), min(200, max(0, ephemeral_low - 20000)))
     for port in [*candidates, 0]:  # 0: the kernel's pick, the last resort
         with socket.socket() as probe:
@@ -40,12 +40,12 @@ def free_port() -> int:
     raise OSError("no free TCP port on this machine")
 
 
-def _ephemeral_port_range() -> tuple[int, int]:
+def _ephemeral_port_low() -> int:
+    """The first port of the kernel's range for the local ends of outgoing connections."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):  # not Linux: IANA's dynamic range, which macOS and Windows use
-        return 49152, 65535
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: IANA's dynamic range, which macOS and Windows use
+        return 49152
 
 
 def outward_address() -> str:
