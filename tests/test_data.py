@@ -14,6 +14,7 @@ from PIL import Image
 
 from reid_platform.cli import main
 from reid_platform.data.datasets import (
+    SPLITS,
     load_csv,
     load_dataset,
     load_market1501,
@@ -21,7 +22,7 @@ from reid_platform.data.datasets import (
     with_labels,
 )
 from reid_platform.data.manifest import MANIFEST, Manifest, ShardDataset, files_sha256
-from reid_platform.errors import DatasetError
+from reid_platform.errors import ConfigError, DatasetError
 from reid_platform.data.pack import PackOptions, decode_meta, pack_dataset, verify_shards
 from reid_platform.data.synth import write_synthetic_market1501
 
@@ -347,3 +348,64 @@ def test_pack_refuses_nonempty_output_and_unknown_dataset(tiny_market, tiny_shar
         pack_dataset([("market1501", tiny_market)], tiny_shards, ONE_WORKER, progress=False)
     with pytest.raises(DatasetError, match="unknown dataset 'viper'; one of: market1501, dukemtmc"):
         pack_dataset([("viper", tiny_market)], tmp_path / "out", ONE_WORKER, progress=False)
+
+
+@pytest.mark.parametrize(
+    "command, flag, value",
+    [
+        ("pack", "--samples-per-shard", "0"),
+        ("pack", "--samples-per-shard", "-5"),
+        ("pack", "--shard-mb", "0"),
+        ("pack", "--shard-mb", "-1"),
+        ("pack", "--shard-mb", "nan"),
+        ("pack", "--workers", "0"),
+        ("pack", "--workers", "-2"),
+        ("synth", "--identities", "0"),
+        ("synth", "--cameras", "0"),
+        ("synth", "--cameras", "10"),
+        ("synth", "--camera-strength", "-1"),
+    ],
+)
+def test_data_flags_out_of_range_are_one_line_and_write_nothing(
+    tiny_market, tmp_path, capsys, command, flag, value
+):
+    out = tmp_path / "out"
+    source = [f"market1501={tiny_market}"] if command == "pack" else []
+    assert main(["data", command, *source, "--out", str(out), flag, value]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reid: config error: ")
+    assert flag.removeprefix("--").replace("-", "_") in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("samples_per_shard", 0), ("samples_per_shard", True), ("shard_mb", float("inf")), ("workers", 0),
+     ("jpeg_quality", 101), ("resize", (0, 64)), ("resize", (128,))],
+)
+def test_pack_options_refuse_what_cannot_be_packed(field, value):
+    with pytest.raises(ConfigError, match=rf"^{field} must be "):
+        PackOptions(**{field: value})
+
+
+def test_a_pack_that_fails_half_way_leaves_no_folder_and_runs_again(tiny_market, tmp_path, capsys):
+    """Gallery is packed after the other splits: with every gallery image broken, packing fails once
+    train and query are written. Neither the output folder nor the folder it was written in stays."""
+    assert SPLITS[-1] == "gallery"
+    root, out = tmp_path / "market", tmp_path / "out"
+    shutil.copytree(tiny_market, root)
+    gallery = sorted((root / "bounding_box_test").glob("*.jpg"))
+    for path in gallery:
+        path.write_bytes(b"not an image")
+    assert main(["data", "pack", f"market1501={root}", "--out", str(out), "--workers", "1"]) == 1
+    err = capsys.readouterr().err  # the progress bars, then the error
+    assert list(tmp_path.iterdir()) == [root]
+    *progress, error = err.splitlines()
+    assert "packing train" in err and not any(line.startswith("reid:") for line in progress)
+    assert error.startswith("reid: error: every gallery image was quarantined, nothing to pack")
+    for path in gallery:  # the input fixed; an empty output folder is accepted, as before
+        shutil.copyfile(tiny_market / path.relative_to(root), path)
+    out.mkdir()
+    assert main(["data", "pack", f"market1501={root}", "--out", str(out), "--workers", "1"]) == 0
+    assert sorted(tmp_path.iterdir()) == [root, out] and verify_shards(out).problems == []
+    assert Manifest.read(out).splits["gallery"].samples == len(load_market1501(tiny_market)["gallery"])

@@ -37,9 +37,9 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     from reid_platform.data.pack import PackOptions, pack_dataset
 
     started = time.perf_counter()
-    options = PackOptions(
+    options = PackOptions(  # refuses a flag out of range, naming it, before anything is read or written
         samples_per_shard=args.samples_per_shard,
-        bytes_per_shard=int(args.shard_mb * 2**20),
+        shard_mb=args.shard_mb,
         seed=args.seed,
         resize=args.resize,
         workers=args.workers,
@@ -104,7 +104,7 @@ def add_commands(commands) -> None:
     )
     pack.add_argument("--out", required=True, help="new folder for shards and manifest.json")
     pack.add_argument("--samples-per-shard", type=int, default=1000)
-    pack.add_argument("--shard-mb", type=float, default=256.0, help="largest shard size")
+    pack.add_argument("--shard-mb", type=float, default=256.0, help="largest shard size, in MiB")
     pack.add_argument("--resize", type=_parse_size, metavar="HxW", help="resize every image at pack time")
     pack.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image-checking processes")
     pack.add_argument("--seed", type=int, default=0, help="seed of the cross-shard shuffle")

@@ -23,10 +23,13 @@ keeps its (unused) classifier row rather than shifting every later label.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import multiprocessing.pool
 import os
 import random
+import secrets
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable
@@ -51,17 +54,46 @@ from reid_platform.data.manifest import (
     files_sha256,
 )  # fmt: skip
 from reid_platform.data.sample_table import sample_key, table_rows, write_table
-from reid_platform.errors import DatasetError
+from reid_platform.errors import ConfigError, DatasetError
 
 
 @dataclass(frozen=True)
 class PackOptions:
+    """How to pack; each field is the `reid data pack` flag of the same name (``--samples-per-shard``).
+
+    A value that cannot be packed with (no samples or bytes per shard, no workers) raises a
+    ``ConfigError`` naming the field when the options are made, before anything is written.
+    """
+
     samples_per_shard: int = 1000
-    bytes_per_shard: int = 256 * 1024**2
+    shard_mb: float = 256.0  # largest shard size, in MiB
     seed: int = 0
     resize: tuple[int, int] | None = None  # (height, width) at pack time
     workers: int = max(1, os.cpu_count() or 1)
     jpeg_quality: int = 95
+
+    def __post_init__(self) -> None:
+        _require_whole("samples_per_shard", self.samples_per_shard, 1)
+        if not (isinstance(self.shard_mb, (int, float)) and 0 < self.shard_mb < math.inf):
+            raise ConfigError(f"shard_mb must be a positive number of MiB (got {self.shard_mb!r})")
+        _require_whole("workers", self.workers, 1)
+        _require_whole("jpeg_quality", self.jpeg_quality, 1, 100)
+        if self.resize is not None and not (
+            len(self.resize) == 2 and all(isinstance(side, int) and side >= 1 for side in self.resize)
+        ):
+            raise ConfigError(f"resize must be (height, width), whole pixels from 1 (got {self.resize!r})")
+
+    @property
+    def bytes_per_shard(self) -> int:
+        return math.ceil(self.shard_mb * 2**20)  # at least 1: a shard that may hold nothing would stay empty
+
+
+def _require_whole(name: str, value: object, least: int, most: int | None = None) -> None:
+    whole = isinstance(value, int) and not isinstance(value, bool)  # True samples per shard is a slip, not 1
+    if whole and value >= least and (most is None or value <= most):
+        return
+    bounds = f"at least {least}" if most is None else f"from {least} to {most}"
+    raise ConfigError(f"{name} must be a whole number {bounds} (got {value!r})")
 
 
 def encode_meta(sample: Sample, index: int) -> bytes:
@@ -120,7 +152,7 @@ def _write_split(
             written.append(sample)
     if samples and not written:
         reasons = "; ".join(f"{q.path}: {q.reason}" for q in quarantine if q.split == split)
-        raise DatasetError(f"{out}: every {split} image was quarantined ({reasons[:500]})")
+        raise DatasetError(f"every {split} image was quarantined, nothing to pack ({reasons[:500]})")
     shards = []
     for tar in sorted(out.glob(f"{split}-*.tar")):
         index_path = tar.with_suffix(".idx")
@@ -178,11 +210,33 @@ def pack_dataset(
 def pack_splits(
     splits: dict[str, list[Sample]], sources: list[dict], out: str | Path, options: PackOptions, progress: bool = True
 ) -> Manifest:
-    """Write labelled splits (``Sample.source`` naming an entry of ``sources``) and the manifest."""
+    """Write labelled splits (``Sample.source`` naming an entry of ``sources``) and the manifest.
+
+    Everything is written into a hidden sibling of ``out`` that is renamed to ``out`` once complete
+    (one atomic step: same parent), so a pack that fails or is stopped leaves no half-written
+    ``out`` and the same command can run again. ``out`` may be missing or empty, never more:
+    a finished pack there is not replaced.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out}: output folder is not empty; choose a new one or remove it")
-    out.mkdir(parents=True, exist_ok=True)
+    target = out.resolve()  # "." has no name to put beside it; a link to an empty folder stays a link
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # hidden, and named so that the leftover of a killed pack (no cleanup runs) is recognisable
+    staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    staging.mkdir()
+    try:
+        manifest = _pack_into(staging, splits, sources, options, progress)
+        staging.rename(target)  # replaces an empty folder; fails on one that got files meanwhile
+    except BaseException:  # also an interrupt: the next run starts clean
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _pack_into(
+    out: Path, splits: dict[str, list[Sample]], sources: list[dict], options: PackOptions, progress: bool
+) -> Manifest:
     roots = {source["dataset"]: Path(source["root"]) for source in sources}
     quarantine: list[QuarantineEntry] = []
     written_splits = {}

@@ -9,6 +9,7 @@ random network therefore ranks poorly; a trained one learns the clothing.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from reid_platform.errors import ConfigError
 
 IMAGE_WIDTH, IMAGE_HEIGHT = 64, 128
 
@@ -200,13 +203,14 @@ def write_synthetic_market1501(
     true match from another camera. The gallery also holds distractors (id 0) and junk (id -1).
     ``camera_strength`` above 1 makes the cameras differ more (a harder set).
     """
+    # each a `reid data synth` flag of the same name: refused (exit status 2) before anything is written
     if identities < 4:
-        raise ValueError(f"identities must be at least 4 (got {identities})")
+        raise ConfigError(f"identities must be at least 4 (got {identities})")
     if not 2 <= cameras <= 9:
-        raise ValueError(f"cameras must be between 2 and 9, as in Market-1501 names (got {cameras})")
+        raise ConfigError(f"cameras must be between 2 and 9, as in Market-1501 names (got {cameras})")
+    if not 0 < camera_strength < math.inf:
+        raise ConfigError(f"camera_strength must be a positive number (got {camera_strength})")
     rng = random.Random(seed)
-    if camera_strength <= 0:
-        raise ValueError(f"camera_strength must be positive (got {camera_strength})")
     camera_views = [random_camera(rng, camera_strength) for _ in range(cameras)]
     num_train = identities // 2
     folders = {"bounding_box_train": [], "bounding_box_test": [], "query": []}
