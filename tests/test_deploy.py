@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -185,7 +186,7 @@ def test_deploy_folder_has_the_expected_files():
     expected = [
         "docker/Dockerfile", "docker/mlflow.Dockerfile", "README.md", "aws/ray-cluster.yaml",
         "kubernetes/namespace.yaml", "kubernetes/storage.yaml", "kubernetes/mlflow-config.yaml",
-        "kubernetes/raycluster.yaml", "kubernetes/rayjob.yaml",
+        "kubernetes/raycluster.yaml", "kubernetes/rayjob.yaml", "kubernetes/ray-auth.yaml",
     ]  # fmt: skip
     missing = [name for name in expected if not (DEPLOY / name).is_file()]
     assert not missing, f"missing under deploy/: {missing}"
@@ -302,6 +303,33 @@ def test_no_credential_is_a_literal_env_value(where, template, owner):
                 )
 
 
+def secret_variables(container: dict) -> set[str]:
+    """The names of the container's environment variables whose values come from a Secret."""
+    names = {v["name"] for v in container.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
+    for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            keys = one("Secret", source["secretRef"]["name"])["stringData"]
+            names |= {source.get("prefix", "") + key for key in keys}
+    return names
+
+
+@pytest.mark.parametrize("where,template,owner", POD_TEMPLATES, ids=[entry[0] for entry in POD_TEMPLATES])
+def test_no_container_argument_holds_or_expands_a_secret(where, template, owner):
+    """A process's arguments are readable by every user of its node (/proc/PID/cmdline), its
+    environment is not: a secret must not reach a command line, literally or by Kubernetes'
+    $(VAR) expansion of a variable from a Secret (shell expansion of "$VAR" in a script is fine: the
+    shell's own arguments keep the name)."""
+    for container in containers(template):
+        secrets = secret_variables(container)
+        for argument in [*container.get("command", []), *container.get("args", [])]:
+            expanded = set(re.findall(r"(?<!\$)\$\((\w+)\)", argument)) & secrets
+            assert not expanded, f"{where} {container['name']}: expands {sorted(expanded)} in {argument!r}"
+            assert not re.search(r"://[^/@\s]*:[^/@\s]*@", argument), (
+                f"{where} {container['name']}: a URI with a password in {argument!r}"
+            )
+            assert PLACEHOLDER not in argument, f"{where} {container['name']}: a Secret value in {argument!r}"
+
+
 def test_references_to_secrets_and_configmaps_resolve():
     """Every Secret/ConfigMap a pod reads is defined (or templated) in deploy/, with the keys it reads."""
     defined = {
@@ -400,6 +428,41 @@ def test_kuberay_cluster_structure():
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], where
             assert all(isinstance(value, str) for value in group.get("rayStartParams", {}).values()), where
             assert group["template"]["spec"]["containers"], where
+
+
+RAY_TOKEN_KEY = "auth_token"  # the key KubeRay reads from authOptions.secretName
+
+
+def test_every_ray_container_takes_the_token_from_a_secret():
+    """Ray's token authentication in every cluster: the operator is told the Secret
+    (authOptions.secretName), and every container of the head, of each worker group and the RayJob's
+    submitter sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from that Secret (the variables Ray reads;
+    reid submit presents RAY_AUTH_TOKEN too), with the token itself in a Secret template."""
+    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
+
+    (job,) = docs_of_kind("RayJob")
+    submitter = ("RayJob submitter", job["spec"]["submitterPodTemplate"], "submitter")
+    checked = 0
+    for name, cluster in ray_cluster_specs():
+        assert cluster.get("authOptions", {}).get("mode") == "token", f"{name}: token authentication is off"
+        secret_name = cluster["authOptions"].get("secretName")
+        assert secret_name, f"{name}: authOptions names no Secret (KubeRay would make one no container names)"
+        secret = one("Secret", secret_name)
+        assert RAY_TOKEN_KEY in secret["stringData"], f"Secret {secret_name}: no {RAY_TOKEN_KEY}"
+        nodes = [entry for entry in ray_templates() if entry[0].startswith(f"{name} ")]
+        for where, template, _ in nodes + ([submitter] if name.startswith("RayJob/") else []):
+            for container in containers(template):
+                env = {variable["name"]: variable for variable in container.get("env", [])}
+                assert env.get(AUTH_MODE_ENV_VAR, {}).get("value") == "token", (
+                    f"{where} {container['name']}: {AUTH_MODE_ENV_VAR} is not token"
+                )
+                reference = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+                assert reference == {"name": secret_name, "key": RAY_TOKEN_KEY}, (
+                    f"{where} {container['name']}: RAY_AUTH_TOKEN is not {secret_name}'s {RAY_TOKEN_KEY}"
+                )
+                checked += 1
+    groups = sum(len(cluster["workerGroupSpecs"]) for _, cluster in ray_cluster_specs())
+    assert checked >= len(ray_cluster_specs()) + groups + 1, "a head, each worker group and the submitter"
 
 
 def test_rayjob_embeds_the_raycluster_spec():
@@ -607,22 +670,29 @@ def mlflow_option(name: str) -> str | None:
 
 
 def test_mlflow_server_uses_postgres_s3_and_secrets():
+    """The store URI (it holds the database password) reaches the server through its environment,
+    from the Secret PostgreSQL takes its credentials from, and names that database's Service."""
+    from mlflow.cli import server
+
     container = mlflow_container()
     command = [*container.get("command", []), *container.get("args", [])]
     assert command[:2] == ["mlflow", "server"], command
-    backend = mlflow_option("--backend-store-uri")
-    assert backend and backend.startswith("postgresql://"), backend
-    references = set(re.findall(r"\$\((\w+)\)", backend))
+    assert mlflow_option("--backend-store-uri") is None, "the store URI holds the password: not an argument"
+    (option,) = [param for param in server.params if "--backend-store-uri" in param.opts]
     env = {variable["name"]: variable for variable in container.get("env", [])}
-    assert {"DB_PASSWORD"} <= references, "the database password must be expanded from the Secret"
-    for name in references:
-        assert name in env and "secretKeyRef" in env[name].get("valueFrom", {}), (
-            f"$({name}) is not from a Secret"
-        )
-    host, port = re.search(r"@([^:/]+):(\d+)/", backend).groups()
-    service = one("Service", host.split(".")[0])
-    assert host.split(".")[1] == service["metadata"]["namespace"]
-    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert option.envvar in env, f"mlflow server reads the store URI from ${option.envvar}: not set"
+    reference = env[option.envvar].get("valueFrom", {}).get("secretKeyRef")
+    assert reference, f"{option.envvar} must come from a Secret"
+    secret = one("Secret", reference["name"])
+    uri = urlsplit(secret["stringData"][reference["key"]])
+    assert uri.scheme == "postgresql", uri.geturl()
+    assert (uri.username, uri.password) == (secret["stringData"]["POSTGRES_USER"], PLACEHOLDER)
+    assert uri.path == "/" + secret["stringData"]["POSTGRES_DB"]
+    database = one("StatefulSet", "postgres")["spec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": reference["name"]}} in database["envFrom"], "not the database's Secret"
+    service = one("Service", uri.hostname.split(".")[0])
+    assert uri.hostname.split(".")[1] == service["metadata"]["namespace"]
+    assert uri.port in [p["port"] for p in service["spec"]["ports"]]
     assert (mlflow_option("--artifacts-destination") or "").startswith("s3://")
     assert mlflow_option("--serve-artifacts") == ""
     assert mlflow_option("--host") == "0.0.0.0"
