@@ -82,9 +82,12 @@ class Optimizer:
 
     @property
     def backbone_temporaries(self) -> int:
-        """torch's foreach SGD / Adam: the decayed gradient, and Adam's sqrt(exp_avg_sq)."""
-        decay_copy = 1 if self.weight_decay and self.name != "adamw" else 0
-        return decay_copy + (0 if self.name == "sgd" else 1)
+        """Parameter-sized tensors alive at once in torch's foreach SGD / Adam: SGD's decayed gradient;
+        Adam's decayed gradient, then sqrt(exp_avg_sq), never both (it deletes the first before it
+        allocates the second)."""
+        if self.name == "sgd":
+            return 1 if self.weight_decay else 0
+        return 1
 
     @property
     def backbone_state_copies(self) -> int:
