@@ -22,9 +22,9 @@ from reid_platform.data.datasets import (
     with_labels,
 )
 from reid_platform.data.manifest import MANIFEST, Manifest, ShardDataset, files_sha256
-from reid_platform.errors import ConfigError, DatasetError
 from reid_platform.data.pack import PackOptions, decode_meta, pack_dataset, verify_shards
 from reid_platform.data.synth import write_synthetic_market1501
+from reid_platform.errors import ConfigError, DatasetError
 
 ONE_WORKER = PackOptions(samples_per_shard=40, workers=1)
 
