@@ -13,6 +13,7 @@ from reid_platform.parallel.classifier import ShardedClassifier, shard_range
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.losses import sharded_margin_loss
 from tests.gloo import run_gloo
+from tests.tolerances import FLOAT64
 
 NUM_CLASSES, DIM, PER_RANK = 11, 6, 4
 SPECS = {
@@ -80,12 +81,12 @@ def test_sharded_loss_equals_dense_oracle(world_size, name):
     results = run_gloo(world_size, sharded_rank, spec) if world_size > 1 else [sharded_rank(0, 1, spec)]
     rows_seen = []
     for rank, result in enumerate(results):
-        torch.testing.assert_close(result["loss"], dense.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["loss"], dense.detach(), **FLOAT64)
         local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         # the gradient contract: world size x the dense gradient, which DDP's average turns back into it
-        torch.testing.assert_close(result["x_grad"], world_size * x.grad[local], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["x_grad"], world_size * x.grad[local], **FLOAT64)
         start, end = result["rows"]
-        torch.testing.assert_close(result["w_grad"], w.grad[start:end], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["w_grad"], w.grad[start:end], **FLOAT64)
         rows_seen.extend(range(start, end))
     assert rows_seen == list(range(NUM_CLASSES))
     assert w.grad[[1, 5, 9]].abs().sum() > 0  # absent classes still get negative gradients
@@ -147,7 +148,7 @@ def test_ddp_backbone_gradients_equal_the_single_process_dense_computation(world
     dense_oracle(backbone(inputs), weight, labels, spec).backward()  # the whole batch, one process
     for grads in run_gloo(world_size, ddp_backbone_rank, spec):
         for name, parameter in backbone.named_parameters():
-            torch.testing.assert_close(grads[name], parameter.grad, atol=1e-10, rtol=1e-8)
+            torch.testing.assert_close(grads[name], parameter.grad, **FLOAT64)
 
 
 def test_shard_range_partitions_rows():

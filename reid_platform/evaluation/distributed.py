@@ -54,8 +54,9 @@ def extract_features(
     # a rank whose part is empty (more ranks than shards) still joins the gather with no rows
     features = [torch.zeros(0, model.feature_dim)]
     metas = [torch.zeros(0, 4, dtype=torch.int64)]
+    dtype = next(model.parameters()).dtype  # float32, or a numerical test's float64
     for images, meta in tqdm(batches, desc=description, unit="batch", disable=description is None):
-        features.append(model.embed(images.to(device), flip).float().cpu())
+        features.append(model.embed(images.to(device, dtype), flip).float().cpu())
         metas.append(meta.cpu())
     model.train(was_training)
     return torch.cat(features), torch.cat(metas)

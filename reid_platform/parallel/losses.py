@@ -72,7 +72,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings, weight, target, cfg: LossConfig, chunk_size: int):
-        dtype = _compute_dtype(embeddings, weight)
+        dtype = compute_dtype(embeddings, weight)
         x = F.normalize(embeddings.detach().to(dtype), dim=1)
         logits = x.new_empty((x.shape[0], weight.shape[0]))
         for start in range(0, weight.shape[0], chunk_size):
@@ -111,7 +111,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
             grad_logits.sub_(smoothing / ctx.classes)
         grad_logits.mul_(grad_loss / grad_logits.shape[0])
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        dtype = _compute_dtype(embeddings, weight)
+        dtype = compute_dtype(embeddings, weight)
         with torch.enable_grad():
             x_leaf = embeddings.detach().to(dtype).requires_grad_(True)
             x_unit = F.normalize(x_leaf, dim=1)
@@ -148,7 +148,7 @@ def _cosines(
     return (x @ w.t()).mul_(inverse_norm), w, inverse_norm
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float32 at least (fp16/bf16 activations under AMP), float64 when an input is float64."""
     dtype = torch.float32
     for tensor in tensors:

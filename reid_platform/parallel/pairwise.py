@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from reid_platform.parallel.config import PairwiseConfig
+from reid_platform.parallel.losses import compute_dtype
 
 
 def pairwise_share(
@@ -34,7 +35,7 @@ def pairwise_share(
 ) -> torch.Tensor:
     """This rank's share of the pair-wise loss of the global batch (``embeddings``, ``labels``),
     for its own samples ``anchors`` (rows of the global batch)."""
-    unit = F.normalize(embeddings.float(), dim=1)
+    unit = F.normalize(embeddings.to(compute_dtype(embeddings)), dim=1)
     own = torch.arange(embeddings.shape[0], device=embeddings.device)[anchors]
     same = labels[own, None] == labels[None, :]
     positive = same.clone()

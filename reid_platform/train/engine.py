@@ -61,7 +61,14 @@ class EpochOutcome:
 
 
 class Engine:
-    def __init__(self, cfg: RunConfig, dataset: ShardDataset, partition: Partition, device: torch.device):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        dataset: ShardDataset,
+        partition: Partition,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,  # float64: the numerical tests' runs (StepSettings)
+    ):
         self._created = time.perf_counter()
         if world() != (partition.rank, partition.world_size):
             raise RuntimeError(
@@ -69,7 +76,7 @@ class Engine:
                 f"(rank {world()[0]} of {world()[1]}): initialise it first"
             )
         self.cfg, self.dataset, self.partition, self.device = cfg, dataset, partition, device
-        self.settings = StepSettings.for_device(device, cfg.train.precision, cfg.train.channels_last)
+        self.settings = StepSettings.for_device(device, cfg.train.precision, cfg.train.channels_last, dtype)
         torch.manual_seed(cfg.train.seed)
         network = build_model(cfg.model, cfg.input)
         if cfg.model.sync_bn:  # also on one rank: the same computation, whatever the world size
@@ -85,7 +92,7 @@ class Engine:
             classifier_optimizer(cfg.train),
             seed=cfg.train.seed,
             device=device,
-        )
+        ).to(dtype)  # drawn in float32 whatever the dtype: the same start in a float64 check
         self.criterion = Criterion(self.classifier, cfg.loss)
         head = {id(p) for p in self.network.head_parameters()}
         self.trunk_parameters = [p for p in self.network.parameters() if id(p) not in head]

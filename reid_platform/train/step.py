@@ -2,7 +2,7 @@
 
 The device decides the fast path: on CUDA the backbone runs under bf16 autocast in channels-last
 memory (tensor cores want NHWC); on CPU it stays fp32 and contiguous. The sharded classifier always
-sees fp32 embeddings: Circle's scale of 128 puts logits far outside what bf16 resolves, and the
+sees fp32 embeddings (or fp64 ones, in numerical tests): Circle's scale of 128 puts logits far outside what bf16 resolves, and the
 distributed log-sum-exp must agree across ranks to the last bit of its max.
 
 Nothing here imports Ray or the config, so the GPU benchmark runs this step on a machine without them.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from reid_platform.parallel.criterion import Criterion
+from reid_platform.parallel.losses import compute_dtype
 from reid_platform.train.config import Precision
 
 PHASES = ("input", "forward", "classifier", "backward", "optimizer")
@@ -26,20 +27,27 @@ PHASES = ("input", "forward", "classifier", "backward", "optimizer")
 
 @dataclass(frozen=True)
 class StepSettings:
-    """How a step runs on one device: autocast dtype (None = fp32) and memory format."""
+    """How a step runs on one device: autocast dtype (None = none), memory format, and the dtype of
+    parameters and inputs (float32; float64 lets tests compare computations that sum in different
+    orders, such as 1 and 3 ranks, with a tolerance that does not depend on the CPU's kernels)."""
 
     autocast_dtype: torch.dtype | None
     channels_last: bool
+    dtype: torch.dtype = torch.float32
 
     @classmethod
-    def for_device(cls, device: torch.device, precision: Precision, channels_last: bool) -> StepSettings:
+    def for_device(
+        cls, device: torch.device, precision: Precision, channels_last: bool, dtype: torch.dtype = torch.float32
+    ) -> StepSettings:
         cuda = device.type == "cuda"
-        if precision == "auto":
+        if dtype != torch.float32:
+            bf16 = False  # autocast would round a float64 check's activations to bf16
+        elif precision == "auto":
             # native bf16 only (Ampere and newer): emulated bf16 on older GPUs is slower than fp32
             bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
         else:
             bf16 = precision == "bf16"
-        return cls(torch.bfloat16 if bf16 else None, channels_last and cuda)
+        return cls(torch.bfloat16 if bf16 else None, channels_last and cuda, dtype)
 
     def autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -47,10 +55,11 @@ class StepSettings:
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.dtype)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def prepare_images(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, self.dtype, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
@@ -110,7 +119,7 @@ def train_step(
     with _phase(timer, "forward"), settings.autocast(device):
         embeddings = model(settings.prepare_images(images, device))
     with _phase(timer, "classifier"):
-        losses = criterion(embeddings.float(), labels.to(device, non_blocking=True))
+        losses = criterion(embeddings.to(compute_dtype(embeddings)), labels.to(device, non_blocking=True))
     with _phase(timer, "backward"):  # the classifier's backward, the backbone's and DDP's all-reduce
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
