@@ -5,17 +5,24 @@
   backbone's gradients equal that dense single-process loss's;
 - label smoothing on the sharded classifier: torch's cross_entropy(label_smoothing=) on the dense
   logits written from the paper;
-- SyncBatchNorm on 2 and 3 ranks: torch's BatchNorm2d on the whole batch in one process;
+- SyncBatchNorm on 2 and 3 ranks: torch's BatchNorm2d on the whole batch in one process; on a timm
+  backbone with norm-act layers, the unconverted network;
 - the classifier's row-wise Adam and AdamW: torch.optim.Adam / AdamW, over several steps.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners, reducers
+from timm.layers.norm_act import BatchNormAct2d
 
+from reid_platform.errors import ConfigError
+from reid_platform.model.backbone import ReIDNet
+from reid_platform.model.config import ModelConfig, Preprocessing
 from reid_platform.parallel import row_optim
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.config import LossConfig, PairwiseConfig
@@ -23,8 +30,9 @@ from reid_platform.parallel.criterion import Criterion
 from reid_platform.parallel.losses import sharded_margin_loss
 from reid_platform.parallel.pairwise import pairwise_share
 from reid_platform.parallel.row_optim import RowAdam
-from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
+from reid_platform.parallel.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests.gloo import run_gloo
+from tests.tolerances import FLOAT64
 
 DIM, CLASSES = 8, 7
 # 12 samples: five identities of 2-3 images and one alone (an anchor without positives)
@@ -61,8 +69,9 @@ def test_pairwise_losses_equal_pytorch_metric_learning(name):
     theirs = metric_learning_oracle(y, LABELS, cfg)
     theirs.backward()
     assert ours.item() > 0
-    torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
+    assert ours.dtype == theirs.dtype == torch.float64
+    torch.testing.assert_close(ours, theirs, **FLOAT64)
+    torch.testing.assert_close(x.grad, y.grad, **FLOAT64)
 
 
 def criterion_rank(rank: int, world_size: int, loss: LossConfig) -> dict:
@@ -103,9 +112,9 @@ def test_the_criterion_gives_a_ddp_backbone_the_dense_gradient(world_size, pairw
     dense.backward()
     results = run_gloo(world_size, criterion_rank, loss) if world_size > 1 else [criterion_rank(0, 1, loss)]
     for result in results:
-        torch.testing.assert_close(result["value"], dense.detach(), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(result["value"], dense.detach(), **FLOAT64)
         for name, parameter in backbone.named_parameters():
-            torch.testing.assert_close(result["grads"][name], parameter.grad, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(result["grads"][name], parameter.grad, **FLOAT64)
 
 
 def label_smoothing_rank(rank: int, world_size: int, loss: LossConfig) -> dict:
@@ -127,10 +136,10 @@ def test_label_smoothing_on_the_sharded_classifier_equals_torch_cross_entropy(wo
     dense.backward()
     results = run_gloo(world_size, label_smoothing_rank, loss) if world_size > 1 else [label_smoothing_rank(0, 1, loss)]
     share = len(LABELS) // world_size
-    torch.testing.assert_close(torch.cat([r["rows"] for r in results]), weight.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(torch.cat([r["rows"] for r in results]), weight.grad, **FLOAT64)
     for rank, result in enumerate(results):
-        torch.testing.assert_close(result["value"], dense.detach(), rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(result["x"], world_size * x.grad[rank * share : (rank + 1) * share], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(result["value"], dense.detach(), **FLOAT64)
+        torch.testing.assert_close(result["x"], world_size * x.grad[rank * share : (rank + 1) * share], **FLOAT64)
 
 
 def sync_bn_rank(rank: int, world_size: int, x: torch.Tensor, weights: torch.Tensor) -> dict:
@@ -164,6 +173,40 @@ def test_sync_batchnorm_equals_one_batchnorm_over_the_global_batch(world_size):
     for result in results:
         torch.testing.assert_close(result["mean"], dense.running_mean)
         torch.testing.assert_close(result["var"], dense.running_var)
+
+
+def test_sync_bn_keeps_the_activation_of_timm_norm_act_layers():
+    """EfficientNet-style backbones normalise with timm's BatchNormAct2d (BatchNorm, dropout, then an
+    activation in one layer): the converted network computes the same function, in evaluation (the
+    running statistics) and in training (the batch's, in one process)."""
+    network = ReIDNet(ModelConfig(arch="timm/mobilenetv3_small_050", embedding_dim=16), Preprocessing(height=64, width=32))
+    norm_acts = [m for m in network.modules() if isinstance(m, BatchNormAct2d)]
+    assert any(not isinstance(m.act, torch.nn.Identity) for m in norm_acts)  # the test needs activations to keep
+    images = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    original = network.double()
+    converted = convert_sync_batchnorm(copy.deepcopy(original))
+    assert not any(isinstance(m, BatchNormAct2d) for m in converted.modules())
+    assert sum(isinstance(m, SyncBatchNorm) for m in converted.modules()) == len(norm_acts) + 1  # and the BNNeck
+    for training in (False, True):
+        with torch.no_grad():
+            torch.testing.assert_close(converted.train(training)(images), original.train(training)(images), **FLOAT64)
+
+
+class _ScaledBatchNorm(torch.nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "layer, why",
+    [(torch.nn.BatchNorm2d(3, affine=False), "has no affine parameters"),
+     (torch.nn.BatchNorm2d(3, momentum=None), "has no momentum"),
+     (_ScaledBatchNorm(3), "is a tests.test_recipe_losses._ScaledBatchNorm")],
+)  # fmt: skip
+def test_sync_bn_refuses_a_norm_it_cannot_reproduce_naming_the_layer(layer, why):
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Sequential(torch.nn.ReLU(), layer))
+    with pytest.raises(ConfigError, match=rf"model.sync_bn: layer 1\.1 {why}"):
+        convert_sync_batchnorm(network)
 
 
 @pytest.mark.parametrize("block_rows", [7, row_optim.UPDATE_BLOCK_ROWS])  # 30 rows in 5 blocks, or in one

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reid_platform.errors import ConfigError
 from reid_platform.parallel.comm import all_gather_rows, all_reduce
 
 
@@ -64,7 +65,21 @@ class _GlobalBatchNorm(torch.autograd.Function):
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Drop-in for BatchNorm1d/2d with affine parameters and running statistics."""
+    """Drop-in for BatchNorm1d/2d/3d with affine parameters and running statistics. A norm-act layer
+    (timm's ``BatchNormAct2d``) keeps its dropout and activation, applied after the normalisation as
+    there (``drop`` then ``act``, under the same names, so that state dicts still match)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float,
+        drop: nn.Module | None = None,
+        act: nn.Module | None = None,
+    ):
+        super().__init__(num_features, eps, momentum, affine=True, track_running_stats=True)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -73,24 +88,63 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        self.num_batches_tracked.add_(1)
-        return _GlobalBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum, self.eps)
+            x = F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        else:
+            self.num_batches_tracked.add_(1)
+            x = _GlobalBatchNorm.apply(
+                x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum, self.eps
+            )
+        return self.act(self.drop(x))
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+def convert_sync_batchnorm(module: nn.Module, prefix: str = "") -> nn.Module:
     """``module`` with every BatchNorm layer replaced by ``SyncBatchNorm`` holding the same state.
 
     The engine applies it from outside the model, as it applies DDP. (In one process it computes
-    what BatchNorm does.)
+    what BatchNorm does.) A BatchNorm this cannot reproduce (another subclass, no affine parameters or
+    running statistics, a cumulative average) is a ConfigError naming the layer, not a silently
+    different network.
     """
     for name, child in module.named_children():
-        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, affine=True, track_running_stats=True)
-            synced.load_state_dict(child.state_dict())
+        path = f"{prefix}{name}"
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            drop, act = _norm_act_parts(child, path)
+            synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, drop, act)
+            synced.to(child.weight.device, child.weight.dtype).load_state_dict(child.state_dict())
             synced.weight.requires_grad_(child.weight.requires_grad)
             synced.bias.requires_grad_(child.bias.requires_grad)
-            setattr(module, name, synced.to(child.weight.device))
+            synced.train(child.training)
+            setattr(module, name, synced)
         else:
-            convert_sync_batchnorm(child)
+            convert_sync_batchnorm(child, f"{path}.")
     return module
+
+
+def _norm_act_parts(
+    norm: nn.modules.batchnorm._BatchNorm, path: str
+) -> tuple[nn.Module | None, nn.Module | None]:
+    """(dropout, activation) that follow the normalisation inside ``norm`` (None for plain BatchNorm);
+    ConfigError where SyncBatchNorm would compute something else."""
+    from timm.layers.norm_act import BatchNormAct2d
+
+    needs = {
+        "affine parameters": norm.affine,
+        "running statistics": norm.track_running_stats,
+        "momentum (it averages cumulatively)": norm.momentum is not None,
+    }
+    missing = [what for what, present in needs.items() if not present]
+    if missing:
+        raise ConfigError(
+            f"model.sync_bn: layer {path} has no {' or '.join(missing)}, which SyncBatchNorm needs; "
+            "set model.sync_bn: false for this backbone"
+        )
+    if type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, SyncBatchNorm):
+        return getattr(norm, "drop", None), getattr(norm, "act", None)
+    if type(norm) is BatchNormAct2d:
+        return norm.drop, norm.act
+    raise ConfigError(
+        f"model.sync_bn: layer {path} is a {type(norm).__module__}.{type(norm).__qualname__}, whose forward "
+        "SyncBatchNorm cannot reproduce; set model.sync_bn: false for this backbone"
+    )

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 from ray._private.authentication import authentication_token_setup
 from ray.train import (
@@ -37,7 +38,10 @@ from reid_platform.config import RunConfig
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import ConfigError, DatasetError, ReidError, RunAlreadyFinished, TrainingFailed
 from reid_platform.model import pretrained
+from reid_platform.model.backbone import ReIDNet
+from reid_platform.model.config import Preprocessing
 from reid_platform.model.timm_family import check_timm_name
+from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
 from reid_platform.tracking.mlflow_run import call_with_retries, finish_run, open_run
 from reid_platform.tracking.server import check_reachable
 from reid_platform.train.epoch_log import EpochMetricsToMlflow, worker_errors_line
@@ -63,10 +67,13 @@ class TrainingOutcome:
 
 
 def check_inputs(cfg: RunConfig) -> ShardDataset:
-    """The dataset, opened: fails before any process starts if the shards are missing or changed, or
-    the backbone is not one timm has."""
+    """The dataset, opened: fails before any process starts if the shards are missing or changed, the
+    backbone is not one timm has, or has a norm that model.sync_bn cannot convert."""
     if cfg.model.timm_name:
         check_timm_name(cfg.model.timm_name)
+    if cfg.model.sync_bn:  # a norm it cannot convert is a ConfigError naming the layer
+        with torch.device("meta"):  # the layers' types only: no memory, no weights
+            convert_sync_batchnorm(ReIDNet(cfg.model, Preprocessing.of(cfg.input)))
     dataset = ShardDataset.open(cfg.data.shards)
     if cfg.data.verify_at_start == "sha256":
         _verify_digests(dataset, cfg)
