@@ -24,6 +24,8 @@ from reid_platform.model.config import ModelConfig, Preprocessing
 from reid_platform.model.export import export_onnx
 from reid_platform.model.resnet import IBN
 
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = Preprocessing(height=64, width=32)
 

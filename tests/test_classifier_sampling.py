@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.losses import sharded_margin_loss
 from reid_platform.parallel.row_optim import RowSGD
+
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
 
 SPEC = LossConfig(name="circle", scale=32.0, margin=0.25)
 

@@ -13,6 +13,8 @@ from reid_platform.evaluation.ranking import make_distances
 from reid_platform.input.partition import Partition
 from tests.gloo import run_gloo
 
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
+
 
 def problem(num_query):
     generator = torch.Generator().manual_seed(5)

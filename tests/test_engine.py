@@ -20,6 +20,8 @@ from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
 from reid_platform.train.engine import Engine
 from tests.gloo import run_gloo
 
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
+
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 12  # splits over 1, 2 and 3 ranks
 BATCH_STATISTICS = "training-mode-batchnorm"  # a run name that makes frozen_norm_steps train BatchNorm

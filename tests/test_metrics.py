@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from reid_platform.errors import EvaluationError
-from reid_platform.evaluation.metrics import FeatureSet
 from reid_platform.evaluation.config import EvaluationConfig
-from reid_platform.evaluation.ranking import evaluate, top_ranked
 from reid_platform.evaluation.distance import FeatureDistances
+from reid_platform.evaluation.metrics import FeatureSet
+from reid_platform.evaluation.ranking import evaluate, top_ranked
+
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
 
 
 def distances_of(qf, gf, metric):

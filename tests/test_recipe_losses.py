@@ -34,6 +34,8 @@ from reid_platform.parallel.sync_batchnorm import SyncBatchNorm, convert_sync_ba
 from tests.gloo import run_gloo
 from tests.tolerances import FLOAT64
 
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
+
 DIM, CLASSES = 8, 7
 # 12 samples: five identities of 2-3 images and one alone (an anchor without positives)
 LABELS = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 6])

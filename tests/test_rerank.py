@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from reid_platform.errors import EvaluationError
-from reid_platform.evaluation.metrics import FeatureSet
 from reid_platform.evaluation.config import EvaluationConfig
+from reid_platform.evaluation.metrics import FeatureSet
 from reid_platform.evaluation.ranking import evaluate, rank_queries
 from reid_platform.evaluation.rerank import RerankedDistances
+
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
 
 
 def dense_re_ranking(qf, gf, k1, k2, lambda_value):

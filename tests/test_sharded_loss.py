@@ -15,6 +15,8 @@ from reid_platform.parallel.losses import sharded_margin_loss
 from tests.gloo import run_gloo
 from tests.tolerances import FLOAT64
 
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
+
 NUM_CLASSES, DIM, PER_RANK = 11, 6, 4
 SPECS = {
     "circle": LossConfig(name="circle", scale=64.0, margin=0.25),

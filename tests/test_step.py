@@ -17,6 +17,8 @@ from reid_platform.parallel.criterion import Criterion
 from reid_platform.train.schedule import lr_factor
 from reid_platform.train.step import StepSettings, train_step
 
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
+
 
 def one_step(settings: StepSettings) -> tuple[float, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)

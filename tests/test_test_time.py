@@ -19,6 +19,8 @@ from reid_platform.model.artifact import save_model_dir
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import ModelConfig, Preprocessing
 
+pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
+
 
 def sets(seed: int = 0, queries: int = 23, gallery: int = 90):
     generator = torch.Generator().manual_seed(seed)

@@ -1,21 +1,29 @@
-"""The tracking edge without a cluster: URI redaction, reachability checks, the logging backlog, and
-what `reid submit` refuses before it contacts any server."""
+"""The tracking edge without a cluster: redaction, reachability checks, the logging backlog, MLflow's
+retry settings scoped to our calls, publishing after a lost reply, and what `reid submit` refuses
+before it contacts any server."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray._private.runtime_env.packaging import _get_excludes  # the matcher of Ray's uploads (pinned Ray)
 
 from reid_platform.cluster.jobs import build_submission
 from reid_platform.cluster.local import free_port
 from reid_platform.errors import ConfigError, TrackingUnavailable
-from reid_platform.tracking.mlflow_run import RunLogger
-from reid_platform.tracking.server import check_reachable, has_password, redact
+from reid_platform.redaction import carries_secret, redact
+from reid_platform.tracking.mlflow_run import ONE_ATTEMPT, RunLogger, call_with_retries, mlflow_settings
+from reid_platform.tracking.registry import register_model
+from reid_platform.tracking.server import check_reachable
+from reid_platform.train.epoch_log import worker_errors_line
 from reid_platform.train.record import EpochRecord
+from tests.services import LossyProxy, closed_port_uri, silent_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,20 +34,54 @@ REPO = Path(__file__).resolve().parents[1]
         ("https://alice:s3cret@mlflow.example.com/", "https://alice:***@mlflow.example.com/"),
         ("postgresql://mlflow:pa:ss@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
         ("http://bob:p@ss@host:5000/api", "http://bob:***@host:5000/api"),  # an unencoded '@' in it
-        ("API request to http://u:pw@h/api failed", "API request to http://u:***@h/api failed"),  # inside a message
+        ("http://u:a/b@h", "http://u:***@h"),  # an unencoded '/': urllib.parse alone takes it for a path
+        ("http://user:MARK/x@y:z@127.0.0.1:5000", "http://user:***@127.0.0.1:5000"),  # '/', '@' and ':'
+        ("http://u:p%2Fw%40d@h:5000/", "http://u:***@h:5000/"),  # percent-encoded
+        ("http://u:p'w@[::1]:5000/api", "http://u:***@[::1]:5000/api"),  # a quote in it, an IPv6 host
+        ("http://[::1]:5000/api", "http://[::1]:5000/api"),
         ("http://token@host:5000", "http://token@host:5000"),  # a user name alone is not a secret
         ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("http://h:5000/api?token=abc&run=1", "http://h:5000/api?token=***&run=1"),  # a token in the query
+        ("https://h/x?access_token=a&apiKey=b&page=2#top", "https://h/x?access_token=***&apiKey=***&page=2#top"),
+        ("s3://b/m.pt?X-Amz-Credential=AK%2F1&X-Amz-Signature=f0&X-Amz-Date=1",
+         "s3://b/m.pt?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Date=1"),  # a signed URL
+        ("http://u:pw@h:1/x?secret=s&keyword=k", "http://u:***@h:1/x?secret=***&keyword=k"),
+        ("API request to http://u:pw@h/api failed", "API request to http://u:***@h/api failed"),  # inside a message
+        ("from http://a:1@h and http://b:2@g/?sig=3.", "from http://a:***@h and http://b:***@g/?sig=***."),
+        ("see http://u:pw@h:5000.", "see http://u:***@h:5000."),  # at the end of a sentence
     ],
 )
-def test_redact_hides_passwords_only(uri, shown):
+def test_redact_hides_passwords_and_tokens_only(uri, shown):
     assert redact(uri) == shown
-    assert has_password(uri) == (shown != uri) or " " in uri
+    assert redact(shown) == shown  # once is enough
+    assert carries_secret(uri) == (shown != uri)  # refused exactly when redaction would change it
+
+
+def test_redact_hides_the_values_of_secret_environment_variables(monkeypatch):
+    secrets = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG", "AWS_SESSION_TOKEN": "FQoGZXIvYXdzEJr",
+               "MLFLOW_TRACKING_PASSWORD": "hunter2/@:x", "MY_SERVICE_TOKEN": "tok-123456"}  # fmt: skip
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/tmp/where-the-token-is")  # where a secret is, not one
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice-the-user")
+    text = " ".join(f"{name}={value}" for name, value in secrets.items())
+    text += " encoded hunter2%2F%40%3Ax, /tmp/where-the-token-is, alice-the-user"
+    shown = redact(text)
+    assert not [value for value in secrets.values() if value in shown] and "hunter2" not in shown
+    assert "/tmp/where-the-token-is" in shown and "alice-the-user" in shown
+
+
+def test_worker_errors_are_redacted_before_they_are_cut():
+    line = worker_errors_line({0: RuntimeError("API request to http://u:" + "p" * 300 + "@h/api failed")})
+    assert line.startswith("rank 0: RuntimeError: API request to http://u:***@h/api failed")
 
 
 def test_unreachable_servers_and_missing_folders_are_named(tmp_path):
     with pytest.raises(TrackingUnavailable, match=r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"):
-        check_reachable(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+        check_reachable(closed_port_uri(), timeout_s=2)
+    with silent_server() as uri, pytest.raises(TrackingUnavailable, match="is unreachable .no answer within 1 s"):
+        check_reachable(uri, timeout_s=1)
     with pytest.raises(TrackingUnavailable, match=f"folder {tmp_path / 'nope'} does not exist"):
         check_reachable(f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}")
     check_reachable(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a new file in an existing folder is fine
@@ -74,6 +116,51 @@ def test_logger_sends_in_order_and_reports_a_server_that_never_answers(tmp_path)
     assert "stayed unavailable: 1 logging calls were not sent" in offline.close(timeout_s=1.0)
 
 
+def test_mlflow_retry_settings_hold_only_inside_our_calls(monkeypatch):
+    """MLflow retries a request for minutes by default; our retrying calls make one attempt each, and
+    the process's environment is as it was outside them (a user's own setting included)."""
+    for name in ONE_ATTEMPT:
+        monkeypatch.delenv(name, raising=False)
+    down = MlflowClient(closed_port_uri())
+    started = time.monotonic()
+    with mlflow_settings(ONE_ATTEMPT), pytest.raises(MlflowException, match="Connection refused"):
+        down.get_run("0" * 32)
+    assert time.monotonic() - started < 5  # MLflow's own 7 retries back off for minutes
+    assert not set(ONE_ATTEMPT) & set(os.environ)
+
+    with pytest.raises(TrackingUnavailable, match="kept failing"):
+        call_with_retries(lambda: down.get_run("0" * 32), "reading a run", down.tracking_uri, timeout_s=0.2, first_delay_s=0.1)
+    logger = RunLogger(down.tracking_uri, "0" * 32, retry_delay_s=0.05, max_delay_s=0.1)
+    logger.log_metrics({"loss": 1.0}, step=1)
+    assert logger.close(timeout_s=0.5) is not None  # still retrying its call when given up
+    time.sleep(0.3)  # the sender's attempt that was under way has ended
+    assert not set(ONE_ATTEMPT) & set(os.environ)
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    with mlflow_settings(ONE_ATTEMPT):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+
+
+def test_publishing_after_a_lost_reply_registers_one_version(mlflow_server):
+    """The reply to creating the model version is lost on its way back (the server made the version):
+    the publish call fails, is retried, finds the version and registers no second one."""
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.create_run(client.create_experiment(f"lost-reply-{time.time_ns()}")).info.run_id
+    name, attempts = f"lost-reply-{time.time_ns()}", []
+    with LossyProxy(mlflow_server.uri, lose_reply_to="/model-versions/create") as proxy:
+
+        def publish() -> str:
+            attempts.append(1)
+            return register_model(proxy.uri, run_id, f"runs:/{run_id}/model", name, "champion")
+
+        version = call_with_retries(publish, "publishing the model", proxy.uri, timeout_s=60, first_delay_s=0.1)
+    assert proxy.lost == 1 and len(attempts) == 2  # the retry path ran
+    (registered,) = client.search_model_versions(f"name = '{name}'")
+    assert str(registered.version) == version and registered.run_id == run_id
+    assert str(client.get_model_version_by_alias(name, "champion").version) == version
+
+
 def test_submit_refuses_what_the_cluster_would_fail_on(tmp_path):
     config = REPO / "configs/demo.yaml"
     sqlite = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
@@ -83,8 +170,12 @@ def test_submit_refuses_what_the_cluster_would_fail_on(tmp_path):
         build_submission(config, sqlite, REPO, "http://127.0.0.1:8265", remote=True)
     with pytest.raises(ConfigError, match="must be inside the uploaded working directory"):
         build_submission(config, sqlite, tmp_path, "http://127.0.0.1:8265")
-    with pytest.raises(ConfigError, match=r"carries a password"):
-        build_submission(config, ["tracking.uri=http://bob:pw@mlflow:5000"], REPO, "http://127.0.0.1:8265")
+    for uri in ("http://bob:pw-9f3@mlflow:5000", "http://bob:a/b-9f3@mlflow:5000", "http://mlflow:5000?token=t-9f3"):
+        with pytest.raises(ConfigError, match=r"carries a password or token") as refused:
+            build_submission(config, [f"tracking.uri={uri}"], REPO, "http://127.0.0.1:8265")
+        assert "9f3" not in str(refused.value)
+    with pytest.raises(ConfigError, match=r"--set data.shards=s3://b/s\?X-Amz-Signature=\*\*\* carries"):
+        build_submission(config, ["data.shards=s3://b/s?X-Amz-Signature=f0f0", *sqlite], REPO, "http://127.0.0.1:8265")
     with pytest.raises(ConfigError, match="train.epochs"):
         build_submission(config, ["train.epochs=0", *sqlite], REPO, "http://127.0.0.1:8265")
 
