@@ -13,14 +13,19 @@ run.storage_path, the MLflow server) is shared here anyway.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -98,6 +103,68 @@ class MlflowServer:
         except ProcessLookupError:
             pass
         self.process.wait()
+
+
+class LossyProxy:
+    """An HTTP proxy to a real server that loses the reply to the first request whose path ends with
+    ``lose_reply_to``: the server gets the request and acts on it, the client sees the connection
+    closed without an answer (as when a network drops it). ``seen`` counts requests by path."""
+
+    def __init__(self, upstream: str, lose_reply_to: str):
+        self.upstream, self.lose_reply_to, self.lost = upstream, lose_reply_to, 0
+        self.seen: dict[str, int] = {}
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                proxy.seen[path] = proxy.seen.get(path, 0) + 1
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                reply = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers, timeout=60)
+                if path.endswith(proxy.lose_reply_to) and not proxy.lost:
+                    proxy.lost += 1
+                    self.close_connection = True  # nothing written: the client's read ends without a reply
+                    return
+                self.send_response(reply.status_code)
+                for key, value in reply.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(reply.content)))
+                self.end_headers()
+                self.wfile.write(reply.content)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> LossyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """http://127.0.0.1:PORT of a socket that accepts connections (the kernel completes them) and
+    never answers: a server that hangs."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def closed_port_uri() -> str:
+    """http://127.0.0.1:PORT where nothing listens (a port bound and released): a server that is down."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 class NetworkNamespace:

@@ -8,6 +8,7 @@ retries), and the driver retries its few calls with backoff.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import TrackingUnavailable
 from reid_platform.model.config import PRETRAINED_NAMES
-from reid_platform.tracking.server import redact
+from reid_platform.redaction import redact
 from reid_platform.train.record import EpochRecord
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -42,7 +43,44 @@ METRIC_LIMIT = 1000  # and 1000 metrics
 # What a server that is down, restarting or overloaded answers; anything else is a real refusal.
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
+# One attempt per HTTP request where our own loops do the retrying: MLflow's backoff would hold a call
+# for minutes after the server is back, and its retries send a POST again after a lost reply (a second
+# model version, where our retry would have found the first).
+ONE_ATTEMPT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+# and a logging call that hangs must not hold the calls behind it for MLflow's default 120 s
+LOGGING_CALL = {**ONE_ATTEMPT, "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# MlflowClient.set_terminated prints a link to the run made of the tracking URI as given, password included.
+NO_RUN_LINKS = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
 T = TypeVar("T")
+
+_settings_lock = threading.Lock()
+_settings_scopes: dict[str, int] = {}  # variable -> scopes that set it and are still open
+
+
+@contextlib.contextmanager
+def mlflow_settings(settings: dict[str, str]):
+    """MLflow ``settings`` (environment variables) for the calls made inside only.
+
+    MLflow reads them from the environment at every request (mlflow/utils/rest_utils.py) and has no
+    argument for them through MlflowClient, so they are set while a scope is open and removed when
+    the last scope that set them closes; threads of a process share them meanwhile (the same
+    values: each variable has one). A variable the user set is left as the user set it.
+    """
+    with _settings_lock:
+        ours = [name for name in settings if name in _settings_scopes or name not in os.environ]
+        for name in ours:
+            os.environ[name] = settings[name]
+            _settings_scopes[name] = _settings_scopes.get(name, 0) + 1
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            for name in ours:
+                _settings_scopes[name] -= 1
+                if not _settings_scopes[name]:
+                    del _settings_scopes[name]
+                    os.environ.pop(name, None)
 
 
 def is_transient(error: Exception) -> bool:
@@ -52,16 +90,19 @@ def is_transient(error: Exception) -> bool:
 
 
 def _short(error: Exception) -> str:
-    text = redact(str(error).strip().splitlines()[0][:200]) if str(error).strip() else ""
+    text = redact(str(error)).strip()  # before cutting: a cut URI would no longer show its password
+    text = text.splitlines()[0][:200] if text else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def call_with_retries(call: Callable[[], T], what: str, uri: str, timeout_s: float, first_delay_s: float = 1.0) -> T:
-    """``call()``, retried with exponential backoff while the failure looks transient, for ``timeout_s``."""
+    """``call()``, retried with exponential backoff while the failure looks transient, for ``timeout_s``;
+    each of its HTTP requests is made once (``ONE_ATTEMPT``)."""
     deadline, delay = time.monotonic() + timeout_s, first_delay_s
     while True:
         try:
-            return call()
+            with mlflow_settings(ONE_ATTEMPT):
+                return call()
         except Exception as error:
             if not is_transient(error):
                 raise
@@ -69,7 +110,7 @@ def call_with_retries(call: Callable[[], T], what: str, uri: str, timeout_s: flo
                 raise TrackingUnavailable(
                     f"MLflow at {redact(uri)}: {what} kept failing for {timeout_s:.0f} s ({_short(error)})"
                 ) from None
-            say(f"MLflow at {redact(uri)}: {what} failed ({_short(error)}); retrying in {delay:.0f} s")
+            say(f"MLflow at {uri}: {what} failed ({_short(error)}); retrying in {delay:.0f} s")
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
 
@@ -127,11 +168,10 @@ def dataset_inputs(dataset: ShardDataset) -> list[DatasetInput]:
 
 def open_run(cfg: RunConfig, config_path: Path, dataset: ShardDataset, run_id: str | None = None) -> str:
     """Create (or reopen) the MLflow run of a training job; log params, the resolved config, its
-    description and the datasets it trains and evaluates on."""
+    description and the datasets it trains and evaluates on: all of it redacted (the tracking URI's
+    password, a signed URL in a path), the config file as uploaded too."""
     client = MlflowClient(cfg.tracking.uri)
     name = cfg.tracking.experiment
-    # what MLflow stores about the run must not hold the tracking server's own password
-    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": redact(cfg.tracking.uri)})})
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return run_id
@@ -143,13 +183,13 @@ def open_run(cfg: RunConfig, config_path: Path, dataset: ShardDataset, run_id: s
     # the UI opens the experiment in its model-training view (GenAI is its default otherwise)
     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     run_id = client.create_run(experiment_id, run_name=cfg.run.name).info.run_id
-    params = [Param(key, value[:6000]) for key, value in sorted(cfg.flat().items())]
+    params = [Param(key, redact(value)[:6000]) for key, value in sorted(cfg.flat().items())]
     for start in range(0, len(params), PARAM_LIMIT):
         client.log_batch(run_id, params=params[start : start + PARAM_LIMIT])
-    client.set_tag(run_id, MLFLOW_RUN_NOTE, describe_run(cfg, dataset))
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, redact(describe_run(cfg, dataset)))
     client.log_inputs(run_id, dataset_inputs(dataset))
-    client.log_text(run_id, cfg.to_yaml(), "config/resolved.yaml")
-    client.log_artifact(run_id, str(config_path), "config")
+    client.log_text(run_id, redact(cfg.to_yaml()), "config/resolved.yaml")
+    client.log_text(run_id, redact(config_path.read_text()), f"config/{config_path.name}")
     return run_id
 
 
@@ -162,10 +202,6 @@ class RunLogger:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, retry_delay_s: float = 1.0, max_delay_s: float = 15.0):
-        # One attempt per HTTP call: this class does the retrying, and MLflow's own backoff would hold
-        # the sender for minutes after the server is back.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.uri, self.run_id, self.client = tracking_uri, run_id, MlflowClient(tracking_uri)
         self._delays = (retry_delay_s, max_delay_s)
         self._calls: queue.Queue[Callable[[], object] | None] = queue.Queue()
@@ -196,7 +232,8 @@ class RunLogger:
         """A change of the worker group's size, effective from ``epoch``: two metrics at that step and a
         tag with the reason (``resize.<epoch>``)."""
         self.log_metrics({"resize_from_workers": old, "resize_to_workers": new}, step=epoch)
-        self._calls.put(lambda: self.client.set_tag(self.run_id, f"resize.{epoch}", f"{old} -> {new} workers: {reason}"[:5000]))
+        tag = redact(f"{old} -> {new} workers: {reason}")[:5000]
+        self._calls.put(lambda: self.client.set_tag(self.run_id, f"resize.{epoch}", tag))
 
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` until every call queued so far is sent; whether they all were."""
@@ -221,21 +258,22 @@ class RunLogger:
             delay, outage_since = self._delays[0], None
             while True:
                 try:
-                    call()
+                    with mlflow_settings(LOGGING_CALL):  # this loop does the retrying
+                        call()
                     break
                 except Exception as error:  # noqa: BLE001 - see is_transient
                     if not is_transient(error):
                         self._failures.append(_short(error))
-                        say(f"MLflow at {redact(self.uri)}: a logging call was refused: {_short(error)}")
+                        say(f"MLflow at {self.uri}: a logging call was refused: {_short(error)}")
                         break
                     if outage_since is None:
                         outage_since = time.monotonic()
-                        say(f"MLflow at {redact(self.uri)} is unavailable ({_short(error)}); training goes on, "
+                        say(f"MLflow at {self.uri} is unavailable ({_short(error)}); training goes on, "
                             f"{self._calls.qsize() + 1} logging calls are kept and retried")
                     time.sleep(delay)
                     delay = min(2 * delay, self._delays[1])
             if outage_since is not None:
-                say(f"MLflow at {redact(self.uri)} is back after {time.monotonic() - outage_since:.0f} s; "
+                say(f"MLflow at {self.uri} is back after {time.monotonic() - outage_since:.0f} s; "
                     "catching up the kept calls")
 
     def close(self, timeout_s: float) -> str | None:
@@ -255,4 +293,5 @@ class RunLogger:
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient(tracking_uri).set_terminated(run_id, status)
+    with mlflow_settings(NO_RUN_LINKS):
+        MlflowClient(tracking_uri).set_terminated(run_id, status)

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from reid_platform.model.artifact import DESCRIPTION
-from reid_platform.tracking.server import redact
+from reid_platform.redaction import redact
 
 
 def register_model(tracking_uri: str, run_id: str, source: str, name: str, alias: str, model_id: str | None = None) -> str:

@@ -20,14 +20,17 @@ from ray.train.v2._internal.execution.controller import controller
 from reid_platform.config import RunConfig
 from reid_platform.console import say
 from reid_platform.errors import ReidError
-from reid_platform.tracking.mlflow_run import RunLogger
+from reid_platform.redaction import redact
+from reid_platform.tracking.mlflow_run import LOGGING_CALL, RunLogger, mlflow_settings
 from reid_platform.train.publish import log_checkpoint_model
 from reid_platform.train.record import EVALUATION_DIR, EpochRecord
 
 
 def worker_errors_line(worker_exceptions: dict) -> str:
+    """The workers' errors in one line (for the job log, a failed run's message and a resize tag),
+    redacted before it is cut: a cut URI would no longer show its password."""
     return "; ".join(
-        f"rank {rank}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+        f"rank {rank}: {type(error).__name__}: {(redact(str(error)).strip().splitlines() or [''])[0][:160]}"
         for rank, error in sorted(worker_exceptions.items())
     )
 
@@ -92,7 +95,8 @@ class EpochMetricsToMlflow(UserCallback):
         """The group size of the run's last logged epoch; None when MLflow cannot say now (a resize
         is then not noted, rather than the controller failing on a tracking outage)."""
         try:
-            logged = self._logger.client.get_run(self.run_id).data.metrics.get("world_size")
+            with mlflow_settings(LOGGING_CALL):  # an answer now or none: not MLflow's minutes of retries
+                logged = self._logger.client.get_run(self.run_id).data.metrics.get("world_size")
         except Exception:  # noqa: BLE001 - any tracking failure: training goes on
             return None
         return int(logged) if logged is not None else None
