@@ -3,7 +3,8 @@
 Expected failures (a bad config, a broken dataset, unusable evaluation input, an unreachable server)
 print one line naming the file, key, sample or address and exit non-zero: each error type of
 ``reid_platform.errors`` carries its exit status (2 for a config or command line that cannot be used,
-1 otherwise). REID_DEBUG=1 shows the traceback instead.
+1 otherwise). That line, and whatever else a command prints that may quote a URI or a config, is
+redacted (``reid_platform.redaction``). REID_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import os
 import sys
 
 from reid_platform.cli import config, data, models, ops, plan, train
+from reid_platform.cli.common import check_tracking_uri
 from reid_platform.errors import ConfigError, ReidError
+from reid_platform.redaction import redact
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,30 +29,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: --help stays instant
-
-    from mlflow.exceptions import MlflowException
-    from requests import RequestException
-
     try:
+        check_tracking_uri(args)  # before the command's slow imports
         return args.handler(args)
-    # what libraries raise for bad input, and refusals of the tracking server (an unknown model version)
-    except (ReidError, MlflowException, ValueError, RuntimeError, RequestException, OSError) as error:
-        if os.environ.get("REID_DEBUG"):
+    except Exception as error:
+        if os.environ.get("REID_DEBUG") or not _expected(error):
             raise
         return _report(error)
 
 
-def _report(error: Exception) -> int:
-    """One line on stderr for an expected failure; its exit status."""
+def _expected(error: Exception) -> bool:
+    """What libraries raise for bad input (OSError includes requests' errors), and refusals of the
+    tracking server (an unknown model version). MLflow is imported only to tell: it takes seconds."""
+    if isinstance(error, (ReidError, ValueError, RuntimeError, OSError)):
+        return True
     from mlflow.exceptions import MlflowException
 
-    from reid_platform.tracking.server import redact
+    return isinstance(error, MlflowException)
 
+
+def _report(error: Exception) -> int:
+    """One line on stderr for an expected failure, redacted; its exit status."""
+    kind, status, message = "error", 1, str(error)
     if isinstance(error, ReidError):
         kind, status = ("config error" if isinstance(error, ConfigError) else "error"), error.exit_code
     else:
-        kind, status = ("MLflow" if isinstance(error, MlflowException) else "error"), 1
-    message = error.message if isinstance(error, MlflowException) else str(error)
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(error, MlflowException):
+            kind, message = "MLflow", error.message
     if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
         message += f": {error.filename}"
     print(f"reid: {kind}: {redact(message)}", file=sys.stderr)

@@ -40,12 +40,33 @@ def section_from_flags(args: argparse.Namespace, section: type[S], name: str) ->
     return validate(section, given, "command line", prefix=name)
 
 
-def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+def add_tracking_uri(parser: argparse.ArgumentParser, needed: typing.Callable[[argparse.Namespace], bool] | None = None) -> None:
+    """--tracking-uri for a command that talks to MLflow (when ``needed(args)``, by default always):
+    ``main`` then checks the server before the command runs (``check_tracking_uri``)."""
     parser.add_argument("--tracking-uri", help=f"MLflow URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
+    parser.set_defaults(tracking_needed=needed or (lambda args: True))
 
 
-def tracking_uri(args: argparse.Namespace) -> str:
-    return args.tracking_uri or TrackingConfig().uri  # the config's default: $MLFLOW_TRACKING_URI, then SQLite
+def names_registered_model(args: argparse.Namespace) -> bool:
+    """Whether --model names a registered model (NAME@ALIAS, NAME/VERSION, models:/) rather than a directory."""
+    return not Path(args.model).is_dir()
+
+
+def reachable(uri: str) -> str:
+    """``uri``, once its tracking server answers: every command that talks to MLflow gets its URI
+    through here, before its slow imports. A server that is down or silent is one line (exit 1)
+    within seconds, where MLflow's own retries would hold the command silent for minutes."""
+    from reid_platform.tracking.server import check_reachable
+
+    check_reachable(uri)
+    return uri
+
+
+def check_tracking_uri(args: argparse.Namespace) -> None:
+    """For a command with --tracking-uri that needs MLflow: ``args.tracking_uri`` set to the URI it
+    talks to (the flag, else $MLFLOW_TRACKING_URI, then SQLite), once that answers."""
+    if getattr(args, "tracking_needed", None) and args.tracking_needed(args):
+        args.tracking_uri = reachable(args.tracking_uri or TrackingConfig().uri)
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:

@@ -7,8 +7,9 @@ import argparse
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from reid_platform.config import load_config
+    from reid_platform.redaction import redact
 
-    print(load_config(args.config, args.set).to_yaml(), end="")
+    print(redact(load_config(args.config, args.set).to_yaml()), end="")
     return 0
 
 

@@ -15,15 +15,15 @@ from reid_platform.cli.common import (
     add_tracking_uri,
     format_columns,
     load_model,
+    names_registered_model,
     positive_int,
-    tracking_uri,
 )
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from reid_platform.tracking.registry import list_models
 
-    rows = list_models(tracking_uri(args), args.name)
+    rows = list_models(args.tracking_uri, args.name)
     if not rows:
         print("no registered models" + (f" named {args.name!r}" if args.name else ""))
         return 0
@@ -43,7 +43,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_pull(args: argparse.Namespace) -> int:
     from reid_platform.tracking.registry import pull_model
 
-    directory = pull_model(tracking_uri(args), args.reference, Path(args.out))
+    directory = pull_model(args.tracking_uri, args.reference, Path(args.out))
     print(f"pulled {args.reference} into {directory}")
     return 0
 
@@ -51,18 +51,17 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 def _cmd_promote(args: argparse.Namespace) -> int:
     from reid_platform.tracking.registry import promote
 
-    promote(tracking_uri(args), args.name, args.version, args.alias)
+    promote(args.tracking_uri, args.name, args.version, args.alias)
     print(f"{args.name}@{args.alias} -> version {args.version}")
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     """``mlflow models serve`` of a registered model, once the tracking server and the model are there."""
+    from reid_platform.redaction import redact
     from reid_platform.tracking.registry import check_servable, resolve_version
-    from reid_platform.tracking.server import check_reachable, redact
 
-    uri = tracking_uri(args)
-    check_reachable(uri)
+    uri = args.tracking_uri
     version = resolve_version(uri, args.reference)
     mlflow = Path(sys.executable).parent / "mlflow"
     model_uri = f"models:/{version.name}/{version.version}"
@@ -83,7 +82,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     paths = expand_image_paths(args.images)
     with tempfile.TemporaryDirectory() as scratch:
-        model, preprocessing = load_model(args.model, tracking_uri(args), Path(scratch))
+        model, preprocessing = load_model(args.model, args.tracking_uri, Path(scratch))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     embeddings = embed_images(model, preprocessing, paths, args.batch_size, device, args.flip)
     out = Path(args.out)
@@ -97,7 +96,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from reid_platform.model.export import export_onnx
 
     with tempfile.TemporaryDirectory() as scratch:
-        model, preprocessing = load_model(args.model, tracking_uri(args), Path(scratch))
+        model, preprocessing = load_model(args.model, args.tracking_uri, Path(scratch))
     check = export_onnx(model, preprocessing, Path(args.out), args.tolerance, args.flip)
     print(
         f"wrote {args.out}: input images (N, 3, {preprocessing.height}, {preprocessing.width}) normalised with "
@@ -140,7 +139,7 @@ def add_commands(commands) -> None:
     embed.add_argument("--out", required=True, help="output .npz")
     embed.add_argument("--batch-size", type=positive_int, default=64)
     embed.add_argument("--flip", action="store_true", help="average each image with its mirror (evaluation.flip)")
-    add_tracking_uri(embed)
+    add_tracking_uri(embed, needed=names_registered_model)
     embed.set_defaults(handler=_cmd_embed)
 
     export = commands.add_parser("export", help="export a model for serving").add_subparsers(
@@ -151,5 +150,5 @@ def add_commands(commands) -> None:
     onnx.add_argument("--out", required=True, help="output .onnx file")
     onnx.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference from PyTorch")
     onnx.add_argument("--flip", action="store_true", help="average each image with its mirror inside the graph")
-    add_tracking_uri(onnx)
+    add_tracking_uri(onnx, needed=names_registered_model)
     onnx.set_defaults(handler=_cmd_export_onnx)

@@ -9,7 +9,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reid_platform.cli.common import format_columns
+from reid_platform.cli.common import format_columns, reachable
+from reid_platform.redaction import redact
 
 ADDRESS_HELP = "job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS or http://127.0.0.1:8265)"
 
@@ -80,10 +81,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from reid_platform.cluster.jobs import JobServer, build_submission, job_address
 
     address = job_address(args.address)
-    submission = build_submission(
-        Path(args.config), args.set, Path(args.working_dir), address,
-        check_tracking=not args.no_tracking_check, remote=args.remote,
-    )  # fmt: skip
+    submission = build_submission(Path(args.config), args.set, Path(args.working_dir), address, remote=args.remote)
+    if not args.no_tracking_check:
+        reachable(submission.tracking_uri)
     server = JobServer(address)
     job_id = server.submit(submission)
     print(f"submitted {job_id} to {server.address}")
@@ -95,7 +95,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _follow(server, job_id: str) -> int:
     for chunk in server.follow(job_id):
-        sys.stdout.write(chunk)
+        sys.stdout.write(redact(chunk))
         sys.stdout.flush()
     status = _status_name(server.status(job_id).status)
     print(f"job {job_id}: {status}")
@@ -123,12 +123,12 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         print(format_columns(["ID", "STATUS", "STARTED (UTC)", "ENDED (UTC)", "CONFIG"], rows) if rows else "no jobs")
     elif args.jobs_command == "status":
         job = server.status(args.job_id)
-        print(f"{args.job_id}: {_status_name(job.status)}" + (f" ({job.message})" if job.message else ""))
+        print(f"{args.job_id}: {_status_name(job.status)}" + (f" ({redact(job.message)})" if job.message else ""))
         return 1 if _status_name(job.status) in ("FAILED", "STOPPED") else 0
     elif args.jobs_command == "logs":
         if args.follow:
             return _follow(server, args.job_id)
-        sys.stdout.write(server.logs(args.job_id))
+        sys.stdout.write(redact(server.logs(args.job_id)))
     elif args.jobs_command == "stop":
         stopped = server.stop(args.job_id)
         print(f"{args.job_id}: " + ("stop requested" if stopped else "not running"))
@@ -142,7 +142,8 @@ def _cmd_mlflow_serve(args: argparse.Namespace) -> int:
     arguments = serve_arguments(
         args.host, args.port, args.backend_store_uri, Path(args.artifacts), args.workers, args.allowed_hosts
     )
-    print(f"MLflow tracking server on http://{args.host}:{args.port} (runs in {args.backend_store_uri}, artifacts in {args.artifacts})")
+    print(redact(f"MLflow tracking server on http://{args.host}:{args.port} (runs in {args.backend_store_uri}, "
+                 f"artifacts in {args.artifacts})"))
     print(f"  export MLFLOW_TRACKING_URI=http://{args.host}:{args.port}", flush=True)
     mlflow = Path(sys.executable).parent / "mlflow"
     if not mlflow.is_file():

@@ -14,19 +14,23 @@ from reid_platform.cli.common import (
     add_tracking_uri,
     format_table,
     load_model,
+    names_registered_model,
+    reachable,
     section_from_flags,
-    tracking_uri,
 )
 from reid_platform.evaluation.config import EvaluationConfig
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from reid_platform.config import load_config
-    from reid_platform.tracking.server import redact
-    from reid_platform.train.launcher import train
+    from reid_platform.redaction import redact
 
     cfg = load_config(args.config, args.set)  # validated before Ray or MLflow start
     base_dir = (args.base_dir or Path.cwd()).resolve()
+    resolved = cfg.with_absolute_paths(base_dir)
+    reachable(resolved.tracking.uri)  # before the launcher's imports (Ray, torch: seconds)
+    from reid_platform.train.launcher import train
+
     outcome = train(cfg, Path(args.config), base_dir)
     print("\nResults (query vs gallery)")
     print(
@@ -43,7 +47,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             ]
         )
     )
-    resolved = cfg.with_absolute_paths(base_dir)
     print(f"\nResults written to {resolved.run.output_dir / 'results.json'}")
     print(f"MLflow: {redact(resolved.tracking.uri)} (browse a local store with: reid mlflow serve)")
     return 0
@@ -70,7 +73,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     settings = section_from_flags(args, EvaluationConfig, "evaluation")
     dataset = ShardDataset.open(args.data)
     with tempfile.TemporaryDirectory() as scratch:
-        model, preprocessing = load_model(args.model, tracking_uri(args), Path(scratch))
+        model, preprocessing = load_model(args.model, args.tracking_uri, Path(scratch))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     partition = Partition(0, 1, 0 if cuda else None)
@@ -108,5 +111,5 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--data", required=True, help="shards folder (with manifest.json)")
     add_section_flags(evaluate, EvaluationConfig)  # the evaluation section of a run config, as flags
     evaluate.add_argument("--out", default="eval", help="folder for metrics.json, cmc.png and ranked_lists.png")
-    add_tracking_uri(evaluate)
+    add_tracking_uri(evaluate, needed=names_registered_model)
     evaluate.set_defaults(handler=_cmd_eval)

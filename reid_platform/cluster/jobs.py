@@ -2,9 +2,10 @@
 
 A job runs ``python jobs/train.py CONFIG`` in a copy of the working directory (files that .gitignore
 names, such as data, runs and the virtual environment, stay behind). The tracking URI travels as the
-environment variable MLFLOW_TRACKING_URI; credentials never do: the job's environment is stored in
-the job's metadata for anyone with dashboard access to read, so a URI with a password is refused and
-MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN must be set on the cluster (a Kubernetes Secret).
+environment variable MLFLOW_TRACKING_URI; credentials never do: the job's entrypoint and environment
+are stored with the job for anyone with dashboard access to read, so a tracking URI or a ``--set``
+value with a password or token in it is refused, and MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN
+must be set on the cluster (a Kubernetes Secret).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from urllib.parse import urlparse
 from reid_platform.cluster.local import auth_token
 from reid_platform.config import load_config
 from reid_platform.errors import ConfigError
-from reid_platform.tracking.server import check_reachable, has_password, redact
+from reid_platform.redaction import carries_secret, redact
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ENTRYPOINT = "jobs/train.py"
@@ -44,13 +45,13 @@ class Submission:
     runtime_env: dict
     submission_id: str
     metadata: dict[str, str]
+    tracking_uri: str  # as the job will see it (MLFLOW_TRACKING_URI of runtime_env)
 
 
-def build_submission(
-    config: Path, overrides: list[str], working_dir: Path, address: str, check_tracking: bool = True,
-    remote: bool = False,
-) -> Submission:
-    """Validate the config here and describe the job; raises ConfigError for anything the cluster would fail on.
+def build_submission(config: Path, overrides: list[str], working_dir: Path, address: str, remote: bool = False) -> Submission:
+    """Validate the config here and describe the job; raises ConfigError for anything the cluster would
+    fail on, or that would store a secret with the job. Whether its tracking server answers is the
+    caller's to check.
 
     ``remote`` marks a loopback address that leads to another machine (``kubectl port-forward``).
     """
@@ -63,11 +64,17 @@ def build_submission(
     if not (working_dir / ENTRYPOINT).is_file():
         raise ConfigError(f"{working_dir}: not a reid-platform checkout (no {ENTRYPOINT}); pass --working-dir")
     uri = cfg.tracking.uri
-    if has_password(uri):
+    if carries_secret(uri):
         raise ConfigError(
-            f"tracking URI {redact(uri)} carries a password, which would be stored with the job; set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on the cluster instead"
+            f"tracking URI {redact(uri)} carries a password or token, which would be stored with the job; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) on the cluster instead"
         )
+    for assignment in overrides:
+        if carries_secret(assignment):
+            raise ConfigError(
+                f"--set {redact(assignment)} carries a password or token, which would be stored with the job; "
+                "give the cluster its secrets in its own environment"
+            )
     arguments = [ENTRYPOINT, str(config_in_job)]
     if is_local(address) and not remote:
         # The job runs in a copy of the working directory on this machine: relative paths in the
@@ -79,8 +86,6 @@ def build_submission(
             f"{config}: {', '.join(relative)} relative, but the cluster at {address} is remote; use absolute paths "
             "on its shared storage (e.g. --set data.shards=/mnt/shared/shards/market1501)"
         )
-    if check_tracking:
-        check_reachable(uri)
     for assignment in overrides:
         arguments += ["--set", assignment]
     return Submission(
@@ -92,6 +97,7 @@ def build_submission(
         },
         submission_id=f"{cfg.run.name}-{uuid.uuid4().hex[:8]}",
         metadata={"reid.config": str(config_in_job), "reid.run_name": cfg.run.name},
+        tracking_uri=uri,
     )
 
 

@@ -1,33 +1,24 @@
-"""The MLflow tracking service seen from our side: serve one locally, check one is reachable, and
-print tracking URIs (and error messages quoting them) without the passwords some of them carry."""
+"""The MLflow tracking service seen from our side: serve one locally and check that one is reachable.
+URIs in what this prints go through ``reid_platform.redaction``."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import requests
 
 from reid_platform.errors import TrackingUnavailable
+from reid_platform.redaction import redact
 
-# scheme://user:password@ anywhere in a text; the password runs to the last '@' before a '/' or space
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^\s/@:]*):[^\s/]*@", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """``text`` with the password of every URI in it replaced by ***: safe to print and to log."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-
-
-def has_password(uri: str) -> bool:
-    try:
-        return urlsplit(uri).password is not None
-    except ValueError:  # e.g. an invalid port: let the redaction decide
-        return redact(uri) != uri
+# A server that is up answers /health in milliseconds; MLflow's own client would retry for minutes, and a
+# command must say within seconds (10 s, imports included) that the server is not there.
+HEALTH_TIMEOUT_S = 3.0
+WHAT_TO_CHECK = (
+    "check that it runs (reid mlflow serve starts one) and the URI (--tracking-uri, tracking.uri or MLFLOW_TRACKING_URI)"
+)
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def check_reachable(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
     """Raise TrackingUnavailable, naming the URI (redacted), if runs cannot be logged to ``uri``.
 
     HTTP(S) servers must answer /health; a SQLite store needs an existing folder for its file.
@@ -36,10 +27,14 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     if uri.startswith(("http://", "https://")):
         try:
             response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+        except requests.Timeout:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {redact(uri)} is unreachable (no answer within {timeout_s:g} s); "
+                + WHAT_TO_CHECK
+            ) from None
         except requests.RequestException as error:
             raise TrackingUnavailable(
-                f"MLflow tracking server {redact(uri)} is unreachable ({type(error).__name__}); "
-                "start it (reid mlflow serve) or fix tracking.uri / MLFLOW_TRACKING_URI"
+                f"MLflow tracking server {redact(uri)} is unreachable ({type(error).__name__}); {WHAT_TO_CHECK}"
             ) from None
         if response.status_code != 200:
             raise TrackingUnavailable(
@@ -48,7 +43,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
-            raise TrackingUnavailable(f"MLflow SQLite store {uri}: folder {folder} does not exist")
+            raise TrackingUnavailable(f"MLflow SQLite store {redact(uri)}: folder {folder} does not exist")
 
 
 def serve_arguments(

@@ -35,6 +35,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from reid_platform.config import RunConfig
+from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import ConfigError, DatasetError, ReidError, RunAlreadyFinished, TrainingFailed
 from reid_platform.model import pretrained
@@ -42,8 +43,8 @@ from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import Preprocessing
 from reid_platform.model.timm_family import check_timm_name
 from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
+from reid_platform.redaction import redact
 from reid_platform.tracking.mlflow_run import call_with_retries, finish_run, open_run
-from reid_platform.tracking.server import check_reachable
 from reid_platform.train.epoch_log import EpochMetricsToMlflow, worker_errors_line
 from reid_platform.train.publish import publish_model
 from reid_platform.train.record import EpochRecord
@@ -159,16 +160,20 @@ def _why(error: TrainingFailedError, cfg: RunConfig) -> ReidError:
             f"run {cfg.run.name!r} failed after {cfg.run.max_failures} restarts (run.max_failures): "
             f"{worker_errors_line(error.worker_failures)}"
         )
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith("Training failed")]
+    text = redact(str(error))  # before it is cut: a cut URI would no longer show its password
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Training failed")]
     return TrainingFailed(f"run {cfg.run.name!r} failed: {(lines or [''])[0][:300]}")  # e.g. Ray's out-of-memory kill
 
 
 def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> TrainingOutcome:
-    """Run (or resume) one training job; relative paths in ``cfg`` are taken from ``base_dir`` (default: cwd)."""
+    """Run (or resume) one training job; relative paths in ``cfg`` are taken from ``base_dir`` (default: cwd).
+
+    That the tracking server answers is checked by the caller: `reid train` does, before it imports
+    this module (Ray and torch take seconds to import; a wrong URI is one line at once).
+    """
     started = time.perf_counter()
     cfg = cfg.with_absolute_paths(base_dir or Path.cwd())
     dataset = check_inputs(cfg)
-    check_reachable(cfg.tracking.uri)
     # the weights model.pretrained names, as a local file: fetched once here, never by the workers
     cfg = cfg.model_copy(update={"model": pretrained.resolve(cfg.model)})
     uri, patience = cfg.tracking.uri, cfg.tracking.outage_timeout_s
@@ -197,7 +202,7 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
         try:  # best effort, briefly: the training error is the one to report
             call_with_retries(lambda: finish_run(uri, run_id, "FAILED"), "marking the run failed", uri, 30.0)
         except Exception as marking:  # noqa: BLE001
-            print(f"warning: could not mark MLflow run {run_id} failed: {marking}", flush=True)
+            say(f"warning: could not mark MLflow run {run_id} failed: {marking}")
         if isinstance(error, TrainingFailedError):
             if own_cluster:  # stops the forwarding of its processes' logs: the one-line reason comes last
                 ray.shutdown()
