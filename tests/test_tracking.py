@@ -133,8 +133,8 @@ def test_mlflow_retry_settings_hold_only_inside_our_calls(monkeypatch):
     logger = RunLogger(down.tracking_uri, "0" * 32, retry_delay_s=0.05, max_delay_s=0.1)
     logger.log_metrics({"loss": 1.0}, step=1)
     assert logger.close(timeout_s=0.5) is not None  # still retrying its call when given up
-    time.sleep(0.3)  # the sender's attempt that was under way has ended
-    assert not set(ONE_ATTEMPT) & set(os.environ)
+    logger._sender.join(timeout=5)  # then it stops: no sender retries (and sets them) for the rest of the process
+    assert not logger._sender.is_alive() and not set(ONE_ATTEMPT) & set(os.environ)
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     with mlflow_settings(ONE_ATTEMPT):

@@ -207,6 +207,7 @@ class RunLogger:
         self._calls: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self._spool = Path(tempfile.mkdtemp(prefix="reid-mlflow-"))
         self._failures: list[str] = []
+        self._given_up = threading.Event()  # set by a close that timed out: the sender stops retrying
         self._sender = threading.Thread(target=self._send, name="mlflow-sender", daemon=True)
         self._sender.start()
 
@@ -270,7 +271,8 @@ class RunLogger:
                         outage_since = time.monotonic()
                         say(f"MLflow at {self.uri} is unavailable ({_short(error)}); training goes on, "
                             f"{self._calls.qsize() + 1} logging calls are kept and retried")
-                    time.sleep(delay)
+                    if self._given_up.wait(delay):
+                        return
                     delay = min(2 * delay, self._delays[1])
             if outage_since is not None:
                 say(f"MLflow at {self.uri} is back after {time.monotonic() - outage_since:.0f} s; "
@@ -278,14 +280,14 @@ class RunLogger:
 
     def close(self, timeout_s: float) -> str | None:
         """Wait up to ``timeout_s`` for every queued call. Returns None when all went out, else what
-        was lost (training is over and its checkpoints are complete: a lost log is not worth failing it)."""
+        was lost (training is over and its checkpoints are complete: a lost log is not worth failing it);
+        the sender then stops retrying once its current attempt ends."""
         self._calls.put(None)
         self._sender.join(timeout_s)
         if self._sender.is_alive():  # qsize: the calls behind the stuck one, plus our None, minus nothing
-            return (
-                f"MLflow at {redact(self.uri)} stayed unavailable: {self._calls.qsize()} logging calls were "
-                f"not sent within {timeout_s:.0f} s"
-            )
+            lost = self._calls.qsize()
+            self._given_up.set()
+            return f"MLflow at {redact(self.uri)} stayed unavailable: {lost} logging calls were not sent within {timeout_s:.0f} s"
         shutil.rmtree(self._spool, ignore_errors=True)
         if self._failures:
             return f"MLflow at {redact(self.uri)} refused {len(self._failures)} logging calls: {self._failures[0]}"
