@@ -374,7 +374,7 @@ def test_data_flags_out_of_range_are_one_line_and_write_nothing(
     assert main(["data", command, *source, "--out", str(out), flag, value]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("reid: config error: ")
-    assert flag.removeprefix("--").replace("-", "_") in lines[0]
+    assert f'{flag.removeprefix("--").replace("-", "_")} ({flag}) must' in lines[0]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -384,7 +384,7 @@ def test_data_flags_out_of_range_are_one_line_and_write_nothing(
      ("jpeg_quality", 101), ("resize", (0, 64)), ("resize", (128,))],
 )
 def test_pack_options_refuse_what_cannot_be_packed(field, value):
-    with pytest.raises(ConfigError, match=rf"^{field} must be "):
+    with pytest.raises(ConfigError, match=rf"^{field} \(--{field.replace('_', '-')}\) must be "):
         PackOptions(**{field: value})
 
 

@@ -75,17 +75,22 @@ class PackOptions:
     def __post_init__(self) -> None:
         _require_whole("samples_per_shard", self.samples_per_shard, 1)
         if not (isinstance(self.shard_mb, (int, float)) and 0 < self.shard_mb < math.inf):
-            raise ConfigError(f"shard_mb must be a positive number of MiB (got {self.shard_mb!r})")
+            raise ConfigError(f"{_named('shard_mb')} must be a positive number of MiB (got {self.shard_mb!r})")
         _require_whole("workers", self.workers, 1)
         _require_whole("jpeg_quality", self.jpeg_quality, 1, 100)
         if self.resize is not None and not (
             len(self.resize) == 2 and all(isinstance(side, int) and side >= 1 for side in self.resize)
         ):
-            raise ConfigError(f"resize must be (height, width), whole pixels from 1 (got {self.resize!r})")
+            raise ConfigError(f"{_named('resize')} must be (height, width), whole pixels from 1 (got {self.resize!r})")
 
     @property
     def bytes_per_shard(self) -> int:
         return math.ceil(self.shard_mb * 2**20)  # at least 1: a shard that may hold nothing would stay empty
+
+
+def _named(field: str) -> str:
+    """A field as both its names: a library caller knows the field, a command-line user the flag."""
+    return f"{field} (--{field.replace('_', '-')})"
 
 
 def _require_whole(name: str, value: object, least: int, most: int | None = None) -> None:
@@ -93,7 +98,7 @@ def _require_whole(name: str, value: object, least: int, most: int | None = None
     if whole and value >= least and (most is None or value <= most):
         return
     bounds = f"at least {least}" if most is None else f"from {least} to {most}"
-    raise ConfigError(f"{name} must be a whole number {bounds} (got {value!r})")
+    raise ConfigError(f"{_named(name)} must be a whole number {bounds} (got {value!r})")
 
 
 def encode_meta(sample: Sample, index: int) -> bytes:

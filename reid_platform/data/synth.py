@@ -205,11 +205,11 @@ def write_synthetic_market1501(
     """
     # each a `reid data synth` flag of the same name: refused (exit status 2) before anything is written
     if identities < 4:
-        raise ConfigError(f"identities must be at least 4 (got {identities})")
+        raise ConfigError(f"identities (--identities) must be at least 4 (got {identities})")
     if not 2 <= cameras <= 9:
-        raise ConfigError(f"cameras must be between 2 and 9, as in Market-1501 names (got {cameras})")
+        raise ConfigError(f"cameras (--cameras) must be between 2 and 9, as in Market-1501 names (got {cameras})")
     if not 0 < camera_strength < math.inf:
-        raise ConfigError(f"camera_strength must be a positive number (got {camera_strength})")
+        raise ConfigError(f"camera_strength (--camera-strength) must be a positive number (got {camera_strength})")
     rng = random.Random(seed)
     camera_views = [random_camera(rng, camera_strength) for _ in range(cameras)]
     num_train = identities // 2
