@@ -1,5 +1,6 @@
 """Elastic training across Ray nodes: a job on [1, 2] workers loses a node mid-epoch, goes on with
-one worker without waiting for it, and grows back to two when the node returns.
+one worker without waiting for it, and grows back to two when the node returns; then loses it again
+in the other way, in the same job.
 
 The clusters (tests/services.py) have a head without CPUs and two worker nodes of one CPU each, so
 the two training workers of the full group run on different nodes. The node is lost in two ways: all
@@ -9,6 +10,7 @@ its link cut, as a partition, which only Ray's health checks can tell.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
@@ -33,11 +35,12 @@ from tests.services import (
     wait_for,
 )  # fmt: skip
 
-# Growing back takes about a minute from the node's restart (its `ray start`, Ray's resize check, a
-# new group of two starting and loading the checkpoint): the one-worker phase must outlast it, so the
-# job has many epochs of demo-sized crops (about 5 s each on one worker), where the other Ray tests
-# use 64x32.
-EPOCHS = 14
+# Growing back takes 20-60 s from the node's restart (its `ray start`, Ray's resize check, a new group
+# of two starting and loading the checkpoint; 3-4 one-worker epochs here): each one-worker phase must
+# outlast it, so the job has epochs of demo-sized crops (about 5 s each on one worker), where the
+# other Ray tests use 64x32: two before the first loss, then this many for each loss and its growing
+# back, twice what it took here.
+EPOCHS_PER_LOSS = 9
 # a group of the old size, tried while the lost node still looks alive, gives up after 20 s instead of 60
 ELASTIC = ("input.height=128", "input.width=64", "scaling.num_workers=[1,2]", "scaling.resize_interval_s=2", "scaling.start_timeout_s=20", "tracking.experiment=elastic")
 # the longest Ray's health checks may take to declare a silent node dead, with FAST_HEALTH_CHECK
@@ -46,115 +49,118 @@ DETECTION_LIMIT_S = int(FAST_HEALTH_CHECK["RAY_health_check_failure_threshold"])
 ) / 1000
 pytestmark = pytest.mark.ray
 
+NodeLoss = tuple[Callable[[], None], Callable[[], None]]  # (lose node b, bring it back)
 
-def run_through_a_node_loss(
-    cluster: LocalCluster, tracking_uri: str, shards: Path, work: Path, lose: Callable[[], None],
-    restore: Callable[[], None],
-) -> None:
-    """Submit an elastic job, lose node b in epoch 2 or 3, restore it once an epoch has been trained
-    on one worker; check the job log and the MLflow history it leaves."""
+
+def run_through_node_losses(cluster: LocalCluster, tracking_uri: str, shards: Path, work: Path, losses: list[NodeLoss]) -> None:
+    """Submit an elastic job; lose node b in epoch 2 or later, bring it back once an epoch has been
+    trained on one worker, and again for each further loss once the group of two has trained an
+    epoch; check the job log and the MLflow history it leaves. One job for every kind of loss: each
+    job costs minutes, most of them the waits for a group to grow back."""
     name = work.name.replace("_", "-")[:40]
-    job_id = submit(cluster.job_address, tracking_uri, job_overrides(shards, work, name, EPOCHS, *ELASTIC))
+    epochs = 2 + EPOCHS_PER_LOSS * len(losses)
+    job_id = submit(cluster.job_address, tracking_uri, job_overrides(shards, work, name, epochs, *ELASTIC))
     server = JobServer(cluster.job_address)
     logs = lambda: server.logs(job_id)
 
-    # Epoch 2's line on rank 0 means epoch 1's checkpoint is committed.
-    wait_for(lambda: "epoch 2/" in logs(), "epoch 2", timeout=300)
-    assert [len(cluster.training_workers_on(node)) for node in ("a", "b")] == [1, 1]  # one worker per node
-    lose()
-    # The group restarts on the one node left, without waiting for the lost one, and trains on.
-    wait_for(lambda: "resized from 2 to 1 workers" in logs(), "an epoch on one worker", timeout=300)
-    restore()
-    wait_for(lambda: "resized from 1 to 2 workers" in logs(), "the group to grow back", timeout=300)
+    next_epoch = 2  # its line on rank 0 means the epoch before it is committed
+    for number, (lose, restore) in enumerate(losses, start=1):
+        wait_for(lambda: f"epoch {next_epoch}/" in logs(), f"epoch {next_epoch}", timeout=300)
+        assert [len(cluster.training_workers_on(node)) for node in ("a", "b")] == [1, 1]  # one worker per node
+        lose()
+        # The group restarts on the one node left, without waiting for the lost one, and trains on.
+        wait_for(lambda: logs().count("resized from 2 to 1 workers") == number, "an epoch on one worker", timeout=300)
+        restore()
+        wait_for(lambda: logs().count("resized from 1 to 2 workers") == number, "the group to grow back", timeout=300)
+        grown_at = re.findall(r"resized from 1 to 2 workers from epoch (\d+)", logs())[-1]
+        next_epoch = int(grown_at) + 1  # the next loss comes once the grown group has trained an epoch
     wait_for(lambda: server.status(job_id).status.value in ("SUCCEEDED", "FAILED", "STOPPED"), "the job's end", timeout=600)
     output = logs()
     (work / "job.log").write_text(output)
     assert server.status(job_id).status.value == "SUCCEEDED", output[-4000:]
 
-    shrink = re.search(r"resized from 2 to 1 workers from epoch (\d+) \((.+)\)", output)
-    grow = re.search(r"resized from 1 to 2 workers from epoch (\d+) \(resources are available again\)", output)
-    shrunk_at, grown_at = int(shrink.group(1)), int(grow.group(1))
-    assert 2 <= shrunk_at < grown_at <= EPOCHS and re.match(r"rank [01]: \w+", shrink.group(2))
+    shrinks = re.findall(r"resized from 2 to 1 workers from epoch (\d+) \((.+)\)", output)
+    grows = re.findall(r"resized from 1 to 2 workers from epoch (\d+) \(resources are available again\)", output)
+    shrunk_at, grown_at = [int(epoch) for epoch, _ in shrinks], [int(epoch) for epoch in grows]
+    assert len(shrunk_at) == len(grown_at) == len(losses)
+    assert shrunk_at[0] >= 2 and all(a < b for a, b in itertools.pairwise(sorted(shrunk_at + grown_at)))
+    assert max(grown_at) <= epochs and all(s < g for s, g in zip(shrunk_at, grown_at))
+    assert all(re.match(r"rank [01]: \w+", reason) for _, reason in shrinks)
     # (the reason is what the failed ranks raised: the lost one, or the survivor whose collective broke)
 
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("elastic").experiment_id], f"attributes.run_name = '{name}'")
     assert run.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch")) == list(range(1, EPOCHS + 1))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch")) == list(range(1, epochs + 1))
     world_sizes = {m.step: int(m.value) for m in client.get_metric_history(run.info.run_id, "world_size")}
-    assert world_sizes == {epoch: 1 if shrunk_at <= epoch < grown_at else 2 for epoch in range(1, EPOCHS + 1)}
+    one_worker = lambda epoch: any(s <= epoch < g for s, g in zip(shrunk_at, grown_at))
+    assert world_sizes == {epoch: 1 if one_worker(epoch) else 2 for epoch in range(1, epochs + 1)}
     # the step losses go on where they stopped, each epoch with the steps its group ran (global batch kept)
     samples = ShardDataset.open(shards).split("train").samples
     expected = sum(steps_per_epoch(samples, size, BATCH * 2 // size) for size in world_sizes.values())
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "step_loss")) == list(range(1, expected + 1))
     resizes = [(m.step, int(m.value)) for m in client.get_metric_history(run.info.run_id, "resize_to_workers")]
-    assert sorted(resizes) == [(shrunk_at, 1), (grown_at, 2)]
+    assert sorted(resizes) == sorted([(epoch, 1) for epoch in shrunk_at] + [(epoch, 2) for epoch in grown_at])
     tags = client.get_run(run.info.run_id).data.tags
-    assert tags[f"resize.{shrunk_at}"] == f"2 -> 1 workers: {shrink.group(2)}"
-    assert tags[f"resize.{grown_at}"] == "1 -> 2 workers: resources are available again"
+    for epoch, reason in shrinks:
+        assert tags[f"resize.{epoch}"] == f"2 -> 1 workers: {reason}"
+    for epoch in grown_at:
+        assert tags[f"resize.{epoch}"] == "1 -> 2 workers: resources are available again"
     assert client.get_model_version_by_alias("ops-test", "champion").run_id == run.info.run_id
     maps = [m.value for m in client.get_metric_history(run.info.run_id, "mAP")]
-    print(f"{name}: resized 2 -> 1 at epoch {shrunk_at}, 1 -> 2 at {grown_at}; mAP {maps[0]:.4f} -> {maps[-1]:.4f}")
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = LocalCluster(tmp_path)
-    try:
-        cluster.start()
-        cluster.add_node("a")
-        cluster.add_node("b")
-        yield cluster
-    finally:
-        cluster.close()
-
-
-def test_a_job_loses_a_node_goes_on_with_fewer_workers_and_grows_back(cluster, mlflow_server, tiny_shards, tmp_path):
-    def lose():
-        cluster.kill_node("b")
-        wait_for(lambda: cluster.nodes().get("b") == "DEAD", "the head to declare node b dead", timeout=60)
-
-    run_through_a_node_loss(cluster, mlflow_server.uri, tiny_shards, tmp_path, lose, lambda: cluster.add_node("b"))
+    print(f"{name}: resized 2 -> 1 at epochs {shrunk_at}, 1 -> 2 at {grown_at}; mAP {maps[0]:.4f} -> {maps[-1]:.4f}")
 
 
 @pytest.fixture
 def namespace():
+    """A network namespace for node b, or None where this process may not make one (not root)."""
     if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+        yield None
+        return
     namespace = NetworkNamespace(os.getpid() % 10000)
     namespace.create()
     yield namespace
     namespace.delete()
 
 
-def test_a_partitioned_node_is_detected_and_handled_as_a_lost_one(namespace, tiny_shards, tmp_path, monkeypatch):
-    # Every address must be routable between the namespace and this side: the head, node a and the
-    # tracking server listen on this side's end of the pair, node b inside. Each node's gloo sockets
-    # go through its end of the pair (this machine's hostname resolves to an address the namespace lacks).
-    monkeypatch.setenv("RAY_AUTH_TOKEN", auth_token() or "")  # the head is not local to the job client now
-    cluster = LocalCluster(tmp_path, host=namespace.host_ip)
-    tracking = MlflowServer(tmp_path, host=namespace.host_ip)
+def test_a_job_loses_a_node_twice_goes_on_with_fewer_workers_and_grows_back(namespace, tiny_shards, tmp_path, monkeypatch):
+    """Node b is lost as a machine that dies (all its processes killed at once) and, where a network
+    namespace can be made (root), then as a partition (its link cut), which only Ray's health checks
+    can tell."""
+    if namespace is None:
+        cluster, tracking, join_b = LocalCluster(tmp_path), MlflowServer(tmp_path), lambda: cluster.add_node("b")
+    else:
+        # Every address must be routable between the namespace and this side: the head, node a and the
+        # tracking server listen on this side's end of the pair, node b inside. Each node's gloo sockets
+        # go through its end of the pair (this machine's hostname resolves to an address the namespace lacks).
+        monkeypatch.setenv("RAY_AUTH_TOKEN", auth_token() or "")  # the head is not local to the job client now
+        cluster, tracking = LocalCluster(tmp_path, host=namespace.host_ip), MlflowServer(tmp_path, host=namespace.host_ip)
+        join_b = lambda: cluster.add_node("b", netns=namespace, env={"GLOO_SOCKET_IFNAME": namespace.link})
+
+    def kill():
+        cluster.kill_node("b")
+        wait_for(lambda: cluster.nodes().get("b") == "DEAD", "the head to declare node b dead", timeout=60)
+
+    def partition():
+        namespace.cut()
+        cut = time.monotonic()
+        wait_for(lambda: cluster.nodes().get("b") == "DEAD", "the head to declare node b dead", timeout=60, interval=0.2)
+        detected_s = time.monotonic() - cut
+        print(f"partition detected after {detected_s:.1f} s (health checks: at most {DETECTION_LIMIT_S:.0f} s)")
+        assert detected_s <= DETECTION_LIMIT_S + 2  # + the state API's own delay
+
+    def heal_and_rejoin():
+        namespace.heal()
+        cluster.kill_node("b")  # a node the head declared dead does not come back: it is started anew
+        join_b()
+
     try:
         tracking.start()
         cluster.start()
-        cluster.add_node("a", env={"GLOO_SOCKET_IFNAME": namespace.host_link})
-        join_b = lambda: cluster.add_node("b", netns=namespace, env={"GLOO_SOCKET_IFNAME": namespace.link})
+        cluster.add_node("a", env={"GLOO_SOCKET_IFNAME": namespace.host_link} if namespace else None)
         join_b()
-
-        def lose():
-            namespace.cut()
-            cut = time.monotonic()
-            wait_for(lambda: cluster.nodes().get("b") == "DEAD", "the head to declare node b dead", timeout=60, interval=0.2)
-            detected_s = time.monotonic() - cut
-            print(f"partition detected after {detected_s:.1f} s (health checks: at most {DETECTION_LIMIT_S:.0f} s)")
-            assert detected_s <= DETECTION_LIMIT_S + 2  # + the state API's own delay
-
-        def restore():
-            namespace.heal()
-            cluster.kill_node("b")  # a node the head declared dead does not come back: it is started anew
-            join_b()
-
-        run_through_a_node_loss(cluster, tracking.uri, tiny_shards, tmp_path, lose, restore)
+        losses = [(kill, join_b)] + ([(partition, heal_and_rejoin)] if namespace else [])
+        run_through_node_losses(cluster, tracking.uri, tiny_shards, tmp_path, losses)
     finally:
         cluster.close()
         tracking.kill()
