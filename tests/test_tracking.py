@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -192,3 +193,15 @@ def test_submit_refuses_what_the_cluster_would_fail_on(tmp_path):
     absolute = [f"data.shards={tmp_path}", f"run.storage_path={tmp_path}", f"run.output_dir={tmp_path}", *sqlite]
     remote = build_submission(config, absolute, REPO, "http://ray-head.example.com:8265")
     assert "--base-dir" not in remote.entrypoint
+
+
+def test_mlflow_serve_keeps_the_store_uri_out_of_the_server_processes_arguments(mlflow_server):
+    """A database's URI holds its password, and every user of a machine can read a process's arguments
+    (ps, /proc/PID/cmdline): `reid mlflow serve` hands it to mlflow server through the environment."""
+    store = mlflow_server.root / "mlflow.db"
+    MlflowClient(mlflow_server.uri).search_experiments()  # the server answers from that store
+    assert store.is_file()
+    server = psutil.Process(mlflow_server.process.pid)  # `reid mlflow serve`, replaced by mlflow server
+    tree = [server, *server.children(recursive=True)]
+    assert len(tree) > 1 and "server" in server.cmdline()  # mlflow and its web workers
+    assert not [process.cmdline() for process in tree if str(store) in " ".join(process.cmdline())]

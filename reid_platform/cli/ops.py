@@ -136,10 +136,10 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_mlflow_serve(args: argparse.Namespace) -> int:
-    from reid_platform.tracking.server import serve_arguments
+    from reid_platform.tracking.server import serve_command
 
     Path(args.artifacts).mkdir(parents=True, exist_ok=True)
-    arguments = serve_arguments(
+    arguments, environment = serve_command(
         args.host, args.port, args.backend_store_uri, Path(args.artifacts), args.workers, args.allowed_hosts
     )
     print(redact(f"MLflow tracking server on http://{args.host}:{args.port} (runs in {args.backend_store_uri}, "
@@ -148,7 +148,8 @@ def _cmd_mlflow_serve(args: argparse.Namespace) -> int:
     mlflow = Path(sys.executable).parent / "mlflow"
     if not mlflow.is_file():
         raise RuntimeError(f"{mlflow}: the mlflow command is not installed next to this Python")
-    os.execv(mlflow, [str(mlflow), *arguments])  # the server replaces this process: Ctrl-C stops it
+    # the server replaces this process: Ctrl-C stops it
+    os.execve(mlflow, [str(mlflow), *arguments], {**os.environ, **environment})
 
 
 def _node_flags(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +223,11 @@ def add_commands(commands) -> None:
     serve = mlflow.add_parser("serve", help="a tracking server for one machine: SQLite and local artifacts")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it)")
     serve.add_argument("--port", type=int, default=5000)
-    serve.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
+    serve.add_argument(
+        "--backend-store-uri", default=os.environ.get("MLFLOW_BACKEND_STORE_URI", "sqlite:///mlflow.db"),
+        help="where runs and the registry are kept (default $MLFLOW_BACKEND_STORE_URI, then sqlite:///mlflow.db); "
+        "a database URI with a password is best given in that variable: arguments are visible in ps",
+    )
     serve.add_argument("--artifacts", default="mlartifacts", help="artifact folder")
     serve.add_argument("--workers", type=int, default=2)
     serve.add_argument(

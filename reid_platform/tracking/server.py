@@ -46,19 +46,21 @@ def check_reachable(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
             raise TrackingUnavailable(f"MLflow SQLite store {redact(uri)}: folder {folder} does not exist")
 
 
-def serve_arguments(
+def serve_command(
     host: str, port: int, backend_store_uri: str, artifacts: Path, workers: int, allowed_hosts: str | None = None
-) -> list[str]:
-    """Arguments of ``mlflow server`` for one machine: SQLite runs and registry, artifacts proxied
-    from a local folder. With ``--serve-artifacts`` clients upload through the server, so training
-    workers need only its URL, not the artifact folder. MLflow answers only requests whose Host header
-    it allows (localhost and private addresses by default): a server reached by a DNS name needs
-    ``allowed_hosts``."""
-    return [
+) -> tuple[list[str], dict[str, str]]:
+    """Arguments of ``mlflow server`` for one machine, and the environment it adds: SQLite runs and
+    registry, artifacts proxied from a local folder. With ``--serve-artifacts`` clients upload through
+    the server, so training workers need only its URL, not the artifact folder. MLflow answers only
+    requests whose Host header it allows (localhost and private addresses by default): a server
+    reached by a DNS name needs ``allowed_hosts``. The store URI goes through the environment
+    (MLflow's MLFLOW_BACKEND_STORE_URI), not the arguments, which every user of the machine can read
+    (``ps``, /proc/PID/cmdline): a database's URI holds its password."""
+    arguments = [
         "server",
-        "--backend-store-uri", backend_store_uri,
         "--artifacts-destination", str(artifacts.resolve()),
         "--serve-artifacts",
         "--host", host, "--port", str(port), "--workers", str(workers),
         *(["--allowed-hosts", allowed_hosts] if allowed_hosts else []),
     ]  # fmt: skip
+    return arguments, {"MLFLOW_BACKEND_STORE_URI": backend_store_uri}
