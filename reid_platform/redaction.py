@@ -8,6 +8,7 @@ imports nothing of the package, so that every layer can use it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from urllib.parse import quote, unquote_plus
@@ -83,3 +84,21 @@ def redact(text: str) -> str:
 def carries_secret(text: str) -> bool:
     """Whether ``text`` holds anything ``redact`` would mask (exactly then)."""
     return redact(text) != text
+
+
+def redact_log_records() -> None:
+    """Every log record this process makes from now on, from any library's logger (MLflow's warnings
+    quote the request's URI, password included), carries its message redacted. Records are rewritten
+    where they are made, so every handler and every logger's own configuration sees only the redacted
+    text; a record's arguments are formatted there too. Idempotent."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts", False):
+        return
+
+    def redacted_record(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        record.msg, record.args = redact(record.getMessage()), None
+        return record
+
+    redacted_record.redacts = True
+    logging.setLogRecordFactory(redacted_record)

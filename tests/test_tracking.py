@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +73,23 @@ def test_redact_hides_the_values_of_secret_environment_variables(monkeypatch):
     shown = redact(text)
     assert not [value for value in secrets.values() if value in shown] and "hunter2" not in shown
     assert "/tmp/where-the-token-is" in shown and "alice-the-user" in shown
+
+
+def test_log_records_of_any_library_are_redacted_where_they_are_made():
+    """MLflow's own warnings quote the request's URI; its loggers have handlers of their own. In a
+    fresh process, as a worker or the CLI installs it."""
+    code = (
+        "import logging, mlflow\n"
+        "from reid_platform.redaction import redact_log_records\n"
+        "redact_log_records(); redact_log_records()\n"
+        "logging.getLogger('mlflow.utils.rest_utils').warning('API request to %s failed', 'http://u:pa/ss@h:5000/api')\n"
+        "logging.basicConfig()\n"
+        "logging.getLogger('somelib').error('token %s', 'http://h/x?token=abcdef')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "API request to http://u:***@h:5000/api failed" in done.stderr
+    assert "token http://h/x?token=***\n" in done.stderr
+    assert "pa/ss" not in done.stderr and "abcdef" not in done.stderr
 
 
 def test_worker_errors_are_redacted_before_they_are_cut():

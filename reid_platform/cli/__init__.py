@@ -16,7 +16,7 @@ import sys
 from reid_platform.cli import config, data, models, ops, plan, train
 from reid_platform.cli.common import check_tracking_uri
 from reid_platform.errors import ConfigError, ReidError
-from reid_platform.redaction import redact
+from reid_platform.redaction import redact, redact_log_records
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: --help stays instant
+    redact_log_records()
     try:
         check_tracking_uri(args)  # before the command's slow imports
         return args.handler(args)
