@@ -23,8 +23,9 @@ _URI = re.compile(r"[a-z][a-z0-9+.-]*://\S+?(?=[.,;:!?)\]}'\"]*(?:\s|$))", re.IG
 _SECRET_WORDS = {"password", "passwd", "token", "secret", "key", "apikey", "signature", "sig", "credential", "credentials"}
 # A variable with one of these last words names where a secret is, not the secret (RAY_AUTH_TOKEN_PATH).
 _LOCATION_WORDS = {"path", "file", "dir"}
-# Shorter values of secret variables are not searched for in texts: they would mask common words.
-MIN_SECRET_LENGTH = 6
+# Shorter values of secret variables are not searched for in texts: they would mask common words (a
+# compose file's MLFLOW_TRACKING_PASSWORD=mlflow would hide every "mlflow"). Tokens and keys are longer.
+MIN_SECRET_LENGTH = 10
 
 
 def _is_secret_name(name: str) -> bool:
@@ -81,6 +82,13 @@ def redact(text: str) -> str:
     return text
 
 
+def first_line(text: str, limit: int) -> str:
+    """The first non-empty line of ``text``, redacted, then cut to ``limit`` characters (redacted
+    first: a cut URI would no longer show its password for what it is)."""
+    lines = [line.strip() for line in redact(text).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else ""
+
+
 def carries_secret(text: str) -> bool:
     """Whether ``text`` holds anything ``redact`` would mask (exactly then)."""
     return redact(text) != text
@@ -88,16 +96,24 @@ def carries_secret(text: str) -> bool:
 
 def redact_log_records() -> None:
     """Every log record this process makes from now on, from any library's logger (MLflow's warnings
-    quote the request's URI, password included), carries its message redacted. Records are rewritten
-    where they are made, so every handler and every logger's own configuration sees only the redacted
-    text; a record's arguments are formatted there too. Idempotent."""
+    quote the request's URI, password included), carries its message and traceback redacted. Records
+    are rewritten where they are made, so every handler and every logger's own configuration sees
+    only the redacted text. A record without a secret is left as it was (formatters that read its
+    arguments keep them). Idempotent."""
     make = logging.getLogRecordFactory()
     if getattr(make, "redacts", False):
         return
 
     def redacted_record(*args, **kwargs) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        record.msg, record.args = redact(record.getMessage()), None
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call: the handler reports it, as without us
+            return record
+        if carries_secret(message):
+            record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:  # formatters reuse exc_text when it is set
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return record
 
     redacted_record.redacts = True

@@ -108,18 +108,16 @@ class MlflowServer:
 class LossyProxy:
     """An HTTP proxy to a real server that loses the reply to the first request whose path ends with
     ``lose_reply_to``: the server gets the request and acts on it, the client sees the connection
-    closed without an answer (as when a network drops it). ``seen`` counts requests by path."""
+    closed without an answer (as when a network drops it)."""
 
     def __init__(self, upstream: str, lose_reply_to: str):
         self.upstream, self.lose_reply_to, self.lost = upstream, lose_reply_to, 0
-        self.seen: dict[str, int] = {}
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 path = self.path.split("?")[0]
-                proxy.seen[path] = proxy.seen.get(path, 0) + 1
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 reply = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers, timeout=60)
                 if path.endswith(proxy.lose_reply_to) and not proxy.lost:

@@ -360,6 +360,7 @@ def test_pack_refuses_nonempty_output_and_unknown_dataset(tiny_market, tiny_shar
         ("pack", "--shard-mb", "nan"),
         ("pack", "--workers", "0"),
         ("pack", "--workers", "-2"),
+        ("pack", "--jpeg-quality", "101"),
         ("synth", "--identities", "0"),
         ("synth", "--cameras", "0"),
         ("synth", "--cameras", "10"),

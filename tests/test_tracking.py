@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray._private.runtime_env.packaging import _get_excludes  # the matcher of Ray's uploads (pinned Ray)
 
+from reid_platform.cli.ops import redacted_lines
 from reid_platform.cluster.jobs import build_submission
 from reid_platform.cluster.local import free_port
 from reid_platform.errors import ConfigError, TrackingUnavailable
@@ -68,11 +69,12 @@ def test_redact_hides_the_values_of_secret_environment_variables(monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/tmp/where-the-token-is")  # where a secret is, not one
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice-the-user")
+    monkeypatch.setenv("DB_PASSWORD", "mlflow")  # a compose file's default: too short to search texts for
     text = " ".join(f"{name}={value}" for name, value in secrets.items())
-    text += " encoded hunter2%2F%40%3Ax, /tmp/where-the-token-is, alice-the-user"
+    text += " encoded hunter2%2F%40%3Ax, /tmp/where-the-token-is, alice-the-user, http://mlflow:5000"
     shown = redact(text)
     assert not [value for value in secrets.values() if value in shown] and "hunter2" not in shown
-    assert "/tmp/where-the-token-is" in shown and "alice-the-user" in shown
+    assert "/tmp/where-the-token-is" in shown and "alice-the-user" in shown and "http://mlflow:5000" in shown
 
 
 def test_log_records_of_any_library_are_redacted_where_they_are_made():
@@ -85,11 +87,23 @@ def test_log_records_of_any_library_are_redacted_where_they_are_made():
         "logging.getLogger('mlflow.utils.rest_utils').warning('API request to %s failed', 'http://u:pa/ss@h:5000/api')\n"
         "logging.basicConfig()\n"
         "logging.getLogger('somelib').error('token %s', 'http://h/x?token=abcdef')\n"
+        "try:\n    raise RuntimeError('API request to http://u:tb/pw@h/api failed')\n"
+        "except RuntimeError:\n    logging.getLogger('somelib').exception('failed')\n"
+        "logging.getLogger('somelib').error('%d', 'not a number')\n"  # a library's own slip: reported as before
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert "API request to http://u:***@h:5000/api failed" in done.stderr
     assert "token http://h/x?token=***\n" in done.stderr
-    assert "pa/ss" not in done.stderr and "abcdef" not in done.stderr
+    assert "RuntimeError: API request to http://u:***@h/api failed" in done.stderr  # the traceback too
+    assert "--- Logging error ---" in done.stderr  # the malformed call, as logging reports it without us
+    assert not [secret for secret in ("pa/ss", "abcdef", "tb/pw") if secret in done.stderr]
+
+
+def test_a_followed_log_is_redacted_a_whole_line_at_a_time():
+    log = "epoch 1\nMLflow at http://u:pass/word@h:5000 is unavailable\nepoch 2"
+    for cut in range(1, len(log)):  # wherever the job server's chunks end, a URI inside among them
+        assert "".join(redacted_lines([log[:cut], log[cut:]])) == redact(log)
+    assert "pass/word" not in redact(log)
 
 
 def test_worker_errors_are_redacted_before_they_are_cut():

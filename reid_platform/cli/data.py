@@ -42,6 +42,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         shard_mb=args.shard_mb,
         seed=args.seed,
         resize=args.resize,
+        jpeg_quality=args.jpeg_quality,
         workers=args.workers,
     )
     manifest = pack_dataset(args.sources, args.out, options)
@@ -106,6 +107,10 @@ def add_commands(commands) -> None:
     pack.add_argument("--samples-per-shard", type=int, default=1000)
     pack.add_argument("--shard-mb", type=float, default=256.0, help="largest shard size, in MiB")
     pack.add_argument("--resize", type=_parse_size, metavar="HxW", help="resize every image at pack time")
+    pack.add_argument(
+        "--jpeg-quality", type=int, default=95,
+        help="quality of the images packing re-encodes (resized, PNG, not RGB); RGB JPEGs are kept as they are",
+    )
     pack.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image-checking processes")
     pack.add_argument("--seed", type=int, default=0, help="seed of the cross-shard shuffle")
     pack.set_defaults(handler=_cmd_pack)

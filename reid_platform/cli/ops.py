@@ -6,6 +6,7 @@ import argparse
 import functools
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -93,9 +94,20 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def redacted_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """``chunks`` of a log, redacted a whole line at a time: a chunk may end inside a URI."""
+    pending = ""
+    for chunk in chunks:
+        lines, newline, pending = (pending + chunk).rpartition("\n")
+        if newline:
+            yield redact(lines + newline)
+    if pending:
+        yield redact(pending)
+
+
 def _follow(server, job_id: str) -> int:
-    for chunk in server.follow(job_id):
-        sys.stdout.write(redact(chunk))
+    for text in redacted_lines(server.follow(job_id)):
+        sys.stdout.write(text)
         sys.stdout.flush()
     status = _status_name(server.status(job_id).status)
     print(f"job {job_id}: {status}")

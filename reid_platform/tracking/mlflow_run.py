@@ -34,7 +34,7 @@ from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import TrackingUnavailable
 from reid_platform.model.config import PRETRAINED_NAMES
-from reid_platform.redaction import redact
+from reid_platform.redaction import first_line, redact
 from reid_platform.train.record import EpochRecord
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -46,9 +46,9 @@ TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_E
 # One attempt per HTTP request where our own loops do the retrying: MLflow's backoff would hold a call
 # for minutes after the server is back, and its retries send a POST again after a lost reply (a second
 # model version, where our retry would have found the first).
-ONE_ATTEMPT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-# and a logging call that hangs must not hold the calls behind it for MLflow's default 120 s
-LOGGING_CALL = {**ONE_ATTEMPT, "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# And a request that hangs must not hold the calls behind it for MLflow's default 120 s. One set of
+# values for every scope: threads of a process share them while scopes overlap.
+ONE_ATTEMPT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # MlflowClient.set_terminated prints a link to the run made of the tracking URI as given, password included.
 NO_RUN_LINKS = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
@@ -68,6 +68,9 @@ def mlflow_settings(settings: dict[str, str]):
     values: each variable has one). A variable the user set is left as the user set it.
     """
     with _settings_lock:
+        for name, value in settings.items():
+            if name in _settings_scopes and os.environ.get(name) != value:
+                raise RuntimeError(f"{name}: an open scope set it to {os.environ.get(name)!r}, this one to {value!r}")
         ours = [name for name in settings if name in _settings_scopes or name not in os.environ]
         for name in ours:
             os.environ[name] = settings[name]
@@ -90,8 +93,7 @@ def is_transient(error: Exception) -> bool:
 
 
 def _short(error: Exception) -> str:
-    text = redact(str(error)).strip()  # before cutting: a cut URI would no longer show its password
-    text = text.splitlines()[0][:200] if text else ""
+    text = first_line(str(error), 200)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -259,7 +261,7 @@ class RunLogger:
             delay, outage_since = self._delays[0], None
             while True:
                 try:
-                    with mlflow_settings(LOGGING_CALL):  # this loop does the retrying
+                    with mlflow_settings(ONE_ATTEMPT):  # this loop does the retrying
                         call()
                     break
                 except Exception as error:  # noqa: BLE001 - see is_transient

@@ -1,5 +1,5 @@
 """The MLflow tracking service seen from our side: serve one locally and check that one is reachable.
-URIs in what this prints go through ``reid_platform.redaction``."""
+The URIs its errors quote go through ``reid_platform.redaction``."""
 
 from __future__ import annotations
 

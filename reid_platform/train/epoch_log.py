@@ -20,8 +20,8 @@ from ray.train.v2._internal.execution.controller import controller
 from reid_platform.config import RunConfig
 from reid_platform.console import say
 from reid_platform.errors import ReidError
-from reid_platform.redaction import redact
-from reid_platform.tracking.mlflow_run import LOGGING_CALL, RunLogger, mlflow_settings
+from reid_platform.redaction import first_line, redact_log_records
+from reid_platform.tracking.mlflow_run import ONE_ATTEMPT, RunLogger, mlflow_settings
 from reid_platform.train.publish import log_checkpoint_model
 from reid_platform.train.record import EVALUATION_DIR, EpochRecord
 
@@ -30,7 +30,7 @@ def worker_errors_line(worker_exceptions: dict) -> str:
     """The workers' errors in one line (for the job log, a failed run's message and a resize tag),
     redacted before it is cut: a cut URI would no longer show its password."""
     return "; ".join(
-        f"rank {rank}: {type(error).__name__}: {(redact(str(error)).strip().splitlines() or [''])[0][:160]}"
+        f"rank {rank}: {type(error).__name__}: {first_line(str(error), 160)}"
         for rank, error in sorted(worker_exceptions.items())
     )
 
@@ -58,7 +58,11 @@ class EpochMetricsToMlflow(UserCallback):
         if record is None:
             return
         tracking = self.cfg.tracking
-        self._logger = self._logger or RunLogger(tracking.uri, self.run_id)
+        if self._logger is None:
+            # this runs in the Ray Train controller, whose log records (MLflow's warnings quote the
+            # tracking URI) go to the job log as the workers' do
+            redact_log_records()
+            self._logger = RunLogger(tracking.uri, self.run_id)
         self._note_resize(record)
         self._logger.log_epoch(record)
         if checkpoint is not None and (record.pictures or (record.evaluation and tracking.log_checkpoints_as_models)):
@@ -95,7 +99,7 @@ class EpochMetricsToMlflow(UserCallback):
         """The group size of the run's last logged epoch; None when MLflow cannot say now (a resize
         is then not noted, rather than the controller failing on a tracking outage)."""
         try:
-            with mlflow_settings(LOGGING_CALL):  # an answer now or none: not MLflow's minutes of retries
+            with mlflow_settings(ONE_ATTEMPT):  # an answer now or none: not MLflow's minutes of retries
                 logged = self._logger.client.get_run(self.run_id).data.metrics.get("world_size")
         except Exception:  # noqa: BLE001 - any tracking failure: training goes on
             return None
@@ -108,6 +112,7 @@ class EpochMetricsToMlflow(UserCallback):
             say(f"warning: MLflow is unavailable; epoch {epoch}'s model is not logged")
             return
         try:
-            log_checkpoint_model(self.cfg, checkpoint_dir, self.run_id, epoch)
+            with mlflow_settings(ONE_ATTEMPT):
+                log_checkpoint_model(self.cfg, checkpoint_dir, self.run_id, epoch)
         except Exception as error:  # noqa: BLE001 - a model that cannot be logged must not stop training
             say(f"warning: epoch {epoch}'s model was not logged to MLflow: {type(error).__name__}: {error}")

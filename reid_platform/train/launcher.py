@@ -43,7 +43,7 @@ from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import Preprocessing
 from reid_platform.model.timm_family import check_timm_name
 from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
-from reid_platform.redaction import redact
+from reid_platform.redaction import first_line
 from reid_platform.tracking.mlflow_run import call_with_retries, finish_run, open_run
 from reid_platform.train.epoch_log import EpochMetricsToMlflow, worker_errors_line
 from reid_platform.train.publish import publish_model
@@ -160,9 +160,8 @@ def _why(error: TrainingFailedError, cfg: RunConfig) -> ReidError:
             f"run {cfg.run.name!r} failed after {cfg.run.max_failures} restarts (run.max_failures): "
             f"{worker_errors_line(error.worker_failures)}"
         )
-    text = redact(str(error))  # before it is cut: a cut URI would no longer show its password
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Training failed")]
-    return TrainingFailed(f"run {cfg.run.name!r} failed: {(lines or [''])[0][:300]}")  # e.g. Ray's out-of-memory kill
+    cause = "\n".join(line for line in str(error).splitlines() if not line.startswith("Training failed"))
+    return TrainingFailed(f"run {cfg.run.name!r} failed: {first_line(cause, 300)}")  # e.g. Ray's out-of-memory kill
 
 
 def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> TrainingOutcome:
