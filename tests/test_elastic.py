@@ -14,6 +14,7 @@ import itertools
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def test_a_job_loses_a_node_twice_goes_on_with_fewer_workers_and_grows_back(name
     namespace can be made (root), then as a partition (its link cut), which only Ray's health checks
     can tell."""
     if namespace is None:
+        warnings.warn("no network namespace (it needs root): node b is only killed, not partitioned", stacklevel=1)
         cluster, tracking, join_b = LocalCluster(tmp_path), MlflowServer(tmp_path), lambda: cluster.add_node("b")
     else:
         # Every address must be routable between the namespace and this side: the head, node a and the
