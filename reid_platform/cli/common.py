@@ -79,8 +79,9 @@ def format_columns(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("  ".join(f"{cell!s:<{width}}" for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
-def load_model(reference: str, uri: str, scratch: Path):
-    """(model, preprocessing) from a model directory, or pulled from the registry into ``scratch``."""
+def load_model(reference: str, uri: str | None, scratch: Path):
+    """(model, preprocessing) from a model directory, or pulled from the registry at ``uri`` (None: not
+    needed for a directory) into ``scratch``."""
     from reid_platform.model.artifact import load_model_dir
     from reid_platform.tracking.registry import pull_model
 
