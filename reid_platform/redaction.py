@@ -110,8 +110,8 @@ def redact_log_records() -> None:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed call: the handler reports it, as without us
             return record
-        if carries_secret(message):
-            record.msg, record.args = redact(message), None
+        if (redacted := redact(message)) != message:
+            record.msg, record.args = redacted, None
         if record.exc_info and not record.exc_text:  # formatters reuse exc_text when it is set
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return record
