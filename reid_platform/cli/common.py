@@ -18,6 +18,11 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    """--set KEY=VALUE (repeatable), for every command that reads a run config: the config's overrides."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
 def add_section_flags(parser: argparse.ArgumentParser, section: type[S]) -> None:
     """One flag per field of a config section (``memory_mb`` -> ``--memory-mb``), typed, documented and
     defaulted as the field, so that a command line and a config file say the same things."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from reid_platform.cli.common import add_overrides
+
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from reid_platform.config import load_config
@@ -19,5 +21,5 @@ def add_commands(commands) -> None:
     )
     show = config.add_parser("show", help="print the resolved config (bases merged, overrides applied, defaults filled)")
     show.add_argument("config", help="YAML run config")
-    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_overrides(show)
     show.set_defaults(handler=_cmd_show)

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reid_platform.cli.common import format_columns, reachable
+from reid_platform.cli.common import add_overrides, format_columns, reachable
 from reid_platform.redaction import redact
 
 ADDRESS_HELP = "job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS or http://127.0.0.1:8265)"
@@ -202,7 +202,7 @@ def add_commands(commands) -> None:
     submit = commands.add_parser("submit", help="submit a training config as a Ray job")
     submit.add_argument("config", help="YAML run config inside the working directory")
     submit.add_argument("--address", help=ADDRESS_HELP)
-    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_overrides(submit)
     submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     submit.add_argument(

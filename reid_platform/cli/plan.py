@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from reid_platform.cli.common import format_columns
+from reid_platform.cli.common import add_overrides, format_columns
 from reid_platform.errors import ConfigError
 
 GIB = 1024**3
@@ -275,9 +275,7 @@ def add_commands(commands) -> None:
         "unless its data.shards has a manifest).",
     )  # fmt: skip
     parser.add_argument("config", nargs="?", help="YAML run config to take every value from")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
+    add_overrides(parser)
     parser.add_argument(
         "--classes", type=int, help="identities of the classifier (with a CONFIG: default its manifest's)"
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from reid_platform.cli.common import (
     MODEL_HELP,
+    add_overrides,
     add_section_flags,
     add_tracking_uri,
     format_table,
@@ -99,7 +100,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def add_commands(commands) -> None:
     train = commands.add_parser("train", help="train a model from a YAML config on Ray")
     train.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_overrides(train)
     train.add_argument(
         "--base-dir", type=Path, default=None,
         help="resolve the config's relative paths against this folder (default: the current one)",
