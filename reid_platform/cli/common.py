@@ -6,6 +6,7 @@ import argparse
 import typing
 from pathlib import Path
 
+from reid_platform.errors import ConfigError
 from reid_platform.section import S, validate
 from reid_platform.tracking.config import DEFAULT_TRACKING_URI, TrackingConfig
 
@@ -16,6 +17,14 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return int(text)
+
+
+def image_size(text: str, flag: str) -> tuple[int, int]:
+    """(height, width) from ``HxW``; a ConfigError naming ``flag`` otherwise."""
+    height, separator, width = text.lower().partition("x")
+    if not (separator and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise ConfigError(f"{flag}: expected HEIGHTxWIDTH with positive sizes, e.g. 256x128 (got {text!r})")
+    return int(height), int(width)
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+from reid_platform.cli.common import image_size
+
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from reid_platform.data.synth import write_synthetic_market1501
@@ -26,13 +28,6 @@ def _parse_source(text: str) -> tuple[str, str]:
     return name, root
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    height, separator, width = text.lower().partition("x")
-    if not (separator and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH (e.g. 256x128), got {text!r}")
-    return int(height), int(width)
-
-
 def _cmd_pack(args: argparse.Namespace) -> int:
     from reid_platform.data.pack import PackOptions, pack_dataset
 
@@ -41,7 +36,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         shard_mb=args.shard_mb,
         seed=args.seed,
-        resize=args.resize,
+        resize=image_size(args.resize, "--resize") if args.resize else None,
         jpeg_quality=args.jpeg_quality,
         workers=args.workers,
     )
@@ -106,7 +101,7 @@ def add_commands(commands) -> None:
     pack.add_argument("--out", required=True, help="new folder for shards and manifest.json")
     pack.add_argument("--samples-per-shard", type=int, default=1000)
     pack.add_argument("--shard-mb", type=float, default=256.0, help="largest shard size, in MiB")
-    pack.add_argument("--resize", type=_parse_size, metavar="HxW", help="resize every image at pack time")
+    pack.add_argument("--resize", metavar="HxW", help="resize every image at pack time")
     pack.add_argument(
         "--jpeg-quality", type=int, default=95,
         help="quality of the images packing re-encodes (resized, PNG, not RGB); RGB JPEGs are kept as they are",

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from reid_platform.cli.common import add_overrides, format_columns
+from reid_platform.cli.common import add_overrides, format_columns, image_size
 from reid_platform.errors import ConfigError
 
 GIB = 1024**3
@@ -39,13 +39,6 @@ def _positive(option: str, value: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{option}: must be a positive finite number (got {value:g})")
     return value
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    height, separator, width = text.lower().partition("x")
-    if not (separator and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
-        raise ConfigError(f"--size: expected HEIGHTxWIDTH with positive sizes, e.g. 256x128 (got {text!r})")
-    return int(height), int(width)
 
 
 def _check_sample_rate(option: str, rate: float) -> None:
@@ -83,7 +76,7 @@ def _workload_from_flags(args: argparse.Namespace, profiles: dict):
         _positive(REQUIRED_FLAGS[name], getattr(args, name))
     _check_sample_rate("--sample-rate", args.sample_rate)
     _check_split(args.classes, args.workers, "--classes")
-    height, width = _parse_size(args.size) if args.size else DEFAULT_SIZE
+    height, width = image_size(args.size, "--size") if args.size else DEFAULT_SIZE
     profile = _profile(profiles, args.arch or "resnet50", "--arch")
     defaults = TrainConfig()
     optimizer = Optimizer(args.optimizer or defaults.optimizer, defaults.momentum, defaults.weight_decay)
