@@ -66,12 +66,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     mlflow = Path(sys.executable).parent / "mlflow"
     model_uri = f"models:/{version.name}/{version.version}"
     check_servable(uri, version, args.reference)
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # for the server that replaces this process
     print(f"serving {args.reference} (version {version.version}) from {redact(uri)} on http://{args.host}:{args.port}/invocations", flush=True)
-    # MLflow starts the scoring server as `uvicorn`, found on the PATH: this environment's first
-    os.environ["PATH"] = str(mlflow.parent) + os.pathsep + os.environ.get("PATH", "")
+    environment = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,  # for the server that replaces this process
+        # MLflow starts the scoring server as `uvicorn`, found on the PATH: this environment's first
+        "PATH": str(mlflow.parent) + os.pathsep + os.environ.get("PATH", ""),
+    }
     arguments = ["models", "serve", "-m", model_uri, "--env-manager", "local", "--host", args.host, "--port", str(args.port)]
-    os.execv(mlflow, [str(mlflow), *arguments])  # the server replaces this process: Ctrl-C stops it
+    # the server replaces this process: Ctrl-C stops it
+    os.execve(mlflow, [str(mlflow), *arguments], environment)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:

@@ -64,16 +64,12 @@ def build_submission(config: Path, overrides: list[str], working_dir: Path, addr
     if not (working_dir / ENTRYPOINT).is_file():
         raise ConfigError(f"{working_dir}: not a reid-platform checkout (no {ENTRYPOINT}); pass --working-dir")
     uri = cfg.tracking.uri
-    if carries_secret(uri):
-        raise ConfigError(
-            f"tracking URI {redact(uri)} carries a password or token, which would be stored with the job; set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) on the cluster instead"
-        )
-    for assignment in overrides:
-        if carries_secret(assignment):
+    for what, text in [("tracking URI", uri), *(("--set", assignment) for assignment in overrides)]:
+        if carries_secret(text):
             raise ConfigError(
-                f"--set {redact(assignment)} carries a password or token, which would be stored with the job; "
-                "give the cluster its secrets in its own environment"
+                f"{what} {redact(text)} carries a password or token, which would be stored with the job; give "
+                "the cluster its secrets in its own environment (for MLflow: MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)"
             )
     arguments = [ENTRYPOINT, str(config_in_job)]
     if is_local(address) and not remote:
