@@ -6,8 +6,8 @@
     loss        parallel.config.LossConfig          the margin loss over the sharded classifier
     train       train.config.TrainConfig            optimisation, schedule, precision
     evaluation  evaluation.config.EvaluationConfig  protocol, metric, re-ranking
-    scaling     train.config.ScalingConfig          Ray Train workers
-    run         train.config.RunSection             names, storage, checkpoints, restarts
+    scaling     run.config.ScalingConfig            Ray Train workers
+    run         run.config.RunSection               names, storage, checkpoints, restarts
     tracking    tracking.config.TrackingConfig      MLflow
 
 A config is YAML plus ``--set dotted.key=value`` overrides. ``base: other.yaml`` (relative to the
@@ -31,9 +31,10 @@ from reid_platform.evaluation.config import EvaluationConfig
 from reid_platform.input.config import InputConfig
 from reid_platform.model.config import PRETRAINED_NAMES, ModelConfig
 from reid_platform.parallel.config import LossConfig
+from reid_platform.run.config import RunSection, ScalingConfig
 from reid_platform.section import Section, validate
 from reid_platform.tracking.config import TrackingConfig
-from reid_platform.train.config import RunSection, ScalingConfig, TrainConfig
+from reid_platform.train.config import TrainConfig
 
 
 class RunConfig(Section):

@@ -8,7 +8,7 @@ import pytest
 
 from reid_platform.cli import main
 from reid_platform.config import ConfigError, load_config
-from reid_platform.train.launcher import check_inputs
+from reid_platform.run.launcher import check_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,10 +22,10 @@ from reid_platform.cluster.jobs import build_submission
 from reid_platform.cluster.local import free_port
 from reid_platform.errors import ConfigError, TrackingUnavailable
 from reid_platform.redaction import carries_secret, redact
+from reid_platform.run.epoch_log import log_epoch, worker_errors_line
 from reid_platform.tracking.mlflow_run import ONE_ATTEMPT, RunLogger, call_with_retries, mlflow_settings
 from reid_platform.tracking.registry import register_model
 from reid_platform.tracking.server import check_reachable
-from reid_platform.train.epoch_log import worker_errors_line
 from reid_platform.train.record import EpochRecord
 from tests.services import LossyProxy, closed_port_uri, silent_server
 
@@ -133,8 +133,8 @@ def test_logger_sends_in_order_and_reports_a_server_that_never_answers(tmp_path)
         evaluation=None, before_training={"mAP": 0.05, "rank1": 0.1},
     )  # fmt: skip
     second = dataclasses.replace(first, epoch=2, step_losses=[(3, 2.0), (4, 1.5)], evaluation={"mAP": 0.5, "rank1": 0.6})
-    logger.log_epoch(first)
-    logger.log_epoch(second)
+    log_epoch(logger, first)
+    log_epoch(logger, second)
     logger.log_artifact(picture, "evaluation")
     picture.unlink()  # the logger kept its own copy
     assert logger.close(timeout_s=60) is None

@@ -34,7 +34,7 @@ from reid_platform.errors import RunAlreadyFinished
 from reid_platform.input.partition import steps_per_epoch
 from reid_platform.model.artifact import load_model_dir
 from reid_platform.parallel.classifier import shard_range
-from reid_platform.train.launcher import train
+from reid_platform.run.launcher import train
 from reid_platform.train.schedule import lr_factor
 from tests.faults import damage_sample
 

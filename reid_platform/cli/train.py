@@ -30,7 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     base_dir = (args.base_dir or Path.cwd()).resolve()
     resolved = cfg.with_absolute_paths(base_dir)
     reachable(resolved.tracking.uri)  # before the launcher's imports (Ray, torch: seconds)
-    from reid_platform.train.launcher import train
+    from reid_platform.run.launcher import train
 
     outcome = train(cfg, Path(args.config), base_dir)
     print("\nResults (query vs gallery)")

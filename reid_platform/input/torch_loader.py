@@ -30,15 +30,11 @@ from reid_platform.errors import DatasetError
 from reid_platform.input.bad_samples import BadSample
 from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
-from reid_platform.model.config import Preprocessing
+from reid_platform.model.preprocess import eval_transform, to_normalized_tensor
 
 # DataLoader workers start from a fresh server process rather than a fork of this one: a fork copies
 # the threads of DALI or nvImageCodec (the bad-sample search) in a state their locks do not survive.
 WORKER_START = "forkserver"
-
-
-def _to_tensor(cfg: Preprocessing) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
 
 
 def train_transform(cfg: InputConfig) -> v2.Compose:
@@ -47,14 +43,10 @@ def train_transform(cfg: InputConfig) -> v2.Compose:
         steps += [v2.Pad(cfg.pad, fill=0), v2.RandomCrop((cfg.height, cfg.width))]
     if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:  # on the window, as the DALI pipeline
         steps += [v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)]
-    steps += [v2.RandomHorizontalFlip(cfg.flip_prob), *_to_tensor(cfg)]
+    steps += [v2.RandomHorizontalFlip(cfg.flip_prob), *to_normalized_tensor(cfg)]
     if cfg.erasing_prob:
         steps += [v2.RandomErasing(cfg.erasing_prob, value=0)]
     return v2.Compose(steps)
-
-
-def eval_transform(cfg: Preprocessing) -> v2.Compose:
-    return v2.Compose([v2.Resize((cfg.height, cfg.width)), *_to_tensor(cfg)])
 
 
 class _Decode:

@@ -10,9 +10,9 @@ import torch
 
 from reid_platform.data.images import decode_rgb
 from reid_platform.errors import DatasetError
-from reid_platform.input.torch_loader import eval_transform
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import Preprocessing
+from reid_platform.model.preprocess import eval_transform
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -1,5 +1,5 @@
 """MLflow from the edges: the driver opens the run, the Ray Train controller logs each epoch's record
-into it (train/epoch_log.py, pictures included), and the driver registers the model and closes it.
+into it (run/epoch_log.py, pictures included), and the driver registers the model and closes it.
 
 Nobody else starts a run: every attempt of a restarted or resumed job writes into the same one. The
 tracking server is allowed to go away: training does not wait for it (``RunLogger`` queues and
@@ -29,13 +29,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 
-from reid_platform.config import RunConfig
 from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import TrackingUnavailable
-from reid_platform.model.config import PRETRAINED_NAMES
 from reid_platform.redaction import first_line, redact
-from reid_platform.train.record import EpochRecord
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 PARAM_LIMIT = 100  # MLflow accepts at most 100 params per batch call
@@ -126,28 +123,6 @@ def local_artifact_location(uri: str, experiment: str) -> str | None:
     return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / folder)
 
 
-def describe_run(cfg: RunConfig, dataset: ShardDataset) -> str:
-    """The run's description (MLflow's note): what was trained on what, with which recipe."""
-    train, loss = dataset.split("train"), cfg.loss
-    pairwise = f" + pair-wise {loss.pairwise.name} (weight {loss.pairwise.weight:g})" if loss.pairwise else ""
-    smoothing = f", label smoothing {loss.label_smoothing:g}" if loss.label_smoothing else ""
-    weights = cfg.model.pretrained if cfg.model.pretrained in PRETRAINED_NAMES else "a file"
-    low, high = cfg.scaling.min_workers, cfg.scaling.max_workers
-    workers = f"{low} to {high}" if cfg.scaling.elastic else str(high)
-    if cfg.scaling.elastic and cfg.scaling.elastic_batch == "per_worker":
-        batch = f"{cfg.input.batch_size} per worker"
-    else:
-        batch = f"global batch {cfg.global_batch_size}"
-    return (
-        f"{cfg.model.arch} (pretrained: {weights}, {cfg.model.pooling} pooling) at {cfg.input.height}x{cfg.input.width}, "
-        f"trained on {dataset.manifest.dataset} ({train.samples} images of {train.identities} identities, "
-        f"{dataset.root}) with {loss.name} (scale {loss.scale:g}, margin {loss.margin:g}{smoothing}){pairwise}, "
-        f"{cfg.train.optimizer} at {cfg.train.lr:g} for {cfg.train.epochs} epochs on {workers} workers "
-        f"({batch}); evaluated on {dataset.split('query').samples} queries against "
-        f"{dataset.split('gallery').samples} gallery images ({cfg.evaluation.protocol} protocol)."
-    )
-
-
 def dataset_inputs(dataset: ShardDataset) -> list[DatasetInput]:
     """The training and evaluation splits as MLflow datasets: shard folder, sample and identity
     counts, and a digest of the shards' sha256 sums (a repacked or changed dataset gets another)."""
@@ -168,30 +143,32 @@ def dataset_inputs(dataset: ShardDataset) -> list[DatasetInput]:
     return inputs
 
 
-def open_run(cfg: RunConfig, config_path: Path, dataset: ShardDataset, run_id: str | None = None) -> str:
-    """Create (or reopen) the MLflow run of a training job; log params, the resolved config, its
-    description and the datasets it trains and evaluates on: all of it redacted (the tracking URI's
-    password, a signed URL in a path), the config file as uploaded too."""
-    client = MlflowClient(cfg.tracking.uri)
-    name = cfg.tracking.experiment
+def open_run(
+    uri: str, experiment: str, run_name: str, params: dict[str, str], note: str,
+    inputs: list[DatasetInput], texts: dict[str, str], run_id: str | None = None,
+) -> str:
+    """Create (or, given ``run_id``, reopen) a run of ``experiment``; log its params, its description
+    (MLflow's note), the datasets it reads and text artifacts (path -> text): all of it redacted (the
+    tracking URI's password, a signed URL in a path)."""
+    client = MlflowClient(uri)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return run_id
-    experiment = client.get_experiment_by_name(name)
+    found = client.get_experiment_by_name(experiment)
     experiment_id = (
-        experiment.experiment_id if experiment
-        else client.create_experiment(name, artifact_location=local_artifact_location(client.tracking_uri, name))
+        found.experiment_id if found
+        else client.create_experiment(experiment, artifact_location=local_artifact_location(client.tracking_uri, experiment))
     )  # fmt: skip
     # the UI opens the experiment in its model-training view (GenAI is its default otherwise)
     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    run_id = client.create_run(experiment_id, run_name=cfg.run.name).info.run_id
-    params = [Param(key, redact(value)[:6000]) for key, value in sorted(cfg.flat().items())]
-    for start in range(0, len(params), PARAM_LIMIT):
-        client.log_batch(run_id, params=params[start : start + PARAM_LIMIT])
-    client.set_tag(run_id, MLFLOW_RUN_NOTE, redact(describe_run(cfg, dataset)))
-    client.log_inputs(run_id, dataset_inputs(dataset))
-    client.log_text(run_id, redact(cfg.to_yaml()), "config/resolved.yaml")
-    client.log_text(run_id, redact(config_path.read_text()), f"config/{config_path.name}")
+    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    logged = [Param(key, redact(value)[:6000]) for key, value in sorted(params.items())]
+    for start in range(0, len(logged), PARAM_LIMIT):
+        client.log_batch(run_id, params=logged[start : start + PARAM_LIMIT])
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, redact(note))
+    client.log_inputs(run_id, inputs)
+    for path, text in texts.items():
+        client.log_text(run_id, redact(text), path)
     return run_id
 
 
@@ -217,26 +194,14 @@ class RunLogger:
         now = timestamp_ms or int(time.time() * 1000)
         self._put_metrics([Metric(key, float(value), now, step) for key, value in metrics.items()])
 
-    def log_epoch(self, record: EpochRecord) -> None:
-        """An epoch's metrics at step = epoch and its per-step ``step_loss``; with the first epoch, the
-        untrained model's evaluation as step 0 of the same metrics, so that both read as one curve.
-        """
-        now = int(time.time() * 1000)
-        if record.epoch == 1:
-            self.log_metrics(record.before_training, step=0, timestamp_ms=now)
-        self._put_metrics([Metric("step_loss", float(value), now, step) for step, value in record.step_losses])
-        epoch_metrics = {
-            "epoch": record.epoch, "loss": record.loss, "lr": record.lr, "images_per_s": record.images_per_s,
-            "world_size": record.world_size, "skipped_samples": record.skipped_samples, **(record.evaluation or {}),
-        }  # fmt: skip
-        self.log_metrics(epoch_metrics, step=record.epoch, timestamp_ms=now)
+    def log_series(self, key: str, points: list[tuple[int, float]], timestamp_ms: int | None = None) -> None:
+        """One metric's (step, value) points."""
+        now = timestamp_ms or int(time.time() * 1000)
+        self._put_metrics([Metric(key, float(value), now, step) for step, value in points])
 
-    def log_resize(self, epoch: int, old: int, new: int, reason: str) -> None:
-        """A change of the worker group's size, effective from ``epoch``: two metrics at that step and a
-        tag with the reason (``resize.<epoch>``)."""
-        self.log_metrics({"resize_from_workers": old, "resize_to_workers": new}, step=epoch)
-        tag = redact(f"{old} -> {new} workers: {reason}")[:5000]
-        self._calls.put(lambda: self.client.set_tag(self.run_id, f"resize.{epoch}", tag))
+    def set_tag(self, key: str, value: str) -> None:
+        value = redact(value)[:5000]  # MLflow's limit of a tag's value
+        self._calls.put(lambda: self.client.set_tag(self.run_id, key, value))
 
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` until every call queued so far is sent; whether they all were."""

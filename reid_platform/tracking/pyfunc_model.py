@@ -89,8 +89,8 @@ def images_of(model_input) -> list:
 
 class ReIDEmbedder(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from reid_platform.input.torch_loader import eval_transform
         from reid_platform.model.artifact import load_model_dir
+        from reid_platform.model.preprocess import eval_transform
 
         self.model, preprocessing = load_model_dir(context.artifacts[MODEL_DIR])
         self.transform = eval_transform(preprocessing)

@@ -15,7 +15,7 @@ worker) an initialised default process group, it owns the pieces and composes th
     state        state_dict / load_state_dict, world-size independent (classifier rows by global range)
 
 Whoever runs it (the Ray Train worker, a test on gloo processes, a benchmark) only provides the
-process group and decides what to do with each epoch's record and state: ``train/worker.py`` reports
+process group and decides what to do with each epoch's record and state: ``run/worker.py`` reports
 them to Ray Train and checkpoints them.
 """
 

@@ -44,11 +44,12 @@ from reid_platform.model.config import Preprocessing
 from reid_platform.model.timm_family import check_timm_name
 from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
 from reid_platform.redaction import first_line
-from reid_platform.tracking.mlflow_run import call_with_retries, finish_run, open_run
-from reid_platform.train.epoch_log import EpochMetricsToMlflow, worker_errors_line
-from reid_platform.train.publish import publish_model
+from reid_platform.run.description import open_training_run
+from reid_platform.run.epoch_log import EpochMetricsToMlflow, worker_errors_line
+from reid_platform.run.publish import publish_model
+from reid_platform.run.worker import train_loop_per_worker
+from reid_platform.tracking.mlflow_run import call_with_retries, finish_run
 from reid_platform.train.record import EpochRecord
-from reid_platform.train.worker import train_loop_per_worker
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 
@@ -188,7 +189,7 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
                 f"run {cfg.run.name!r} in {cfg.run.storage_path} finished its {record.epoch} epochs already "
                 f"(MLflow run {known_run}); raise train.epochs to continue it, or choose a new run.name"
             )
-    run_id = open_run(cfg, config_path, dataset, known_run)
+    run_id = open_training_run(cfg, config_path, dataset, known_run)
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
 

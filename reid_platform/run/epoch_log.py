@@ -12,6 +12,7 @@ controller itself dies, that is if the whole job does.)
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from ray.train import UserCallback
@@ -21,8 +22,8 @@ from reid_platform.config import RunConfig
 from reid_platform.console import say
 from reid_platform.errors import ReidError
 from reid_platform.redaction import first_line, redact_log_records
+from reid_platform.run.publish import log_checkpoint_model
 from reid_platform.tracking.mlflow_run import ONE_ATTEMPT, RunLogger, mlflow_settings
-from reid_platform.train.publish import log_checkpoint_model
 from reid_platform.train.record import EVALUATION_DIR, EpochRecord
 
 
@@ -33,6 +34,27 @@ def worker_errors_line(worker_exceptions: dict) -> str:
         f"rank {rank}: {type(error).__name__}: {first_line(str(error), 160)}"
         for rank, error in sorted(worker_exceptions.items())
     )
+
+
+def log_epoch(logger: RunLogger, record: EpochRecord) -> None:
+    """An epoch's metrics at step = epoch and its per-step ``step_loss``; with the first epoch, the
+    untrained model's evaluation as step 0 of the same metrics, so that both read as one curve."""
+    now = int(time.time() * 1000)
+    if record.epoch == 1:
+        logger.log_metrics(record.before_training, step=0, timestamp_ms=now)
+    logger.log_series("step_loss", record.step_losses, timestamp_ms=now)
+    epoch_metrics = {
+        "epoch": record.epoch, "loss": record.loss, "lr": record.lr, "images_per_s": record.images_per_s,
+        "world_size": record.world_size, "skipped_samples": record.skipped_samples, **(record.evaluation or {}),
+    }  # fmt: skip
+    logger.log_metrics(epoch_metrics, step=record.epoch, timestamp_ms=now)
+
+
+def log_resize(logger: RunLogger, epoch: int, old: int, new: int, reason: str) -> None:
+    """A change of the worker group's size, effective from ``epoch``: two metrics at that step and a
+    tag with the reason (``resize.<epoch>``)."""
+    logger.log_metrics({"resize_from_workers": old, "resize_to_workers": new}, step=epoch)
+    logger.set_tag(f"resize.{epoch}", f"{old} -> {new} workers: {reason}")
 
 
 class EpochMetricsToMlflow(UserCallback):
@@ -64,7 +86,7 @@ class EpochMetricsToMlflow(UserCallback):
             redact_log_records()
             self._logger = RunLogger(tracking.uri, self.run_id)
         self._note_resize(record)
-        self._logger.log_epoch(record)
+        log_epoch(self._logger, record)
         if checkpoint is not None and (record.pictures or (record.evaluation and tracking.log_checkpoints_as_models)):
             with checkpoint.as_directory() as directory:
                 for name in record.pictures:
@@ -92,7 +114,7 @@ class EpochMetricsToMlflow(UserCallback):
             else:
                 reason = "resources are available again"
             say(f"resized from {old} to {new} workers from epoch {record.epoch} ({reason})")
-            self._logger.log_resize(record.epoch, old, new, reason)
+            log_resize(self._logger, record.epoch, old, new, reason)
         self._world_size, self._failure = new, None
 
     def _logged_world_size(self) -> int | None:
