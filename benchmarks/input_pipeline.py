@@ -46,7 +46,7 @@ from PIL import Image
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_dataset
 from reid_platform.data.synth import write_synthetic_market1501
-from reid_platform.input import train_loader
+from reid_platform.input.backend import train_loader
 from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition
 

@@ -29,7 +29,7 @@ import torch
 from common import GLOBAL_BATCH, PlainLoop, on_engines, run_config, synthetic_shards
 
 from reid_platform.data.manifest import ShardDataset
-from reid_platform.input import train_loader
+from reid_platform.input.backend import train_loader
 from reid_platform.input.partition import Partition
 from reid_platform.train.engine import Engine
 from reid_platform.train.step import PHASES, PhaseTimer

@@ -17,7 +17,7 @@ from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import ShardCheck, decode_meta, verify_shards
 from reid_platform.data.sample_table import COLUMNS, SampleTable
 from reid_platform.errors import DatasetError
-from reid_platform.input import train_loader
+from reid_platform.input.backend import train_loader
 from reid_platform.input.config import InputConfig
 from reid_platform.input.dali import eval_batches
 from reid_platform.input.partition import Partition

@@ -12,12 +12,12 @@ import torch
 from reid_platform.data.datasets import load_dataset, load_market1501, with_labels
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_splits
-from reid_platform.errors import DatasetError
-from reid_platform.input.config import InputConfig
-from reid_platform.input import eval_batches as eval_batches_for
-from reid_platform.input import train_loader
-from reid_platform.input.dali import TrainLoader, eval_batches
 from reid_platform.data.sample_table import SampleTable
+from reid_platform.errors import DatasetError
+from reid_platform.input.backend import eval_batches as eval_batches_for
+from reid_platform.input.backend import train_loader
+from reid_platform.input.config import InputConfig
+from reid_platform.input.dali import TrainLoader, eval_batches
 from reid_platform.input.identity import identity_batches
 from reid_platform.input.partition import Partition
 

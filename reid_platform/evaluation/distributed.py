@@ -22,7 +22,7 @@ from reid_platform.evaluation.config import EvaluationConfig
 from reid_platform.evaluation.distance import Distances
 from reid_platform.evaluation.metrics import FeatureSet, QueryResults, RetrievalMetrics, check_sets, summarize
 from reid_platform.evaluation.ranking import make_distances, rank_queries
-from reid_platform.input import eval_batches
+from reid_platform.input.backend import eval_batches
 from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition
 from reid_platform.model.backbone import ReIDNet

@@ -34,7 +34,7 @@ from reid_platform.config import RunConfig
 from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.evaluation.distributed import Evaluation, evaluate_model
-from reid_platform.input import TrainBatches, train_loader
+from reid_platform.input.backend import TrainBatches, train_loader
 from reid_platform.input.partition import Partition
 from reid_platform.model.backbone import build_model
 from reid_platform.parallel.classifier import ShardedClassifier
