@@ -4,15 +4,10 @@ instead of the platform (the baseline of ``train_step.py`` and ``recipes.py``)."
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,9 +18,11 @@ from reid_platform.data.pack import PackOptions, pack_dataset
 from reid_platform.data.synth import write_synthetic_market1501
 from reid_platform.parallel.losses import margin_logits
 from reid_platform.train.step import PhaseTimer
+from tests.gloo import run_gloo
+from tests.tiny_run import DEMO_CONFIG
 
-REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 64
+ENGINE_TIMEOUT_S = 6 * 3600  # a recipe's whole training on 2 cores
 
 
 def synthetic_shards(scratch: Path, identities: int, camera_strength: float = 1.0, seed: int = 0) -> Path:
@@ -41,26 +38,13 @@ def run_config(shards: Path, world_size: int, cores: int, overrides: list[str]) 
         f"data.shards={shards}", f"scaling.num_workers={world_size}", f"scaling.cpus_per_worker={cores / world_size}",
         f"input.batch_size={GLOBAL_BATCH // world_size}", *overrides,
     ]  # fmt: skip
-    return load_config(REPO / "configs/demo.yaml", settings)
-
-
-def _engine_process(rank: int, world_size: int, init_file: str, out: str, work, args) -> None:
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=600))  # fmt: skip
-    torch.save(work(rank, world_size, *args), Path(out) / f"{rank}.pt")
-    if world_size > 1:
-        dist.destroy_process_group()
+    return load_config(DEMO_CONFIG, settings)
 
 
 def on_engines(world_size: int, work, *args) -> list:
-    """``work(rank, world_size, *args)`` on ``world_size`` gloo processes (no Ray); results by rank."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _engine_process, args=(world_size, os.path.join(tmp, "init"), tmp, work, args),
-            nprocs=world_size, start_method="spawn",
-        )  # fmt: skip
-        return [torch.load(Path(tmp) / f"{rank}.pt", weights_only=False) for rank in range(world_size)]
+    """``work(rank, world_size, *args)`` on ``world_size`` gloo processes (no Ray; the tests' harness,
+    whose processes stay up between calls of one world size); results by rank."""
+    return run_gloo(world_size, work, *args, timeout_s=ENGINE_TIMEOUT_S)
 
 
 class PlainLoop:

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reid_platform.evaluation.config import EvaluationConfig
 from reid_platform.evaluation.distance import FeatureDistances
 from reid_platform.evaluation.metrics import FeatureSet, summarize
-from reid_platform.evaluation.config import EvaluationConfig
 from reid_platform.evaluation.ranking import rank_queries
 
 # queries, gallery, identities, cameras, distractors in the gallery, default feature size

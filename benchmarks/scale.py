@@ -43,7 +43,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO  # noqa: E402
+
 GiB = 1024**3
 FILES_PER_FOLDER = 2000
 # Per sample: a ~1 KB JPEG in a 4 KB block of the raw tree, and in a shard its 3 members with their

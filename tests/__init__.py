@@ -1,0 +1,5 @@
+"""The test suite. ``REPO`` is the repository's root, for the tests and the benchmarks."""
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ Starting W processes that import torch costs seconds, so each world size gets on
 per test session, whose process group stays initialised: a call sends the function (a module-level
 function, pickled by name) to every rank and waits for all of them. A rank that raises breaks the
 pool (its peers may be stuck in a collective): the pool is killed, the next call starts a new one,
-and the error is raised in the test with the rank's traceback.
+and the error is raised in the test with the rank's traceback. The benchmarks run the engine on it
+too (``benchmarks/common.py``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CALL_TIMEOUT_S = 300
+CALL_TIMEOUT_S = 300  # a test's call; benchmarks give their own
+# a collective that waits longer fails the rank: as long as a benchmark's rank may compute alone
+COLLECTIVE_TIMEOUT_S = 600
 
 
 def _serve(rank: int, world_size: int, init_file: str, tasks, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     )
     while (task := tasks.get()) is not None:
         fn, args = task
@@ -51,13 +54,13 @@ class _Pool:
         for process in self.processes:
             process.start()
 
-    def run(self, fn, args) -> list:
+    def run(self, fn, args, timeout_s: float) -> list:
         for tasks in self.tasks:
             tasks.put((fn, args))
         returned: dict[int, object] = {}
         while len(returned) < self.world_size:
             try:
-                rank, ok, value = self.results.get(timeout=CALL_TIMEOUT_S)
+                rank, ok, value = self.results.get(timeout=timeout_s)
             except queue.Empty:
                 raise TimeoutError(f"gloo ranks {sorted(set(range(self.world_size)) - set(returned))} did not answer") from None
             if not ok:
@@ -79,11 +82,11 @@ class _Pool:
 _pools: dict[int, _Pool] = {}
 
 
-def run_gloo(world_size: int, fn, *args) -> list:
+def run_gloo(world_size: int, fn, *args, timeout_s: float = CALL_TIMEOUT_S) -> list:
     """``fn(rank, world_size, *args)`` on each rank; returns the list of results, by rank."""
     pool = _pools.get(world_size) or _pools.setdefault(world_size, _Pool(world_size))
     try:
-        return pool.run(fn, args)
+        return pool.run(fn, args, timeout_s)
     except BaseException:
         _pools.pop(world_size).close(kill=True)
         raise

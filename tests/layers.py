@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import REPO
+
 PACKAGE = "reid_platform"
 # lowest first; each entry is one layer
 LAYERS: tuple[tuple[str, ...], ...] = (
@@ -39,7 +40,7 @@ RANK = {name: level for level, names in enumerate(LAYERS) for name in names}
 
 def _run_config_sections() -> frozenset[str]:
     """The run config and the modules it imports from (its sections' owners)."""
-    tree = ast.parse((ROOT / PACKAGE / "config.py").read_text())
+    tree = ast.parse((REPO / PACKAGE / "config.py").read_text())
     owners = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     return frozenset({f"{PACKAGE}.config"} | {module for module in owners if module.endswith(".config")})
 
@@ -68,8 +69,8 @@ class Import:
 
 def modules() -> dict[str, Path]:
     found = {}
-    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
-        parts = path.relative_to(ROOT).with_suffix("").parts
+    for path in sorted((REPO / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
         found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
@@ -108,7 +109,7 @@ def main() -> int:
         print(f"  {name:<11} imports {', '.join(sorted(by_room.get(name, ()), key=RANK.get)) or '-'}")
     upward = [found for found in imports() if found.upward]
     for found in upward:
-        print(f"UPWARD {modules()[found.source].relative_to(ROOT)}:{found.line}: {found.target}")
+        print(f"UPWARD {modules()[found.source].relative_to(REPO)}:{found.line}: {found.target}")
     print(f"{len(upward)} upward imports")
     return 1 if upward else 0
 

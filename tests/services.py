@@ -32,10 +32,10 @@ import psutil
 import requests
 
 from reid_platform.cluster.local import auth_token, free_port
+from tests import REPO
+from tests.tiny_run import set_arguments, tiny_run
 
-REPO = Path(__file__).resolve().parents[1]
 REID = str(Path(sys.executable).parent / "reid")
-BATCH = 8  # per worker, in the jobs the tests submit
 # GCS declares a silent node dead after period x threshold: 3 s here instead of Ray's 15 s.
 FAST_HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                      "RAY_health_check_failure_threshold": "3"}  # fmt: skip
@@ -57,14 +57,9 @@ def reid(*arguments: str, env: dict | None = None, timeout: float = 180) -> subp
 
 
 def job_overrides(shards: Path, work: Path, name: str, epochs: int, *extra: str) -> list[str]:
-    """--set arguments for a small job of the demo config on ``shards``, with its files under ``work``."""
-    settings = [
-        f"data.shards={shards}", "input.height=64", "input.width=32", f"input.batch_size={BATCH}", "input.shuffle_buffer=64",
-        "train.warmup_epochs=0", f"train.epochs={epochs}", "train.seed=1",
-        f"run.name={name}", f"run.storage_path={work / 'ray'}", f"run.output_dir={work / 'out'}",
-        "run.max_failures=2", "tracking.experiment=ops", "tracking.registered_model=ops-test", *extra,
-    ]  # fmt: skip
-    return [argument for setting in settings for argument in ("--set", setting)]
+    """--set arguments for a tiny job (``tests/tiny_run.py``) the operations tests submit."""
+    ops = ("run.max_failures=2", "tracking.experiment=ops", "tracking.registered_model=ops-test")
+    return set_arguments(tiny_run(shards, work, name, epochs, *ops, *extra))
 
 
 def submit(head: str, tracking_uri: str, overrides: list[str]) -> str:

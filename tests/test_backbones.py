@@ -23,10 +23,10 @@ from reid_platform.model.backbone import GeM, ReIDNet, build_model
 from reid_platform.model.config import ModelConfig, Preprocessing
 from reid_platform.model.export import export_onnx
 from reid_platform.model.resnet import IBN
+from tests import REPO
 
 pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = Preprocessing(height=64, width=32)
 
 

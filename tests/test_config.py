@@ -9,8 +9,8 @@ import pytest
 from reid_platform.cli import main
 from reid_platform.config import ConfigError, load_config
 from reid_platform.run.launcher import check_inputs
-
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+from tests.tiny_run import DEMO_CONFIG
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "market1501_r50.yaml"])
@@ -20,7 +20,7 @@ def test_shipped_configs_are_valid(name):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(REPO / "configs/demo.yaml", ["train.epochs=3", "loss.scale=128", "model.arch=resnet50"])
+    cfg = load_config(DEMO_CONFIG, ["train.epochs=3", "loss.scale=128", "model.arch=resnet50"])
     assert (cfg.train.epochs, cfg.loss.scale, cfg.model.arch) == (3, 128.0, "resnet50")
 
 
@@ -62,7 +62,7 @@ def test_overrides_are_typed_and_nested():
 )
 def test_bad_values_name_file_and_key(override, fragment):
     with pytest.raises(ConfigError) as error:
-        load_config(REPO / "configs/demo.yaml", [override])
+        load_config(DEMO_CONFIG, [override])
     assert "configs/demo.yaml" in str(error.value)
     assert fragment in str(error.value)
 
@@ -77,7 +77,7 @@ def test_cli_exits_2_with_one_message(tmp_path, capsys):
 
 def test_an_elastic_range_that_cannot_split_identity_batches_is_refused_in_one_line(capsys):
     overrides = ["scaling.num_workers=[2,3]", "input.batch_size=16", "input.sampler=identity", "input.images_per_identity=16"]
-    assert main(["train", str(REPO / "configs/demo.yaml"), *(arg for o in overrides for arg in ("--set", o))]) == 2
+    assert main(["train", str(DEMO_CONFIG), *(arg for o in overrides for arg in ("--set", o))]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.endswith("scaling.num_workers [2, 3]: 2 workers cannot split the global batch of 48 (input.batch_size 16 x 3 "
                          "workers) into identity batches of 16; choose a range whose sizes all divide it, or scaling.elastic_batch: "
@@ -92,11 +92,11 @@ def test_missing_section_and_unreadable_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not of the form"):
-        load_config(REPO / "configs/demo.yaml", ["train.epochs"])
+        load_config(DEMO_CONFIG, ["train.epochs"])
 
 
 def test_relative_paths_and_sqlite_uri_become_absolute(tmp_path):
-    cfg = load_config(REPO / "configs/demo.yaml").with_absolute_paths(tmp_path)
+    cfg = load_config(DEMO_CONFIG).with_absolute_paths(tmp_path)
     assert cfg.data.shards == tmp_path / "data/demo/shards"
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
 
@@ -143,7 +143,7 @@ def test_missing_bases_and_cycles_are_refused_with_the_file_named(tmp_path, caps
 
 def test_an_elastic_range_needs_as_many_classes_as_its_largest_group(tiny_shards, tiny_dataset):
     too_many = tiny_dataset.num_classes + 1
-    cfg = load_config(REPO / "configs/demo.yaml", [f"data.shards={tiny_shards}", f"scaling.num_workers=[{too_many},{too_many}]"])
+    cfg = load_config(DEMO_CONFIG, [f"data.shards={tiny_shards}", f"scaling.num_workers=[{too_many},{too_many}]"])
     with pytest.raises(ConfigError, match=rf"^scaling.num_workers: {tiny_dataset.num_classes} classes of .* cannot be "
                                           rf"sharded over {too_many} workers$"):  # fmt: skip
         check_inputs(cfg)
@@ -151,10 +151,10 @@ def test_an_elastic_range_needs_as_many_classes_as_its_largest_group(tiny_shards
 
 
 def test_an_elastic_group_keeps_the_global_batch_or_each_workers_batch():
-    cfg = load_config(REPO / "configs/demo.yaml", ["scaling.num_workers=[1,2]"])
+    cfg = load_config(DEMO_CONFIG, ["scaling.num_workers=[1,2]"])
     per_worker = cfg.input.batch_size
     assert [cfg.on_workers(size).input.batch_size for size in (1, 2)] == [per_worker * 2, per_worker]
     assert cfg.on_workers(2) is cfg and cfg.global_batch_size == per_worker * 2
     # per_worker accepts any range (3 workers could not split 4 workers' global batch) and changes nothing
-    cfg = load_config(REPO / "configs/demo.yaml", ["scaling.num_workers=[1,4]", "scaling.elastic_batch=per_worker"])
+    cfg = load_config(DEMO_CONFIG, ["scaling.num_workers=[1,4]", "scaling.elastic_batch=per_worker"])
     assert all(cfg.on_workers(size) is cfg for size in range(1, 5))

@@ -26,8 +26,8 @@ import yaml
 
 from reid_platform.cli import build_parser
 from reid_platform.config import load_config
+from tests import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"

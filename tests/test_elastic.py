@@ -26,7 +26,6 @@ from reid_platform.cluster.local import auth_token
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.input.partition import steps_per_epoch
 from tests.services import (
-    BATCH,
     FAST_HEALTH_CHECK,
     LocalCluster,
     MlflowServer,
@@ -35,6 +34,7 @@ from tests.services import (
     submit,
     wait_for,
 )  # fmt: skip
+from tests.tiny_run import BATCH
 
 # Growing back takes 20-60 s from the node's restart (its `ray start`, Ray's resize check, a new group
 # of two starting and loading the checkpoint): each one-worker phase must outlast it, so the job has

@@ -18,11 +18,12 @@ from reid_platform.data.manifest import ShardDataset
 from reid_platform.input.partition import Partition, steps_per_epoch
 from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
 from reid_platform.train.engine import Engine
+from tests import REPO
 from tests.gloo import run_gloo
+from tests.tiny_run import DEMO_CONFIG
 
 pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
 
-REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 12  # splits over 1, 2 and 3 ranks
 BATCH_STATISTICS = "training-mode-batchnorm"  # a run name that makes frozen_norm_steps train BatchNorm
 
@@ -35,7 +36,7 @@ def tiny_config(shards: Path, **overrides):
         "input.batch_size": 4, "input.shuffle_buffer": 32, "train.warmup_epochs": 0, "train.epochs": 2,
         "train.optimizer": "sgd", "train.lr": 0.05, "loss.scale": 32, **overrides,
     }  # fmt: skip
-    return load_config(REPO / "configs/demo.yaml", [f"{key}={value}" for key, value in settings.items()])
+    return load_config(DEMO_CONFIG, [f"{key}={value}" for key, value in settings.items()])
 
 
 def global_batches(count: int, num_classes: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

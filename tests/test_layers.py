@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.layers import ROOT, Import, imports, unplaced
+from tests.layers import REPO, Import, imports, unplaced
 
 # Imports each layer's modules, lowest layer first, while a finder refuses every module of a higher
 # layer (a package's bare __init__ passes: Python loads it on the way to the package's config module).
@@ -52,5 +52,5 @@ def test_an_upward_import_is_found():
 
 
 def test_each_layer_imports_with_the_layers_above_blocked():
-    result = subprocess.run([sys.executable, "-c", IMPORT_IN_ORDER], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", IMPORT_IN_ORDER], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -19,10 +19,12 @@ from reid_platform.cluster.jobs import JobServer
 from reid_platform.cluster.local import free_port
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.input.partition import steps_per_epoch
-from tests.services import BATCH, REPO, job_overrides, reid, submit, wait_for
+from tests import REPO
+from tests.services import job_overrides, reid, submit, wait_for
+from tests.tiny_run import BATCH, DEMO_CONFIG
 
 EPOCHS = 3
-DEMO = [str(REPO / "configs/demo.yaml"), "--working-dir", str(REPO)]
+DEMO = [str(DEMO_CONFIG), "--working-dir", str(REPO)]
 pytestmark = pytest.mark.ray
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,9 +37,9 @@ from reid_platform.parallel.criterion import Criterion
 from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
 from reid_platform.train.config import TrainConfig
 from reid_platform.train.optimizers import classifier_optimizer
+from tests import REPO
 from tests.gloo import run_gloo
 
-REPO = Path(__file__).resolve().parents[1]
 PROFILES = load_profiles()
 CLASSES, DIM, BATCH = 23, 8, 4
 

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -27,9 +26,9 @@ from reid_platform.tracking.mlflow_run import ONE_ATTEMPT, RunLogger, call_with_
 from reid_platform.tracking.registry import register_model
 from reid_platform.tracking.server import check_reachable
 from reid_platform.train.record import EpochRecord
+from tests import REPO
 from tests.services import LossyProxy, closed_port_uri, silent_server
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.tiny_run import DEMO_CONFIG
 
 
 @pytest.mark.parametrize(
@@ -196,7 +195,7 @@ def test_publishing_after_a_lost_reply_registers_one_version(mlflow_server):
 
 
 def test_submit_refuses_what_the_cluster_would_fail_on(tmp_path):
-    config = REPO / "configs/demo.yaml"
+    config = DEMO_CONFIG
     sqlite = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
     with pytest.raises(ConfigError, match="data.shards, run.storage_path, run.output_dir relative, but"):
         build_submission(config, sqlite, REPO, "http://ray-head.example.com:8265")

@@ -37,8 +37,8 @@ from reid_platform.parallel.classifier import shard_range
 from reid_platform.run.launcher import train
 from reid_platform.train.schedule import lr_factor
 from tests.faults import damage_sample
+from tests.tiny_run import DEMO_CONFIG, set_arguments, tiny_run
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
@@ -50,20 +50,15 @@ def ray_cluster():
 
 
 def tiny_config(shards: Path, work: Path, epochs: int, workers: int = 2):
-    overrides = [
-        f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={2 / max(2, workers)}",
-        f"data.shards={shards}",
-        "input.height=64", "input.width=32", "input.batch_size=8", "input.shuffle_buffer=64",
-        "train.warmup_epochs=0", f"train.epochs={epochs}", "train.eval_every=1",
+    return load_config(DEMO_CONFIG, tiny_run(
+        shards, work, "tiny", epochs,
+        f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={2 / max(2, workers)}", "train.eval_every=1",
         # SGD decaying from the start learns within these few steps (Adam at 3.5e-4 needs more)
         "train.optimizer=sgd", "train.lr=0.05", "train.decay_start_epochs=0",
-        f"run.storage_path={work / 'ray'}", f"run.output_dir={work / 'out'}", "run.name=tiny",
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=tests",
         "tracking.registered_model=reid-test", "tracking.log_checkpoints_as_models=true",
         "tracking.system_metrics_interval_s=1",
-        "train.seed=1",
-    ]  # fmt: skip
-    return load_config(REPO / "configs/demo.yaml", overrides)
+    ))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +83,9 @@ def damaged_shards(tiny_market, tmp_path_factory):
 def trained(ray_cluster, damaged_shards, tmp_path_factory):
     """(config of the final attempt, work folder, outcome of the 2-worker attempt, final outcome)."""
     work = tmp_path_factory.mktemp("run")
-    first = train(tiny_config(damaged_shards, work, epochs=2), REPO / "configs/demo.yaml")
+    first = train(tiny_config(damaged_shards, work, epochs=2), DEMO_CONFIG)
     cfg = tiny_config(damaged_shards, work, epochs=3, workers=3)
-    return cfg, work, first, train(cfg, REPO / "configs/demo.yaml")
+    return cfg, work, first, train(cfg, DEMO_CONFIG)
 
 
 def steps(shards: Path, cfg, workers: int) -> int:
@@ -209,7 +204,7 @@ def test_restarting_a_finished_run_registers_nothing(trained, capsys):
     client = MlflowClient(cfg.tracking.uri)
     versions = len(client.search_model_versions("name = 'reid-test'"))
     with pytest.raises(RunAlreadyFinished, match=r"run 'tiny' in .* finished its 3 epochs already"):
-        train(cfg, REPO / "configs/demo.yaml")
+        train(cfg, DEMO_CONFIG)
     assert len(client.search_model_versions("name = 'reid-test'")) == versions
     assert client.get_run(outcome.mlflow_run_id).info.status == "FINISHED"
 
@@ -274,17 +269,14 @@ def test_the_damaged_sample_was_skipped_and_counted(trained):
 def test_a_bad_sample_with_fail_ends_the_run_at_once_naming_it(damaged_shards, tmp_path):
     """`reid train` as a user runs it (its own Ray, the workers' lines in its output): one attempt (no
     restart for a data error, whatever run.max_failures says), one last line naming shard and key, exit 1."""
-    cfg = tiny_config(damaged_shards, tmp_path, epochs=1, workers=1)
+    overrides = tiny_run(
+        damaged_shards, tmp_path, "fails", 1, "data.on_bad_sample=fail", "scaling.num_workers=1",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics=false",
+    )  # fmt: skip
+    cfg = load_config(DEMO_CONFIG, overrides)
     assert cfg.run.max_failures > 0
-    settings = [f"{key}={value}" for key, value in {
-        "data.shards": damaged_shards, "data.on_bad_sample": "fail", "scaling.num_workers": 1,
-        "run.storage_path": cfg.run.storage_path, "run.output_dir": cfg.run.output_dir, "run.name": "fails",
-        "tracking.uri": cfg.tracking.uri, "tracking.system_metrics": "false",
-        "input.height": 64, "input.width": 32, "input.batch_size": 8, "train.epochs": 1,
-    }.items()]  # fmt: skip
-    command = [str(Path(sys.executable).parent / "reid"), "train", str(REPO / "configs/demo.yaml")]
     done = subprocess.run(
-        [*command, *[arg for setting in settings for arg in ("--set", setting)]],
+        [str(Path(sys.executable).parent / "reid"), "train", str(DEMO_CONFIG), *set_arguments(overrides)],
         capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )  # fmt: skip
     tar, key = damaged_sample(damaged_shards)
