@@ -5,8 +5,6 @@ and 3 ranks."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,7 +16,6 @@ from reid_platform.data.manifest import ShardDataset
 from reid_platform.input.partition import Partition, steps_per_epoch
 from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
 from reid_platform.train.engine import Engine
-from tests import REPO
 from tests.gloo import run_gloo
 from tests.tiny_run import DEMO_CONFIG
 
@@ -120,11 +117,6 @@ def train_and_save(rank: int, world_size: int, shards: Path, batches, directory:
     frozen_norm_steps(engine, batches, rank, world_size)
     save_checkpoint(engine.state_dict(), Path(directory), rank)  # every rank into the same folder
     return snapshot(engine)
-
-
-def test_the_engine_imports_without_ray():
-    code = "import sys; sys.modules['ray'] = None; import reid_platform.train.engine"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.layers import REPO, Import, imports, unplaced
+from tests.layers import REPO, Import, imports, modules, room, unplaced
 
 # Imports each layer's modules, lowest layer first, while a finder refuses every module of a higher
 # layer (a package's bare __init__ passes: Python loads it on the way to the package's config module).
@@ -33,6 +33,15 @@ for level in range(len(LAYERS)):
             except ImportError as error:
                 sys.exit(f"{module}: {error}")
 """
+
+
+def test_the_engine_imports_without_ray_or_mlflow():
+    """train/ is the Ray-free engine: the run wing above it is where Ray and MLflow come in."""
+    engine = [module for module in modules() if room(module) == "train"]
+    code = "import sys; sys.modules['ray'] = sys.modules['mlflow'] = None\n" + "".join(f"import {m}\n" for m in engine)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reid_platform.train.engine" in engine
 
 
 def test_every_package_has_a_place_in_the_order():
