@@ -27,9 +27,20 @@ def image_size(text: str, flag: str) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def add_overrides(parser: argparse.ArgumentParser) -> None:
-    """--set KEY=VALUE (repeatable), for every command that reads a run config: the config's overrides."""
+def add_run_config(parser: argparse.ArgumentParser, help: str, optional: bool = False) -> None:
+    """CONFIG and its overrides, --set KEY=VALUE (repeatable), for every command that reads a run config."""
+    parser.add_argument("config", nargs="?" if optional else None, help=help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
+def add_bind_address(parser: argparse.ArgumentParser, port: int) -> None:
+    """--host and --port of a server a command starts."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=positive_int, default=port)
 
 
 def add_section_flags(parser: argparse.ArgumentParser, section: type[S]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from reid_platform.cli.common import add_overrides
+from reid_platform.cli.common import add_run_config
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -20,6 +20,5 @@ def add_commands(commands) -> None:
         dest="config_command", required=True, metavar="COMMAND"
     )
     show = config.add_parser("show", help="print the resolved config (bases merged, overrides applied, defaults filled)")
-    show.add_argument("config", help="YAML run config")
-    add_overrides(show)
+    add_run_config(show, "YAML run config")
     show.set_defaults(handler=_cmd_show)

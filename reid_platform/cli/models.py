@@ -12,6 +12,7 @@ from pathlib import Path
 
 from reid_platform.cli.common import (
     MODEL_HELP,
+    add_bind_address,
     add_tracking_uri,
     format_columns,
     load_model,
@@ -132,8 +133,7 @@ def add_commands(commands) -> None:
 
     serve = models.add_parser("serve", help="a REST endpoint (mlflow models serve) for a registered model")
     serve.add_argument("reference", help="NAME@ALIAS, NAME/VERSION or models:/ URI")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it)")
-    serve.add_argument("--port", type=positive_int, default=5001)
+    add_bind_address(serve, port=5001)
     add_tracking_uri(serve)
     serve.set_defaults(handler=_cmd_serve)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reid_platform.cli.common import add_overrides, format_columns, reachable
+from reid_platform.cli.common import add_bind_address, add_run_config, format_columns, reachable
 from reid_platform.redaction import redact
 
 ADDRESS_HELP = "job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS or http://127.0.0.1:8265)"
@@ -200,9 +200,8 @@ def add_commands(commands) -> None:
     stop.set_defaults(handler=_cmd_cluster_stop)
 
     submit = commands.add_parser("submit", help="submit a training config as a Ray job")
-    submit.add_argument("config", help="YAML run config inside the working directory")
+    add_run_config(submit, "YAML run config inside the working directory")
     submit.add_argument("--address", help=ADDRESS_HELP)
-    add_overrides(submit)
     submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     submit.add_argument(
@@ -233,8 +232,7 @@ def add_commands(commands) -> None:
         dest="mlflow_command", required=True, metavar="COMMAND"
     )
     serve = mlflow.add_parser("serve", help="a tracking server for one machine: SQLite and local artifacts")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it)")
-    serve.add_argument("--port", type=int, default=5000)
+    add_bind_address(serve, port=5000)
     serve.add_argument(
         "--backend-store-uri", default=os.environ.get("MLFLOW_BACKEND_STORE_URI", "sqlite:///mlflow.db"),
         help="where runs and the registry are kept (default $MLFLOW_BACKEND_STORE_URI, then sqlite:///mlflow.db); "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from reid_platform.cli.common import (
     MODEL_HELP,
-    add_overrides,
+    add_run_config,
     add_section_flags,
     add_tracking_uri,
     format_table,
@@ -99,8 +99,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def add_commands(commands) -> None:
     train = commands.add_parser("train", help="train a model from a YAML config on Ray")
-    train.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
-    add_overrides(train)
+    add_run_config(train, "YAML run config, e.g. configs/demo.yaml")
     train.add_argument(
         "--base-dir", type=Path, default=None,
         help="resolve the config's relative paths against this folder (default: the current one)",
