@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from reid_platform.cluster.capacity import Optimizer, Workload, classifier_memory
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.config import LossConfig
+from reid_platform.parallel.criterion import Criterion
 from reid_platform.parallel.losses import default_chunk_size, margin_logits
 from reid_platform.parallel.row_optim import RowSGD
 
@@ -61,24 +62,26 @@ def _sharded_worker(rank, world_size, init_file, out_dir, classes, dim, batch, r
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(rank)
     loss = SPEC.model_copy(update={"sample_rate": rho})
-    build = functools.partial(
-        ShardedClassifier, rank=rank, world_size=world_size, loss=loss, optimizer=RowSGD(*SGD_SETTINGS)
-    )
+
+    def build(classes: int) -> Criterion:
+        classifier = ShardedClassifier(classes, dim, rank, world_size, loss, RowSGD(0.1, *SGD_SETTINGS))
+        return Criterion(classifier, loss)
+
     losses = []
 
     def step():
         x = torch.randn(batch, dim, requires_grad=True)
-        loss = model(x, torch.randint(0, model.num_classes, (batch,)))
-        loss.backward()
-        model.step(lr=0.1)
-        losses.append(loss.item())
+        result = criterion(x, torch.randint(0, criterion.classifier.num_classes, (batch,)))
+        result.total.backward()
+        criterion.step()
+        losses.append(result.value.item())
         dist.barrier()
 
-    model = build(1000, dim)
+    criterion = build(1000)
     step()  # pages in the kernels' code and the collectives' buffers: part of the baseline
-    del model
+    del criterion
     baseline = peak_rss_bytes()
-    model = build(classes, dim)
+    criterion = build(classes)
     times = _timed_steps(step, steps)
     result = {"step_s": statistics.median(times), "peak_rss_mb": (peak_rss_bytes() - baseline) / MB, "loss": losses[-1]}
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))

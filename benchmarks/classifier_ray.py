@@ -29,6 +29,8 @@ from ray.train.torch import TorchTrainer
 
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.config import LossConfig
+from reid_platform.parallel.criterion import Criterion
+from reid_platform.parallel.row_optim import RowSGD
 
 INPUT_DIM = 64
 
@@ -44,22 +46,22 @@ def loop(config: dict) -> None:
     torch.manual_seed(rank)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     encoder = ray.train.torch.prepare_model(torch.nn.Linear(INPUT_DIM, config["dim"]))
-    classifier = ShardedClassifier(
-        config["classes"], config["dim"], rank, world_size,
-        LossConfig(name="circle", scale=64.0, margin=0.25, sample_rate=config["rho"]),
-    )  # fmt: skip
+    loss = LossConfig(name="circle", scale=64.0, margin=0.25, sample_rate=config["rho"])
+    row_sgd = RowSGD(config["lr"], momentum=0.9, weight_decay=0.0)
+    classifier = ShardedClassifier(config["classes"], config["dim"], rank, world_size, loss, row_sgd)
+    criterion = Criterion(classifier, loss)
     optimizer = torch.optim.SGD(encoder.parameters(), lr=config["lr"], momentum=0.9)
     pool = torch.linspace(0, config["classes"] - 1, config["pool"]).long()
     losses, started = [], time.perf_counter()
     for step in range(config["steps"]):
         labels = pool[torch.randint(len(pool), (config["batch"],))]
         inputs = prototypes(labels) + 0.3 * torch.randn(config["batch"], INPUT_DIM)
-        loss = classifier(encoder(inputs), labels)
+        result = criterion(encoder(inputs), labels)
         optimizer.zero_grad()
-        loss.backward()
+        result.total.backward()
         optimizer.step()
-        classifier.step(config["lr"])
-        losses.append(loss.item())
+        criterion.step()
+        losses.append(result.value.item())
     elapsed = time.perf_counter() - started
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
     metrics = {"losses": losses, "steps_per_s": len(losses) / elapsed, "peak_rss_mb": peak_mb}

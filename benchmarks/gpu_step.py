@@ -28,6 +28,7 @@ from reid_platform.model.config import ModelConfig  # noqa: E402
 from reid_platform.parallel.classifier import ShardedClassifier  # noqa: E402
 from reid_platform.parallel.config import LossConfig  # noqa: E402
 from reid_platform.parallel.criterion import Criterion  # noqa: E402
+from reid_platform.parallel.row_optim import RowSGD  # noqa: E402
 from reid_platform.train.step import StepSettings, train_step  # noqa: E402
 
 VARIANTS = {
@@ -44,21 +45,23 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
     torch.manual_seed(0)
     model = settings.prepare_model(ReIDNet(ModelConfig(arch=args.arch, last_stride=1)).to(device)).train()
     loss = LossConfig(name="circle", scale=128.0, margin=0.25)
-    criterion = Criterion(ShardedClassifier(args.classes, model.feature_dim, 0, 1, loss, device=device), loss)
+    row_sgd = RowSGD(lr=0.1, momentum=0.9, weight_decay=0.0)
+    classifier = ShardedClassifier(args.classes, model.feature_dim, 0, 1, loss, row_sgd, device=device)
+    criterion = Criterion(classifier, loss)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch_size, 3, args.height, args.width, generator=generator).to(device)
     labels = torch.randint(0, args.classes, (args.batch_size,), generator=generator).to(device)
 
-    first_loss = train_step(model, criterion, optimizer, images, labels, 0.1, settings).item()
+    first_loss = train_step(model, criterion, optimizer, images, labels, 1.0, settings).item()
     for _ in range(args.warmup - 1):
-        train_step(model, criterion, optimizer, images, labels, 0.1, settings)
+        train_step(model, criterion, optimizer, images, labels, 1.0, settings)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for _ in range(args.steps):
-        loss = train_step(model, criterion, optimizer, images, labels, 0.1, settings)
+        loss = train_step(model, criterion, optimizer, images, labels, 1.0, settings)
     last_loss = loss.item()  # waits for the queued steps
     elapsed = time.perf_counter() - started
     return {

@@ -59,7 +59,7 @@ def train_and_evaluate(rank: int, world_size: int, shards: str, cores: int, over
     torch.set_num_threads(max(1, cores // world_size))
     cfg = run_config(Path(shards), world_size, cores, overrides)
     device = torch.device("cpu")
-    engine = Engine(cfg, ShardDataset.open(shards), Partition(rank, world_size), device)
+    engine = Engine(cfg, ShardDataset.open(shards), device)
     started = time.perf_counter()
     records = [outcome.record for outcome in engine.run()]
     result = {

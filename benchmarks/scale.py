@@ -269,13 +269,12 @@ def _resume_rank(rank: int, world_size: int, settings: list[str], checkpoint: st
 
     from reid_platform.config import load_config
     from reid_platform.data.manifest import ShardDataset
-    from reid_platform.input.partition import Partition
     from reid_platform.train.checkpoint import open_checkpoint
     from reid_platform.train.engine import Engine
 
     torch.set_num_threads(max(1, 2 // world_size))
     cfg = load_config(REPO / "configs/demo.yaml", settings).on_workers(world_size)
-    engine = Engine(cfg, ShardDataset.open(cfg.data.shards), Partition(rank, world_size), torch.device("cpu"))
+    engine = Engine(cfg, ShardDataset.open(cfg.data.shards), torch.device("cpu"))
     directory = Path(checkpoint)
     _drop_cache(directory)
     started = time.perf_counter()

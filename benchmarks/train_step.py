@@ -30,7 +30,6 @@ from common import GLOBAL_BATCH, PlainLoop, on_engines, run_config, synthetic_sh
 
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.input.backend import train_loader
-from reid_platform.input.partition import Partition
 from reid_platform.train.engine import Engine
 from reid_platform.train.step import PHASES, PhaseTimer
 
@@ -50,7 +49,7 @@ def engine_steps(rank: int, world_size: int, shards: str, cores: int, args) -> d
     cfg = run_config(Path(shards), world_size, cores, args.set)
     torch.set_num_threads(max(1, cores // world_size))
     device = torch.device("cpu")
-    engine = Engine(cfg, ShardDataset.open(shards), Partition(rank, world_size), device)
+    engine = Engine(cfg, ShardDataset.open(shards), device)
     engine.evaluate_untrained()  # as every run does first: it must leave nothing behind that slows the steps
     engine.timer = PhaseTimer(device)
     engine.model.train()

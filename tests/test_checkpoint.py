@@ -9,7 +9,8 @@ from reid_platform.errors import ModelFormatError
 from reid_platform.model.artifact import load_model_dir, save_model_dir
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import ModelConfig, Preprocessing
-from reid_platform.parallel.classifier import ShardedClassifier, saved_shards, write_shards
+from reid_platform.parallel.classifier import ShardedClassifier
+from reid_platform.parallel.classifier_files import saved_shards, write_shards
 
 CLASSES, DIM = 10, 6
 

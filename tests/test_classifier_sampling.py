@@ -52,13 +52,13 @@ def test_sampled_loss_is_the_exact_loss_over_the_sampled_classes():
 
 
 def test_only_sampled_rows_and_their_momentum_change():
-    model = ShardedClassifier(200, 8, loss=sampling(0.1), optimizer=RowSGD(0.9, 5e-4))
+    model = ShardedClassifier(200, 8, loss=sampling(0.1), optimizer=RowSGD(0.1, 0.9, 5e-4))
     before = model.weight.detach().clone()
     x = torch.randn(16, 8, requires_grad=True)
     model(x, torch.randint(0, 200, (16,))).backward()
     rows = model._active[0]
     assert model.weight.grad is None  # no dense gradient at all
-    model.step(lr=0.1)
+    model.step()
     untouched = torch.ones(200, dtype=torch.bool)
     untouched[rows] = False
     assert torch.equal(model.weight.detach()[untouched], before[untouched])
@@ -68,14 +68,14 @@ def test_only_sampled_rows_and_their_momentum_change():
 
 
 def test_full_rate_step_matches_torch_sgd():
-    model = ShardedClassifier(30, 8, loss=SPEC, optimizer=RowSGD(0.9, 1e-3))
+    model = ShardedClassifier(30, 8, loss=SPEC, optimizer=RowSGD(0.05, 0.9, 1e-3))
     reference = torch.nn.Parameter(model.weight.detach().clone())
     optimizer = torch.optim.SGD([reference], lr=0.05, momentum=0.9, weight_decay=1e-3)
     for step in range(3):
         x = torch.randn(10, 8, generator=torch.Generator().manual_seed(step))
         labels = torch.arange(10) * 3
         model(x, labels).backward()
-        model.step(lr=0.05)
+        model.step()
         optimizer.zero_grad()
         sharded_margin_loss(x, reference, labels, SPEC).backward()
         optimizer.step()
@@ -86,7 +86,7 @@ def test_full_rate_step_matches_torch_sgd():
 def test_step_without_backward_is_an_error():
     model = ShardedClassifier(10, 4)
     try:
-        model.step(0.1)
+        model.step()
     except RuntimeError as error:
         assert "forward and backward" in str(error)
     else:

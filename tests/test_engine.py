@@ -13,7 +13,7 @@ import torch
 
 from reid_platform.config import load_config
 from reid_platform.data.manifest import ShardDataset
-from reid_platform.input.partition import Partition, steps_per_epoch
+from reid_platform.input.partition import steps_per_epoch
 from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
 from reid_platform.train.engine import Engine
 from tests.gloo import run_gloo
@@ -44,12 +44,13 @@ def global_batches(count: int, num_classes: int, seed: int = 0) -> list[tuple[to
     ]  # fmt: skip
 
 
-def engine_for(rank: int, world_size: int, shards: Path, overrides: dict | None = None, dtype=torch.float64) -> Engine:
+def engine_for(shards: Path, overrides: dict | None = None, dtype=torch.float64) -> Engine:
     """An engine in float64 unless asked otherwise: 1 and W ranks sum in different orders, and only in
-    float64 is the rounding of that far below what a wrong gradient would change, on any CPU."""
+    float64 is the rounding of that far below what a wrong gradient would change, on any CPU. Its rank
+    and world size are the process group's."""
     torch.set_num_threads(1)
     cfg = tiny_config(shards, **(overrides or {}))
-    return Engine(cfg, ShardDataset.open(shards), Partition(rank, world_size), torch.device("cpu"), dtype)
+    return Engine(cfg, ShardDataset.open(shards), torch.device("cpu"), dtype)
 
 
 def frozen_norm_steps(engine: Engine, batches, rank: int, world_size: int, epochs_done: float = 1.0) -> None:
@@ -102,7 +103,7 @@ def resume_and_step(
     rank: int, world_size: int, shards: Path, batches, resume_from: str | None, overrides: dict | None = None
 ) -> tuple[dict | None, dict]:
     """(the state just loaded from ``resume_from``, the state after ``batches``)."""
-    engine = engine_for(rank, world_size, shards, overrides)
+    engine = engine_for(shards, overrides)
     loaded = None
     if resume_from is not None:
         with open_checkpoint(Path(resume_from)) as state:
@@ -113,7 +114,7 @@ def resume_and_step(
 
 
 def train_and_save(rank: int, world_size: int, shards: Path, batches, directory: str, overrides=None) -> dict:
-    engine = engine_for(rank, world_size, shards, overrides)
+    engine = engine_for(shards, overrides)
     frozen_norm_steps(engine, batches, rank, world_size)
     save_checkpoint(engine.state_dict(), Path(directory), rank)  # every rank into the same folder
     return snapshot(engine)
@@ -125,7 +126,7 @@ def test_one_step_from_the_same_global_batch_is_the_same_update_on_any_world_siz
     single = step_on_ranks(0, 1, tiny_shards, batches)
     assert_same_training([run_gloo(world_size, step_on_ranks, tiny_shards, batches)], single)
     # and the step did something: the backbone and every classifier row moved
-    untouched = engine_for(0, 1, tiny_shards)
+    untouched = engine_for(tiny_shards)
     moved = single["backbone"]["projection.weight"] - untouched.network.state_dict()["projection.weight"]
     assert moved.abs().max() > 1e-4
     assert (single["rows"][1] != untouched.classifier.weight.detach()).any(dim=1).all()
@@ -156,7 +157,7 @@ def test_a_resume_at_another_world_size_loads_the_same_state_and_trains_on_the_s
 
 def test_run_reports_every_epoch_with_counts_from_the_data(tiny_shards):
     """One process, the real DALI input: the untrained evaluation, then one record per epoch."""
-    engine = engine_for(0, 1, tiny_shards, dtype=torch.float32)  # as a run trains
+    engine = engine_for(tiny_shards, dtype=torch.float32)  # as a run trains
     steps = steps_per_epoch(engine.dataset.split("train").samples, 1, engine.cfg.input.batch_size)
     records = [outcome.record for outcome in engine.run()]
     assert [r.epoch for r in records] == [1, 2] and engine.progress.epoch == 2
@@ -181,7 +182,7 @@ def test_with_sync_bn_batchnorm_in_training_mode_gives_the_same_update_on_any_sp
 
 
 def freeze_steps(rank: int, world_size: int, shards: Path, batches) -> dict:
-    engine = engine_for(rank, world_size, shards, {"train.freeze_backbone_epochs": 1})
+    engine = engine_for(shards, {"train.freeze_backbone_epochs": 1})
     before = snapshot(engine)
     frozen_norm_steps(engine, batches, rank, world_size, epochs_done=0.5)  # inside the warm-up
     during = snapshot(engine)

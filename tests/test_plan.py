@@ -84,14 +84,14 @@ def test_classifier_bytes_are_those_of_a_real_shard_after_a_step(workers, sample
     embeddings = torch.randn(workload.global_batch, DIM, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = classifier.global_loss(embeddings, labels)
+        loss = classifier(embeddings, labels)
     loss.backward()
     rows, active = classifier._active
     assert active.grad.nbytes == predicted.active_gradient
     assert (active.nbytes + rows.nbytes if rows is not None else 0) == predicted.active_rows
     logits = [t for t in saved if t.shape == (workload.global_batch, active.shape[0])]
     assert logits[0].nbytes == predicted.logits
-    classifier.step(lr=0.1)
+    classifier.step()
     held = tensor_bytes([*classifier.parameters(), *classifier.buffers()])
     assert held == predicted.weights + predicted.optimizer_state
     assert predicted.weights == tensor_bytes(classifier.parameters())

@@ -123,7 +123,7 @@ def label_smoothing_rank(rank: int, world_size: int, loss: LossConfig) -> dict:
     classifier = ShardedClassifier(CLASSES, DIM, rank, world_size, loss).double()
     share = len(LABELS) // world_size
     x = inputs(2)[rank * share : (rank + 1) * share].clone().requires_grad_(True)
-    value = classifier(x, LABELS[rank * share : (rank + 1) * share])
+    value = Criterion(classifier, loss)(x, LABELS[rank * share : (rank + 1) * share]).total
     value.backward()
     return {"value": value.detach(), "rows": classifier.weight.grad, "x": x.grad}
 
@@ -218,14 +218,15 @@ def test_row_wise_adam_at_full_rate_is_torch_adam(decoupled, block_rows, monkeyp
     division by the root of tiny second moments amplifies)."""
     monkeypatch.setattr(row_optim, "UPDATE_BLOCK_ROWS", block_rows)
     loss = LossConfig(name="circle", scale=32.0, margin=0.25)
-    model = ShardedClassifier(30, 8, loss=loss, optimizer=RowAdam((0.9, 0.99), 1e-8, 1e-2, decoupled)).double()
+    row_adam = RowAdam(0.01, (0.9, 0.99), 1e-8, 1e-2, decoupled)
+    model = ShardedClassifier(30, 8, loss=loss, optimizer=row_adam).double()
     reference = torch.nn.Parameter(model.weight.detach().clone())
     adam = (torch.optim.AdamW if decoupled else torch.optim.Adam)([reference], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-2)
     for step in range(5):
         x = torch.randn(10, 8, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
         labels = torch.arange(10) * 3
         model(x, labels).backward()
-        model.step(lr=0.01)
+        model.step()
         adam.zero_grad()
         sharded_margin_loss(x, reference, labels, loss).backward()
         adam.step()
@@ -237,13 +238,14 @@ def test_row_wise_adam_at_full_rate_is_torch_adam(decoupled, block_rows, monkeyp
 
 def test_sampled_rows_take_lazy_adam_steps_and_the_others_rest():
     loss = LossConfig(name="circle", scale=32.0, margin=0.25, sample_rate=0.1)
-    model = ShardedClassifier(200, 8, loss=loss, optimizer=RowAdam((0.9, 0.999), 1e-8, 0.0, decoupled=False))
+    row_adam = RowAdam(0.01, (0.9, 0.999), 1e-8, 0.0, decoupled=False)
+    model = ShardedClassifier(200, 8, loss=loss, optimizer=row_adam)
     before = model.weight.detach().clone()
     drawn = torch.zeros(200, dtype=torch.bool)
     for step in range(3):
         model(torch.randn(16, 8), torch.randint(0, 200, (16,))).backward()
         drawn[model._active[0]] = True
-        model.step(lr=0.01)
+        model.step()
     steps = model.state("steps").squeeze(1)
     assert (steps[~drawn] == 0).all() and (steps[drawn] >= 1).all() and steps.max() <= 3
     assert torch.equal(model.weight.detach()[~drawn], before[~drawn])
@@ -255,7 +257,7 @@ def test_a_classifier_saved_with_another_optimizer_is_refused_by_name():
     from reid_platform.errors import ModelFormatError
 
     sgd = ShardedClassifier(10, 4)
-    adam = ShardedClassifier(10, 4, optimizer=RowAdam((0.9, 0.999), 1e-8, 0.0, decoupled=False))
+    adam = ShardedClassifier(10, 4, optimizer=RowAdam(0.01, (0.9, 0.999), 1e-8, 0.0, decoupled=False))
     with pytest.raises(ModelFormatError, match="have no exp_avg, exp_avg_sq, steps state but momentum: saved with another train.optimizer"):
         adam.load_shards([sgd.shard_state()])
 

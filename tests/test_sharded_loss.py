@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from reid_platform.parallel.classifier import ShardedClassifier, shard_range
 from reid_platform.parallel.config import LossConfig
+from reid_platform.parallel.criterion import Criterion
 from reid_platform.parallel.losses import sharded_margin_loss
 from tests.gloo import run_gloo
 from tests.tolerances import FLOAT64
@@ -66,7 +67,7 @@ def sharded_rank(rank, world_size, spec):
     with torch.no_grad():
         model.weight.copy_(weight[model.start : model.end])
     local = embeddings[rank * PER_RANK : (rank + 1) * PER_RANK].clone().requires_grad_(True)
-    loss = model(local, labels[rank * PER_RANK : (rank + 1) * PER_RANK])
+    loss = Criterion(model, spec)(local, labels[rank * PER_RANK : (rank + 1) * PER_RANK]).total
     loss.backward()
     return {"loss": loss.detach(), "x_grad": local.grad, "w_grad": model.weight.grad, "rows": (model.start, model.end)}
 
@@ -137,7 +138,7 @@ def ddp_backbone_rank(rank, world_size, spec):
     with torch.no_grad():
         classifier.weight.copy_(weight[classifier.start : classifier.end])
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    classifier(model(inputs[mine]), labels[mine]).backward()
+    Criterion(classifier, spec)(model(inputs[mine]), labels[mine]).total.backward()
     return {name: p.grad for name, p in backbone.named_parameters()}
 
 

@@ -28,7 +28,7 @@ def one_step(settings: StepSettings) -> tuple[float, torch.Tensor, torch.Tensor]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(8, 3, 64, 32, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(8) % 10
-    value = train_step(model, Criterion(classifier, loss), optimizer, images, labels, 0.1, settings)
+    value = train_step(model, Criterion(classifier, loss), optimizer, images, labels, 1.0, settings)
     return value.item(), copy.deepcopy(model.projection.weight.detach()), classifier.weight.detach().clone()
 
 

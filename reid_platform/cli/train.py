@@ -75,9 +75,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     dataset = ShardDataset.open(args.data)
     with tempfile.TemporaryDirectory() as scratch:
         model, preprocessing = load_model(args.model, args.tracking_uri, Path(scratch))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    partition = Partition(0, 1, 0 if cuda else None)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    partition = Partition.of_process_group(device)
     # the model's preprocessing, read with every core of this machine
     reader = InputConfig.model_validate({**preprocessing.model_dump(), "num_threads": os.cpu_count() or 1})
     evaluation = evaluate_model(model.to(device), dataset, reader, partition, device, settings, progress=True)

@@ -14,6 +14,7 @@ import torch
 
 from reid_platform.errors import EvaluationError
 
+
 @dataclass(frozen=True)
 class FeatureSet:
     features: torch.Tensor  # (N, d)

@@ -8,6 +8,7 @@ import torch
 
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.errors import DatasetError
+from reid_platform.parallel.comm import world
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,12 @@ class Partition:
     rank: int = 0
     world_size: int = 1
     device_id: int | None = None  # None: CPU only
+
+    @classmethod
+    def of_process_group(cls, device: torch.device) -> Partition:
+        """This process's part: its rank and world size in the default process group (0 of 1 without
+        one), read on ``device`` (a GPU's index, or the CPU)."""
+        return cls(*world(), device.index if device.type == "cuda" else None)
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:

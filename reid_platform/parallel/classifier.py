@@ -1,9 +1,8 @@
 """Model-parallel classifier: each worker owns a contiguous slice of the class-weight rows.
 
-Forward, on every rank:
+Forward, on every rank, from the global batch (X, Y) that ``parallel.criterion.Criterion`` gathers
+(``comm.gather_global_batch``, whose backward carries the gradient contract below):
 
-    X = all_gather(embeddings)            (global batch x d; see comm.gather_global_batch for its backward)
-    Y = all_gather(labels)
     rows = every local class in Y + random local negatives, up to sample_rate x C_r (Partial FC)
     loss = sharded_margin_loss(X, W_r[rows])  (chunked; distributed log-sum-exp over ranks)
 
@@ -11,38 +10,30 @@ Communication per step, whatever the number of classes: a gather of the B x d fe
 labels, two all-reduces of B-vectors (the row maximum; the sums of exponentials and positive logits),
 and in backward one all-reduce of the gathered features' gradient (W*B x d, the largest transfer).
 The weight is not in DDP: its gradient is already complete on the owner because every rank sees the
-whole global batch. The classifier updates its own rows (``row_optim.py``: SGD, Adam or AdamW), so
-that with sampling only the sampled rows and their optimizer state are touched.
+whole global batch. The classifier updates its own rows (``row_optim.py``: SGD, Adam or AdamW, which
+holds the base learning rate), so that with sampling only the sampled rows and their optimizer state
+are touched.
 
-Gradient contract: the gradient this module sends back to each rank's embeddings is what a DDP
-backbone needs (DDP's averaging over ranks is compensated inside the gather); callers scale nothing.
+Gradient contract: through the gather, the gradient sent back to each rank's embeddings is what a
+DDP backbone needs (DDP's averaging over ranks is compensated inside the gather); callers scale nothing.
 
 State is world-size independent: each rank's rows are kept under their global row range, so a run
-saved with W workers loads with any other W' (each rank reads just the rows it now owns).
+saved with W workers loads with any other W' (each rank reads just the rows it now owns; the files
+are ``classifier_files.py``'s).
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from reid_platform.errors import ModelFormatError
-from reid_platform.parallel.comm import gather_global_batch
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.losses import columns_in_range, sharded_margin_loss
 from reid_platform.parallel.row_optim import RowOptimizer, RowSGD, update_rows
 
-SHARD_FILE = "rows-{start:012d}-{end:012d}.safetensors"
-ROWS_NAME = re.compile(r"rows-(\d{12})-(\d{12})\.safetensors")
-LAYOUT_FILE = "classifier.json"
 INIT_BLOCK_ROWS = 4096
 
 
@@ -80,7 +71,7 @@ class ShardedClassifier(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         loss: LossConfig = LossConfig(),
-        optimizer: RowOptimizer = RowSGD(momentum=0.9, weight_decay=0.0),
+        optimizer: RowOptimizer = RowSGD(lr=0.1, momentum=0.9, weight_decay=0.0),
         seed: int = 0,
         device: torch.device | str = "cpu",
     ):
@@ -121,15 +112,11 @@ class ShardedClassifier(nn.Module):
         return rows, torch.where(target >= 0, remapped, -1)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Margin loss of the global batch over all classes of all ranks, from this rank's part of it.
+        """Margin loss of the global batch (the same on every rank) over all classes of all ranks.
 
-        The gradient reaching ``embeddings`` is the world size times this rank's share of the
-        global-batch loss's gradient (``comm.gather_global_batch``): what a DDP backbone needs.
+        ``embeddings`` and ``labels`` are the whole global batch, as ``comm.gather_global_batch``
+        gives it (``Criterion`` gathers it; in one process, the batch itself).
         """
-        return self.global_loss(*gather_global_batch(embeddings, labels))
-
-    def global_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``forward`` on the global batch gathered already (by a caller that shares it with other losses)."""
         target = self.local_target(labels)
         if self.sample_rate < 1.0 and self.training:
             rows, target = self.sample_rows(target)
@@ -144,8 +131,9 @@ class ShardedClassifier(nn.Module):
         return getattr(self, f"state_{name}")
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
-        """The row optimizer's update of the rows the last forward used.
+    def step(self, lr_factor: float = 1.0) -> None:
+        """The row optimizer's update of the rows the last forward used, at its learning rate times
+        ``lr_factor`` (the schedule's).
 
         Only those rows and their state are read and written (all rows at sample rate 1).
         """
@@ -157,7 +145,7 @@ class ShardedClassifier(nn.Module):
             weight, state = self.weight.data, {name: self.state(name) for name in names}
         else:
             weight, state = active.detach(), {name: self.state(name)[rows] for name in names}
-        update_rows(self.optimizer, weight, active.grad, state, lr)
+        update_rows(self.optimizer, weight, active.grad, state, self.optimizer.lr * lr_factor)
         if rows is not None:
             self.weight.data.index_copy_(0, rows, weight)
             for name in names:
@@ -212,34 +200,3 @@ class ShardedClassifier(nn.Module):
                 f"{where}: classifier slices cover {int(filled.sum())} of rows [{self.start}, {self.end}); "
                 f"row {missing} is in none"
             )
-
-
-def write_shards(states: Iterable[dict], directory: Path) -> None:
-    """Write ``shard_state()``s, one safetensors file per slice named by its global row range."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for state in states:
-        for rows in state["slices"]:
-            tensors = {name: tensor.contiguous().cpu() for name, tensor in rows.items() if name not in ("start", "end")}
-            save_file(tensors, directory / SHARD_FILE.format(start=rows["start"], end=rows["end"]))
-        # every rank writes the same layout into its copy of the checkpoint
-        (directory / LAYOUT_FILE).write_text(json.dumps({"num_classes": state["num_classes"], "dim": state["dim"]}))
-
-
-@contextmanager
-def saved_shards(directory: Path) -> Iterator[list[dict]]:
-    """The shard states ``write_shards`` left in ``directory`` (by every rank of a run), their
-    tensors read lazily while the context is open: pass them to ``load_shards``."""
-    try:
-        layout = json.loads((directory / LAYOUT_FILE).read_text())
-    except FileNotFoundError:
-        raise ModelFormatError(f"{directory}: not a classifier checkpoint (no {LAYOUT_FILE})") from None
-    with ExitStack() as files:
-        slices = []
-        for path in sorted(directory.glob("rows-*.safetensors")):
-            match = ROWS_NAME.fullmatch(path.name)
-            if match is None:
-                raise ModelFormatError(f"{path}: not a classifier slice name ({SHARD_FILE})")
-            opened = files.enter_context(safe_open(path, framework="pt"))
-            start, end = int(match.group(1)), int(match.group(2))
-            slices.append({"start": start, "end": end, **{name: opened.get_slice(name) for name in opened.keys()}})
-        yield [{**layout, "slices": slices}]

@@ -1,5 +1,6 @@
-"""The training loss of one rank: the class-level margin loss over the sharded classifier, plus the
-pair-wise loss when the config asks for one, both on the global batch gathered once.
+"""The training loss of one rank, the one way to it: the class-level margin loss over the sharded
+classifier, plus the pair-wise loss when the config asks for one, both on the global batch gathered
+once; and the classifier's update after the backward (``Criterion.step``).
 
 Both keep the gradient contract of ``comm.gather_global_batch`` (every rank computes its share; the
 gather's backward sums the shares and compensates DDP's average), so the backbone's gradient is the
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from reid_platform.parallel.classifier import ShardedClassifier
-from reid_platform.parallel.comm import all_reduce, gather_global_batch, world
+from reid_platform.parallel.comm import all_reduce, gather_global_batch
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.pairwise import pairwise_share
 
@@ -26,19 +27,29 @@ class Losses:
 
 
 class Criterion(nn.Module):
+    """The losses of the global batch from this rank's part of it (``embeddings``, ``labels``).
+
+    The classifier holds this process's shard (its rank and world size are the process group's):
+    its rank also says which rows of the gathered batch are this rank's.
+    """
+
     def __init__(self, classifier: ShardedClassifier, cfg: LossConfig):
         super().__init__()
         self.classifier, self.cfg = classifier, cfg
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Losses:
         batch, batch_labels = gather_global_batch(embeddings, labels)
-        class_level = self.classifier.global_loss(batch, batch_labels)  # already the global value
+        class_level = self.classifier(batch, batch_labels)  # already the global value
         pairwise = self.cfg.pairwise
         if pairwise is None:
             return Losses(class_level, class_level.detach())
-        rank, _ = world()
+        rank = self.classifier.rank
         anchors = slice(rank * embeddings.shape[0], (rank + 1) * embeddings.shape[0])
         share = pairwise.weight * pairwise_share(batch, batch_labels, anchors, pairwise)
         whole = share.detach().clone()
         all_reduce(whole)  # the shares of every rank: the global batch's pair-wise loss, for reporting
         return Losses(class_level + share, class_level.detach() + whole)
+
+    def step(self, lr_factor: float = 1.0) -> None:
+        """The classifier's update after the backward, at its optimizer's rate times ``lr_factor``."""
+        self.classifier.step(lr_factor)

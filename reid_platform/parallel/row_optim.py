@@ -3,7 +3,9 @@
 ``torch.optim`` would visit every row of a million-class shard and allocate full-size temporaries;
 these read and write only the rows the step used (all of them at sample rate 1, the sampled ones
 with Partial FC sampling), a block of rows at a time (``update_rows``). Each keeps its state per
-row, under names the checkpoints store.
+row, under names the checkpoints store, and holds its base learning rate (``lr``), as torch's
+optimizers do; ``update`` gets the rate of the step (``ShardedClassifier.step``: ``lr`` times the
+schedule's factor).
 
 At sample rate 1 they are exactly ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (tested over several
 steps). With sampling, Adam is *lazy*: a row that was not drawn keeps its moments and its own step
@@ -25,6 +27,7 @@ UPDATE_BLOCK_ROWS = 1024
 
 
 class RowOptimizer(Protocol):
+    lr: float
     state_names: tuple[str, ...]
 
     def initial_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]: ...
@@ -37,8 +40,8 @@ class RowSGD:
 
     state_names = ("momentum",)
 
-    def __init__(self, momentum: float, weight_decay: float):
-        self.momentum, self.weight_decay = momentum, weight_decay
+    def __init__(self, lr: float, momentum: float, weight_decay: float):
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
 
     def initial_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"momentum": torch.zeros_like(weight)}
@@ -54,8 +57,11 @@ class RowAdam:
 
     state_names = ("exp_avg", "exp_avg_sq", "steps")
 
-    def __init__(self, betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool):
-        self.betas, self.eps, self.weight_decay, self.decoupled = betas, eps, weight_decay, decoupled
+    def __init__(
+        self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool
+    ):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.weight_decay, self.decoupled = weight_decay, decoupled
 
     def initial_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         steps = torch.zeros(weight.shape[0], 1, dtype=torch.float32, device=weight.device)

@@ -25,7 +25,7 @@ from reid_platform.config import RunConfig
 from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.evaluation.plots import write_pictures
-from reid_platform.input.partition import Partition
+from reid_platform.parallel.comm import world
 from reid_platform.redaction import redact_log_records
 from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
 from reid_platform.train.engine import Engine, EpochOutcome
@@ -86,16 +86,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _quiet_report_lines()
     context = ray.train.get_context()
     with _system_metrics(cfg, loop_config["run_id"], context.get_local_rank()):
-        _train(cfg, context)
+        _train(cfg)
 
 
-def _train(cfg: RunConfig, context) -> None:
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+def _train(cfg: RunConfig) -> None:
+    rank, world_size = world()  # of the process group Ray Train made: the engine's source too
     cfg = cfg.on_workers(world_size)  # an elastic group keeps the global batch whatever its size
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    partition = Partition(rank, world_size, device.index if device.type == "cuda" else None)
-    engine = Engine(cfg, ShardDataset.open(cfg.data.shards), partition, device)
+    engine = Engine(cfg, ShardDataset.open(cfg.data.shards), device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory, open_checkpoint(Path(directory)) as state:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from reid_platform.errors import ModelFormatError
-from reid_platform.parallel.classifier import saved_shards, write_shards
+from reid_platform.parallel.classifier_files import saved_shards, write_shards
 
 TRAINER_STATE = "trainer.pt"
 CLASSIFIER_DIR = "classifier"

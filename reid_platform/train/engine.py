@@ -1,14 +1,16 @@
 """The training engine: everything one worker does to train, with no Ray in it.
 
-Built from the run config, the opened dataset, this process's ``Partition`` and (for more than one
-worker) an initialised default process group, it owns the pieces and composes them:
+Built from the run config, the opened dataset and this process's device once (for more than one
+worker) the default process group is initialised: its rank and world size are the engine's
+``Partition`` (``Partition.of_process_group``), which the input and the classifier's shard follow.
+It owns the pieces and composes them:
 
     model        model.backbone.build_model; with several ranks, SyncBatchNorm (model.sync_bn) and DDP
                  are applied from outside it
     criterion    parallel.Criterion: the sharded classifier's margin loss (+ a pair-wise loss), whose
-                 gradient contract fits DDP
-    optimizer    train.optimizer on the backbone (trunk and head groups, for the freeze warm-up); the
-                 classifier updates its own rows with the row-wise twin
+                 gradient contract fits DDP, and the classifier's update (its row-wise twin of
+                 train.optimizer, at train.classifier_lr)
+    optimizer    train.optimizer on the backbone (trunk and head groups, for the freeze warm-up)
     schedule     train.schedule.lr_factor, a function of epochs done
     epoch loop   train_epoch / run: input -> step -> a record per epoch
     evaluation   evaluation.distributed.evaluate_model, after BatchNorm statistics are averaged
@@ -38,7 +40,7 @@ from reid_platform.input.backend import TrainBatches, train_loader
 from reid_platform.input.partition import Partition
 from reid_platform.model.backbone import build_model
 from reid_platform.parallel.classifier import ShardedClassifier
-from reid_platform.parallel.comm import average_buffers, world
+from reid_platform.parallel.comm import average_buffers
 from reid_platform.parallel.criterion import Criterion
 from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
 from reid_platform.train.optimizers import backbone_optimizer, classifier_optimizer
@@ -65,17 +67,12 @@ class Engine:
         self,
         cfg: RunConfig,
         dataset: ShardDataset,
-        partition: Partition,
         device: torch.device,
         dtype: torch.dtype = torch.float32,  # float64: the numerical tests' runs (StepSettings)
     ):
         self._created = time.perf_counter()
-        if world() != (partition.rank, partition.world_size):
-            raise RuntimeError(
-                f"partition {partition.rank} of {partition.world_size} does not match the process group "
-                f"(rank {world()[0]} of {world()[1]}): initialise it first"
-            )
-        self.cfg, self.dataset, self.partition, self.device = cfg, dataset, partition, device
+        self.cfg, self.dataset, self.device = cfg, dataset, device
+        self.partition = Partition.of_process_group(device)
         self.settings = StepSettings.for_device(device, cfg.train.precision, cfg.train.channels_last, dtype)
         torch.manual_seed(cfg.train.seed)
         network = build_model(cfg.model, cfg.input)
@@ -86,8 +83,8 @@ class Engine:
         self.classifier = ShardedClassifier(
             dataset.num_classes,
             self.network.feature_dim,
-            partition.rank,
-            partition.world_size,
+            self.partition.rank,
+            self.partition.world_size,
             cfg.loss,
             classifier_optimizer(cfg.train),
             seed=cfg.train.seed,
@@ -135,10 +132,6 @@ class Engine:
 
     # -- training ------------------------------------------------------------------------------
 
-    @property
-    def classifier_lr(self) -> float:
-        return self.cfg.train.classifier_lr or self.cfg.train.lr
-
     def lr_factor(self, epochs_done: float) -> float:
         train = self.cfg.train
         return lr_factor(epochs_done, train.epochs, train.warmup_epochs, train.decay_start)
@@ -156,7 +149,7 @@ class Engine:
             group["lr"] = self.cfg.train.lr * factor
         frozen = self.trunk_parameters if epochs_done < self.cfg.train.freeze_backbone_epochs else ()
         loss = train_step(
-            self.model, self.criterion, self.optimizer, images, labels, self.classifier_lr * factor,
+            self.model, self.criterion, self.optimizer, images, labels, factor,
             self.settings, self.timer, frozen,
         )  # fmt: skip
         self.progress.step += 1

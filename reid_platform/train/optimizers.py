@@ -22,6 +22,8 @@ def backbone_optimizer(groups: Iterable[dict], cfg: TrainConfig) -> torch.optim.
 
 
 def classifier_optimizer(cfg: TrainConfig) -> RowOptimizer:
+    """``cfg.optimizer`` for the classifier's rows, at ``cfg.classifier_lr`` (by default ``cfg.lr``)."""
+    lr = cfg.classifier_lr or cfg.lr
     if cfg.optimizer == "sgd":
-        return RowSGD(cfg.momentum, cfg.weight_decay)
-    return RowAdam(cfg.betas, ADAM_EPS, cfg.weight_decay, decoupled=cfg.optimizer == "adamw")
+        return RowSGD(lr, cfg.momentum, cfg.weight_decay)
+    return RowAdam(lr, cfg.betas, ADAM_EPS, cfg.weight_decay, decoupled=cfg.optimizer == "adamw")

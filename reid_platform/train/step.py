@@ -104,13 +104,15 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     labels: torch.Tensor,
-    classifier_lr: float,
+    lr_factor: float,
     settings: StepSettings,
     timer: PhaseTimer | None = None,
     frozen: Sequence[torch.nn.Parameter] = (),
 ) -> torch.Tensor:
     """Forward, backward and update of backbone and classifier; returns the global batch's loss (not
-    synchronised). ``frozen`` parameters keep their values (their gradients are dropped).
+    synchronised). The classifier steps at its optimizer's rate times ``lr_factor`` (the schedule's;
+    ``optimizer``'s rates are set by the caller). ``frozen`` parameters keep their values (their
+    gradients are dropped).
 
     ``model`` may be wrapped in DDP: the criterion's gradient contract makes DDP's average of the
     backbone gradients the gradient of the global-batch loss.
@@ -127,5 +129,5 @@ def train_step(
         for parameter in frozen:
             parameter.grad = None  # optimizers skip parameters without a gradient: no decay, no momentum
         optimizer.step()
-        criterion.classifier.step(classifier_lr)
+        criterion.step(lr_factor)
     return losses.value
