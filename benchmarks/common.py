@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reid_platform.config import RunConfig, load_config
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_dataset
+from reid_platform.data.shard_format import LABEL
 from reid_platform.data.synth import write_synthetic_market1501
 from reid_platform.parallel.losses import margin_logits
 from reid_platform.train.step import PhaseTimer
@@ -98,7 +99,7 @@ class PlainLoop:
     def step(self) -> float:
         with self.timer.phase("input"):
             images, meta = next(self.batches)
-        labels = meta[:, 0]
+        labels = meta[:, LABEL]
         self.model.train()
         with self.timer.phase("forward"):
             embeddings = self.model(images)
