@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reid_platform.config import RunConfig, load_config
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_dataset
+from reid_platform.data.shard_format import LABEL
 from reid_platform.data.synth import write_synthetic_market1501
 from reid_platform.parallel.losses import margin_logits
 from reid_platform.train.step import PhaseTimer
@@ -82,7 +83,7 @@ class PlainLoop:
     def step(self) -> float:
         with self.timer.phase("input"):
             images, meta = next(self.batches)
-        labels = meta[:, 0]
+        labels = meta[:, LABEL]
         self.model.train()
         with self.timer.phase("forward"):
             embeddings = self.model(images)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from reid_platform.data.images import decode_problem
 from reid_platform.data.manifest import ShardDataset
-from reid_platform.data.sample_table import COLUMNS, SampleTable
+from reid_platform.data.sample_table import SampleTable
+from reid_platform.data.shard_format import OFFSET, SIZE
 from reid_platform.input.bad_samples import undecodable
 
 
@@ -15,7 +16,7 @@ def damage_sample(dataset: ShardDataset, split: str, position: int = 0, lenient_
     """Zero 8 bytes of the JPEG headers of the ``position``-th sample of ``split``; (tar, key) damaged."""
     table = SampleTable.read(dataset, split)
     tar, key = table.tars[table.shard[position]], table.key(position)
-    offset, size = (int(table.rows[position, COLUMNS.index(name)]) for name in ("offset", "size"))
+    offset, size = int(table.rows[position, OFFSET]), int(table.rows[position, SIZE])
     data = bytearray(Path(tar).read_bytes())
     jpeg = bytes(data[offset : offset + size])
     for start in range(2, min(size - 8, 800)):

@@ -14,8 +14,9 @@ import pytest
 
 from reid_platform.data.images import decode_problem
 from reid_platform.data.manifest import ShardDataset
-from reid_platform.data.pack import ShardCheck, decode_meta, verify_shards
-from reid_platform.data.sample_table import COLUMNS, SampleTable
+from reid_platform.data.pack import ShardCheck, verify_shards
+from reid_platform.data.sample_table import SampleTable
+from reid_platform.data.shard_format import SAMPLE_INDEX, TABLE_COLUMNS, decode_meta
 from reid_platform.errors import DatasetError
 from reid_platform.input.backend import train_loader
 from reid_platform.input.config import InputConfig
@@ -46,9 +47,10 @@ def test_sample_tables_hold_every_meta_member_and_the_jpeg_offsets(tiny_dataset)
                 for name in sorted(members):
                     if name.endswith(".jpg"):
                         meta = decode_meta(archive.extractfile(members[name.replace(".jpg", ".meta")]).read())
-                        expected.append([*meta.values(), members[name].offset_data, members[name].size])
-        assert sorted(table.rows.tolist()) == sorted(expected) and table.rows.shape == (info.samples, len(COLUMNS))
-        assert sorted(table.meta[:, 3].tolist()) == list(range(info.samples))
+                        expected.append([*meta.tolist(), members[name].offset_data, members[name].size])
+        assert sorted(table.rows.tolist()) == sorted(expected)
+        assert table.rows.shape == (info.samples, len(TABLE_COLUMNS))
+        assert sorted(table.meta[:, SAMPLE_INDEX].tolist()) == list(range(info.samples))
         first = table.reader()(np.array([0]))[0].tobytes()
         assert decode_problem(first) == "" and first[:2] == b"\xff\xd8"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -22,7 +23,15 @@ from reid_platform.data.datasets import (
     with_labels,
 )
 from reid_platform.data.manifest import MANIFEST, Manifest, ShardDataset, files_sha256
-from reid_platform.data.pack import PackOptions, decode_meta, pack_dataset, verify_shards
+from reid_platform.data.pack import PackOptions, pack_dataset, verify_shards
+from reid_platform.data.shard_format import (
+    LABEL,
+    SAMPLE_INDEX,
+    decode_meta,
+    index_sample_count,
+    read_index,
+    write_index,
+)
 from reid_platform.data.synth import write_synthetic_market1501
 from reid_platform.errors import ConfigError, DatasetError
 
@@ -209,7 +218,7 @@ def test_manifest_matches_shards(tiny_shards):
                 names = archive.getnames()
                 metas = [decode_meta(archive.extractfile(n).read()) for n in names if n.endswith(".meta")]
             keys += [n.split(".", 1)[0] for n in names]
-            indices += [m["index"] for m in metas]
+            indices += [m[SAMPLE_INDEX] for m in metas]
             assert all("." not in key for key in keys)
             assert len(metas) == shard["samples"]
         assert len(set(keys)) == info["samples"]
@@ -217,8 +226,29 @@ def test_manifest_matches_shards(tiny_shards):
     # training samples are shuffled across shards: the first shard is not the first identities
     first = manifest["splits"]["train"]["shards"][0]
     with tarfile.open(tiny_shards / first["file"]) as archive:
-        labels = {decode_meta(archive.extractfile(n).read())["label"] for n in archive.getnames() if n.endswith(".meta")}
+        metas = [decode_meta(archive.extractfile(n).read()) for n in archive.getnames() if n.endswith(".meta")]
+    labels = {meta[LABEL] for meta in metas}
     assert len(labels) > 4
+
+
+def test_dali_index_is_written_back_as_read_and_a_malformed_line_is_named(tiny_shards, tmp_path):
+    packed = tiny_shards / Manifest.read(tiny_shards).splits["train"].shards[0].index
+    index = read_index(packed)
+    assert index.version == "v1.2" and len(index.entries) == index_sample_count(packed) == 40
+    assert set(index.entries[0].members) == {"jpg", "meta", "json"}
+    write_index(tmp_path / "copy.idx", index)
+    assert (tmp_path / "copy.idx").read_bytes() == packed.read_bytes()
+    header, first, second, *rest = packed.read_text().splitlines()
+    key, other = index.entries[0].key, index.entries[1].key
+    for number, lines, message in [
+        (1, ["v1.2", first], "not a DALI index header"),
+        (3, [header, first, second.rsplit(" ", 1)[0]], "not a DALI index line"),
+        (2, [header, first.replace(f"{key}.meta", f"{other}.meta")], f"member meta .* {other}.meta of sample {key}"),
+    ]:
+        broken = tmp_path / "broken.idx"
+        broken.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DatasetError, match=rf"^{re.escape(str(broken))}:{number}: {message}.*; repack the shard$"):
+            read_index(broken)
 
 
 def test_packing_is_deterministic_in_parallel_and_resizes(tiny_market, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from reid_platform.data.datasets import load_dataset, load_market1501, with_labe
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_splits
 from reid_platform.data.sample_table import SampleTable
+from reid_platform.data.shard_format import CAMERA_ID, LABEL, PERSON_ID, SAMPLE_INDEX
 from reid_platform.errors import DatasetError
 from reid_platform.input.backend import eval_batches as eval_batches_for
 from reid_platform.input.backend import train_loader
@@ -74,10 +75,11 @@ def test_eval_pipeline_reads_each_sample_once_with_ids(tiny_market, tiny_dataset
             assert images.shape[1:] == (3, 64, 32)
             metas.append(meta)
     meta = torch.cat(metas)
-    assert sorted(meta[:, 3].tolist()) == list(range(len(expected)))
-    by_index = {int(row[3]): row for row in meta}
+    assert sorted(meta[:, SAMPLE_INDEX].tolist()) == list(range(len(expected)))
+    by_index = {int(row[SAMPLE_INDEX]): row for row in meta}
     for index, sample in enumerate(expected):
-        assert (int(by_index[index][1]), int(by_index[index][2])) == (sample.person_id, sample.camera_id)
+        row = by_index[index]
+        assert (int(row[PERSON_ID]), int(row[CAMERA_ID])) == (sample.person_id, sample.camera_id)
 
 
 def test_dali_and_torch_backends_apply_the_same_augmentation(tiny_dataset):
@@ -106,7 +108,7 @@ def test_torch_backend_evaluation_reads_every_sample_once(tiny_dataset):
             torch.cat([m for _, m in eval_batches_for(tiny_dataset, "gallery", Partition(r, world_size), cfg, 16)])
             for r in range(world_size)
         ]
-        indices = torch.cat(metas)[:, 3].sort().values
+        indices = torch.cat(metas)[:, SAMPLE_INDEX].sort().values
         assert torch.equal(indices, torch.arange(tiny_dataset.split("gallery").samples))
     # three ranks for one query shard: two of them read nothing, and say so with no batches
     assert len(tiny_dataset.split("query").tars) == 1
@@ -115,10 +117,10 @@ def test_torch_backend_evaluation_reads_every_sample_once(tiny_dataset):
 
 def test_identity_sampler_gives_p_identities_of_k_images(tiny_dataset):
     table = SampleTable.read(tiny_dataset)
-    assert sorted(table.meta[:, 3].tolist()) == list(range(tiny_dataset.split("train").samples))
-    batches = identity_batches(table.meta[:, 0], identities=4, images=5, seed=3)
+    assert sorted(table.meta[:, SAMPLE_INDEX].tolist()) == list(range(tiny_dataset.split("train").samples))
+    batches = identity_batches(table.meta[:, LABEL], identities=4, images=5, seed=3)
     for _ in range(20):
-        labels = table.meta[next(batches), 0]
+        labels = table.meta[next(batches), LABEL]
         assert len(labels) == 20 and np.array_equal(np.unique(labels, return_counts=True)[1], [5] * 4)
     # through DALI: decoded, augmented batches whose labels come in 2 groups of 4
     cfg = CFG.model_copy(update={"sampler": "identity", "images_per_identity": 4})
@@ -139,7 +141,7 @@ def test_identity_sampler_refuses_what_cannot_work(tiny_dataset):
         InputConfig.model_validate({**CFG.model_dump(), "sampler": "identity", "backend": "torch"})
     table = SampleTable.read(tiny_dataset)
     with pytest.raises(DatasetError, match="8 training identities cannot fill batches of 9 identities"):
-        next(identity_batches(table.meta[:, 0], identities=9, images=2, seed=0))
+        next(identity_batches(table.meta[:, LABEL], identities=9, images=2, seed=0))
 
 
 def test_a_sample_that_no_longer_decodes_is_named(tiny_shards, tmp_path):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from reid_platform.cli import main
+from reid_platform.data.shard_format import META_FIELDS
 from reid_platform.evaluation.config import EvaluationConfig
 from reid_platform.evaluation.distributed import extract_features
 from reid_platform.evaluation.expansion import expand_queries
@@ -59,7 +60,7 @@ def test_average_query_expansion_equals_the_slow_reference(metric, k, memory_mb)
 def test_flipped_features_average_each_image_with_its_mirror():
     model = ReIDNet(ModelConfig(arch="resnet18", embedding_dim=8), Preprocessing(height=64, width=32)).eval()
     images = torch.randn(5, 3, 64, 32)
-    meta = torch.zeros(5, 4, dtype=torch.long)
+    meta = torch.zeros(5, len(META_FIELDS), dtype=torch.long)
     features, _ = extract_features(model, [(images, meta)], torch.device("cpu"), flip=True)
     with torch.no_grad():
         expected = F.normalize(model(images) + model(torch.flip(images, dims=[3])), dim=1)

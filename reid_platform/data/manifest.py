@@ -19,12 +19,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
 from reid_platform.data.datasets import SPLITS
+from reid_platform.data.shard_format import FORMAT_VERSION, META_FIELDS
 from reid_platform.errors import DatasetError
 from reid_platform.section import describe
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-META_FIELDS = ("label", "person_id", "camera_id", "index")
 
 
 class _Record(BaseModel):
@@ -58,7 +57,7 @@ class QuarantineEntry(_Record):
 
 
 class Manifest(_Record):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[FORMAT_VERSION] = FORMAT_VERSION  # of the shards (shard_format.py)
     dataset: str
     sources: list[dict]  # per source dataset: name, root and its person / camera id offsets
     seed: int

@@ -1,16 +1,8 @@
 """Pack parsed datasets into WebDataset tar shards with DALI index files and a manifest.
 
-Each sample is three tar members sharing a dot-free key:
-
-- ``KEY.jpg``  JPEG bytes (the original file, or re-encoded for PNG sources and resizing),
-- ``KEY.meta`` four little-endian int64: training label, person id, camera id, sample index.
-  Raw integers rather than webdataset's ASCII ``cls``: DALI reads them exactly for any number of
-  classes, and the index restores the original order after a sharded evaluation.
-- ``KEY.json`` the source dataset and the path relative to its root, for errors and pictures.
-
-Beside each shard are its DALI index (``.idx``) and its sample table (``.samples.npy``,
-``sample_table.py``): every sample's meta fields and JPEG offset, so that nothing has to read the
-meta members one by one to learn the labels.
+What a shard holds (each sample's members, the DALI index and the sample table beside each tar) is
+the shard format, ``shard_format.py``. The sample tables give every sample's meta fields and JPEG
+offset, so that nothing has to read the meta members one by one to learn the labels.
 
 Images are checked (fully decoded) by a pool of worker processes while the main process writes, in
 a fixed order, so the same input and seed give byte-identical shards. Files that fail go to the
@@ -44,7 +36,6 @@ from wds2idx import IndexCreator
 from reid_platform.data.datasets import SPLITS, Sample, combine, load_dataset, with_labels
 from reid_platform.data.images import prepare_job
 from reid_platform.data.manifest import (
-    META_FIELDS,
     Manifest,
     QuarantineEntry,
     ShardDataset,
@@ -53,7 +44,16 @@ from reid_platform.data.manifest import (
     file_sha256,
     files_sha256,
 )  # fmt: skip
-from reid_platform.data.sample_table import sample_key, table_rows, write_table
+from reid_platform.data.sample_table import table_rows, write_table
+from reid_platform.data.shard_format import (
+    IMAGE_EXT,
+    INDEX_SUFFIX,
+    META_EXT,
+    SOURCE_EXT,
+    encode_meta,
+    index_sample_count,
+    sample_key,
+)
 from reid_platform.errors import ConfigError, DatasetError
 
 
@@ -101,14 +101,6 @@ def _require_whole(name: str, value: object, least: int, most: int | None = None
     raise ConfigError(f"{_named(name)} must be a whole number {bounds} (got {value!r})")
 
 
-def encode_meta(sample: Sample, index: int) -> bytes:
-    return np.array([sample.label, sample.person_id, sample.camera_id, index], "<i8").tobytes()
-
-
-def decode_meta(raw: bytes) -> dict[str, int]:
-    return dict(zip(META_FIELDS, np.frombuffer(raw, "<i8").tolist()))
-
-
 def _relative(sample: Sample, roots: dict[str, Path]) -> str:
     root = roots.get(sample.source)
     if root is not None and sample.path.is_relative_to(root):
@@ -149,9 +141,9 @@ def _write_split(
             writer.write(
                 {
                     "__key__": sample_key(split, index),
-                    "jpg": data,
-                    "meta": encode_meta(sample, index),
-                    "json": json.dumps(where).encode(),
+                    IMAGE_EXT: data,
+                    META_EXT: encode_meta(sample.label, sample.person_id, sample.camera_id, index),
+                    SOURCE_EXT: json.dumps(where).encode(),
                 }
             )
             written.append(sample)
@@ -160,7 +152,7 @@ def _write_split(
         raise DatasetError(f"every {split} image was quarantined, nothing to pack ({reasons[:500]})")
     shards = []
     for tar in sorted(out.glob(f"{split}-*.tar")):
-        index_path = tar.with_suffix(".idx")
+        index_path = tar.with_suffix(INDEX_SUFFIX)
         with IndexCreator(str(tar), str(index_path), verbose=False) as creator:
             creator.create_index()
         table = write_table(tar, index_path)
@@ -177,12 +169,6 @@ def _write_split(
             )
         )
     return shards, written
-
-
-def index_sample_count(index_path: Path) -> int:
-    """Samples in a shard, from the header of its DALI index ("v1.2 COUNT")."""
-    with index_path.open() as handle:
-        return int(handle.readline().split()[1])
 
 
 def _root_folder(root: str | Path) -> Path:
@@ -267,7 +253,7 @@ def _pack_into(
 
 def read_images(dataset: ShardDataset, split: str, indices: Iterable[int]) -> dict[int, bytes]:
     """JPEG bytes of the samples of ``split`` with the given dataset indices (for pictures)."""
-    wanted = {f"{sample_key(split, index)}.jpg": index for index in indices}
+    wanted = {f"{sample_key(split, index)}.{IMAGE_EXT}": index for index in indices}
     found: dict[int, bytes] = {}
     for tar_path in dataset.split(split).tars:
         with tarfile.open(tar_path) as tar:

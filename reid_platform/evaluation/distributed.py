@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from reid_platform.data.manifest import ShardDataset
+from reid_platform.data.shard_format import CAMERA_ID, META_FIELDS, PERSON_ID, SAMPLE_INDEX
 from reid_platform.errors import EvaluationError
 from reid_platform.evaluation.config import EvaluationConfig
 from reid_platform.evaluation.distance import Distances
@@ -53,7 +54,7 @@ def extract_features(
     model.eval()
     # a rank whose part is empty (more ranks than shards) still joins the gather with no rows
     features = [torch.zeros(0, model.feature_dim)]
-    metas = [torch.zeros(0, 4, dtype=torch.int64)]
+    metas = [torch.zeros(0, len(META_FIELDS), dtype=torch.int64)]
     dtype = next(model.parameters()).dtype  # float32, or a numerical test's float64
     for images, meta in tqdm(batches, desc=description, unit="batch", disable=description is None):
         features.append(model.embed(images.to(device, dtype), flip).float().cpu())
@@ -64,13 +65,13 @@ def extract_features(
 
 def _in_dataset_order(split: str, expected: int, features: torch.Tensor, meta: torch.Tensor) -> FeatureSet:
     features, meta = all_gather_rows(features), all_gather_rows(meta)
-    order = torch.argsort(meta[:, 3])
-    if not torch.equal(meta[order, 3], torch.arange(expected)):
+    order = torch.argsort(meta[:, SAMPLE_INDEX])
+    if not torch.equal(meta[order, SAMPLE_INDEX], torch.arange(expected)):
         raise EvaluationError(
-            f"{split}: the workers read {len(meta)} samples ({meta[:, 3].unique().numel()} distinct), "
-            f"the manifest lists {expected}"
+            f"{split}: the workers read {len(meta)} samples "
+            f"({meta[:, SAMPLE_INDEX].unique().numel()} distinct), the manifest lists {expected}"
         )
-    return FeatureSet(features[order], meta[order, 1], meta[order, 2])
+    return FeatureSet(features[order], meta[order, PERSON_ID], meta[order, CAMERA_ID])
 
 
 def rank_across_ranks(

@@ -19,6 +19,7 @@ import numpy as np
 
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.sample_table import SampleTable
+from reid_platform.data.shard_format import SAMPLE_INDEX
 
 CHECK_BATCH = 256
 
@@ -58,12 +59,12 @@ def find_bad_samples(
     """Every sample of ``split`` (of its shards numbered ``shards``; None: all) that DALI's CPU decoder
     refuses, but those whose indices are ``known``."""
     table = SampleTable.read(dataset, split, shards)
-    return _bad(table, np.flatnonzero(~np.isin(table.rows[:, 3], np.fromiter(known, np.int64))))
+    return _bad(table, np.flatnonzero(~np.isin(table.rows[:, SAMPLE_INDEX], np.fromiter(known, np.int64))))
 
 
 def _bad(table: SampleTable, positions: np.ndarray) -> list[BadSample]:
     return [
-        BadSample(table.tars[table.shard[i]], table.key(i), int(table.rows[i, 3]), reason)
+        BadSample(table.tars[table.shard[i]], table.key(i), int(table.rows[i, SAMPLE_INDEX]), reason)
         for i, reason in _refused(table.reader(), np.unique(positions))
     ]
 
@@ -97,7 +98,7 @@ def _decoder():
 
 def among(table: SampleTable, positions: np.ndarray, known: Iterable[int] = ()) -> list[BadSample]:
     """The samples at ``positions`` of ``table`` (those in flight when decoding failed) that do not decode."""
-    return _bad(table, positions[~np.isin(table.rows[positions, 3], np.fromiter(known, np.int64))])
+    return _bad(table, positions[~np.isin(table.rows[positions, SAMPLE_INDEX], np.fromiter(known, np.int64))])
 
 
 def search(dataset: ShardDataset, split: str, known: Iterable[int] = ()) -> list[BadSample]:

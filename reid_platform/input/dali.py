@@ -32,6 +32,14 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from reid_platform.console import say
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.sample_table import SampleTable
+from reid_platform.data.shard_format import (
+    IMAGE_EXT,
+    META_EXT,
+    SAMPLE_INDEX,
+    ShardIndex,
+    read_index,
+    write_index,
+)
 from reid_platform.errors import DatasetError
 from reid_platform.input.bad_samples import BadSample, among, error_summary, is_decode_failure, search
 from reid_platform.input.config import InputConfig
@@ -46,7 +54,7 @@ def _read(tars: tuple[str, ...], indexes: tuple[str, ...], partition: Partition,
     images, meta = fn.readers.webdataset(
         paths=list(tars),
         index_paths=list(indexes),
-        ext=["jpg", "meta"],
+        ext=[IMAGE_EXT, META_EXT],
         dtypes=[types.UINT8, types.INT64],
         missing_component_behavior="error",
         shard_id=partition.rank,
@@ -252,7 +260,8 @@ class TrainLoader:
     def _build(self, seed: int):
         cfg, extra = self.cfg, {}
         if cfg.sampler == "identity":
-            excluded = np.flatnonzero(np.isin(self._table.rows[:, 3], [bad.index for bad in self.skipped]))
+            skipped = [bad.index for bad in self.skipped]
+            excluded = np.flatnonzero(np.isin(self._table.rows[:, SAMPLE_INDEX], skipped))
             identities = cfg.batch_size // cfg.images_per_identity
             self._recent.clear()
             extra["batch_source"] = identity_source(self._table, identities, cfg.images_per_identity, seed, excluded, self._recent)
@@ -268,12 +277,12 @@ class TrainLoader:
         keys, indexes = {bad.key for bad in self.skipped}, []
         train = self.dataset.split("train")
         for index in train.indexes:
-            header, *lines = Path(index).read_text().splitlines()
-            good = [line for line in lines if line.split()[3].split(".", 1)[0] not in keys]
+            packed = read_index(index)
+            good = [entry for entry in packed.entries if entry.key not in keys]
             if not good:
                 raise DatasetError(f"{index}: every sample of the shard is bad; repack or restore it")
             filtered = self._scratch / Path(index).name
-            filtered.write_text("\n".join([f"{header.split()[0]} {len(good)}", *good]) + "\n")
+            write_index(filtered, ShardIndex(packed.version, good))
             indexes.append(str(filtered))
         return train.tars, tuple(indexes)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from reid_platform.data.manifest import ShardDataset
+from reid_platform.data.shard_format import LABEL, SAMPLE_INDEX
 from reid_platform.errors import DatasetError
 from reid_platform.parallel.comm import world
 
@@ -42,11 +43,11 @@ def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
 
 def checked_labels(meta: torch.Tensor, dataset: ShardDataset) -> torch.Tensor:
     """The label column of a batch's meta rows, refusing labels no classifier shard owns."""
-    labels = meta[:, 0].clone()
+    labels = meta[:, LABEL].clone()
     bad = (labels < 0) | (labels >= dataset.num_classes)
     if bad.any():  # the loss would be silently wrong
         raise DatasetError(
-            f"{dataset.root}: training sample index {int(meta[bad][0, 3])} has label "
+            f"{dataset.root}: training sample index {int(meta[bad][0, SAMPLE_INDEX])} has label "
             f"{int(labels[bad][0])}, outside the manifest's {dataset.num_classes} classes"
         )
     return labels

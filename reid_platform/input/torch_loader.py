@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 from torchvision.transforms import v2
@@ -26,6 +25,7 @@ from torchvision.transforms import v2
 from reid_platform.console import say
 from reid_platform.data.images import decode_rgb
 from reid_platform.data.manifest import ShardDataset
+from reid_platform.data.shard_format import IMAGE_EXT, META_EXT, SAMPLE_INDEX, decode_meta
 from reid_platform.errors import DatasetError
 from reid_platform.input.bad_samples import BadSample
 from reid_platform.input.config import InputConfig
@@ -62,10 +62,10 @@ class _Decode:
         self.skipped: set[int] = set()  # in this worker: the endless stream meets a bad sample again
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-        meta = np.frombuffer(sample["meta"], "<i8").copy()
-        image, reason = decode_rgb(sample["jpg"])
+        meta = decode_meta(sample[META_EXT])
+        image, reason = decode_rgb(sample[IMAGE_EXT])
         if image is None:
-            bad = BadSample(sample["__url__"], sample["__key__"], int(meta[3]), reason)
+            bad = BadSample(sample["__url__"], sample["__key__"], int(meta[SAMPLE_INDEX]), reason)
             if self.skip_log is None:
                 raise DatasetError(str(bad))
             if bad.index not in self.skipped:
