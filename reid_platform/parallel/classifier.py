@@ -243,3 +243,20 @@ def saved_shards(directory: Path) -> Iterator[list[dict]]:
             start, end = int(match.group(1)), int(match.group(2))
             slices.append({"start": start, "end": end, **{name: opened.get_slice(name) for name in opened.keys()}})
         yield [{**layout, "slices": slices}]
+
+
+# -- memory, for ``reid plan`` --------------------------------------------------------------------
+
+
+def largest_shard_rows(num_classes: int, world_size: int) -> int:
+    """Rows of the largest shard, rank 0's (``shard_range``): the worker that runs out of memory first."""
+    start, end = shard_range(num_classes, 0, world_size)
+    return end - start
+
+
+def active_row_count(local_classes: int, sample_rate: float, positives: int) -> int:
+    """Rows of a shard one training step uses when the global batch has ``positives`` of its classes:
+    all of them at sample rate 1, else those ``ShardedClassifier.sample_rows`` keeps."""
+    if sample_rate >= 1.0:
+        return local_classes
+    return min(local_classes, max(1, int(sample_rate * local_classes), positives))
