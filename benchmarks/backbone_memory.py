@@ -10,7 +10,7 @@ saved tensor takes does not depend on the device, so a CPU measurement sizes a G
     python benchmarks/backbone_memory.py                  # every ResNet and IBN-a ResNet, into the package
     python benchmarks/backbone_memory.py --arch resnet18 --out /tmp/table.json
 
-Writes (merges into) ``reid_platform/cluster/backbone_memory.json`` and prints one JSON line per entry.
+Writes (merges into) ``reid_platform/model/backbone_memory.json`` and prints one JSON line per entry.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid_platform.cluster.capacity import TABLE_PATH
 from reid_platform.model.backbone import build_model
+from reid_platform.model.backbone_memory import TABLE_PATH
 from reid_platform.model.config import IBN_RESNETS, RESNETS, ModelConfig, Preprocessing
 
 REFERENCE = (256, 128)  # the re-ID recipes' input: a table entry needs no pixel scaling there

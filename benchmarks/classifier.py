@@ -30,12 +30,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from reid_platform.cluster.capacity import Optimizer, Workload, classifier_memory
 from reid_platform.parallel.classifier import ShardedClassifier
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.criterion import Criterion
 from reid_platform.parallel.losses import default_chunk_size, margin_logits
 from reid_platform.parallel.row_optim import RowSGD
+from reid_platform.planning.capacity import classifier_memory
+from reid_platform.planning.workload import Optimizer, Workload
 
 SPEC = LossConfig(name="circle", scale=128.0, margin=0.25)
 SGD_SETTINGS = (0.9, 5e-4)  # momentum, weight decay: the row optimizer's and the dense baseline's
@@ -134,7 +135,7 @@ def run_dense(classes: int, dim: int, batch: int, steps: int) -> dict | None:
 
 
 def planned_mb(classes: int, dim: int, batch: int, world_size: int, rho: float) -> float:
-    """``reid plan``'s classifier peak for this configuration (``cluster/capacity.py``; no backbone)."""
+    """``reid plan``'s classifier peak for this configuration (``planning/capacity.py``; no backbone)."""
     optimizer = Optimizer("sgd", *SGD_SETTINGS)
     workload = Workload(classes, world_size, batch, rho, precision="fp32", optimizer=optimizer)
     return classifier_memory(workload, dim).peak / MB

@@ -201,7 +201,11 @@ def read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read (with its bases), override and validate a run config; raise ConfigError naming the file and key."""
     path = Path(path)
-    tree = read_tree(path)
+    return config_from_tree(read_tree(path), overrides, str(path))
+
+
+def config_from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...], where: str) -> RunConfig:
+    """The run config of a YAML mapping with ``overrides`` applied (in place); ConfigError names ``where``."""
     for assignment in overrides:
         apply_override(tree, assignment)
-    return validate(RunConfig, tree, str(path))
+    return validate(RunConfig, tree, where)

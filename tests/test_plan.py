@@ -1,4 +1,4 @@
-"""`reid plan` and its arithmetic (``cluster/capacity.py``) against the real objects: the classifier's
+"""`reid plan` and its arithmetic (``planning/``) against the real objects: the classifier's
 tensors, the backbones' parameters and saved activations, the collectives a step issues."""
 
 from __future__ import annotations
@@ -12,29 +12,26 @@ import torch
 import torch.distributed as dist
 
 from reid_platform.cli import main
-from reid_platform.cluster.capacity import (
-    TABLE_PATH,
-    BackboneProfile,
-    Optimizer,
-    Workload,
-    backbone_memory,
-    backbone_parameters,
-    classifier_memory,
-    load_profiles,
-    max_classes,
-    plan,
-    step_transfers,
-    trainable_parameters,
-)
 from reid_platform.config import load_config
 from reid_platform.data.manifest import Manifest
 from reid_platform.model.backbone import ReIDNet
+from reid_platform.model.backbone_memory import TABLE_PATH, BackboneProfile, load_profiles
 from reid_platform.model.config import ModelConfig
 from reid_platform.model.resnet import resnet_trunk
 from reid_platform.parallel.classifier import ShardedClassifier, shard_range
 from reid_platform.parallel.config import LossConfig, PairwiseConfig
 from reid_platform.parallel.criterion import Criterion
 from reid_platform.parallel.sync_batchnorm import convert_sync_batchnorm
+from reid_platform.planning.capacity import (
+    backbone_memory,
+    backbone_parameters,
+    classifier_memory,
+    max_classes,
+    plan,
+    step_transfers,
+    trainable_parameters,
+)
+from reid_platform.planning.workload import Optimizer, Workload
 from reid_platform.train.config import TrainConfig
 from reid_platform.train.optimizers import classifier_optimizer
 from tests import REPO
@@ -213,7 +210,7 @@ def plan_json(argv, capsys) -> dict:
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_plan_json_from_flags_is_the_bytes_of_the_tensors_counted_by_hand(optimizer, capsys):
     """`reid plan`'s figures for one configuration against the tensors each component allocates,
-    counted here (not by capacity.py): 1000 classes on 2 workers, 16 images each, d = 128 (a
+    counted here (not by planning/): 1000 classes on 2 workers, 16 images each, d = 128 (a
     projection from ResNet-18's 512), half the classes sampled, bf16 (the default), 128x64 images."""
     report = plan_json([*FLAGS, "--arch", "resnet18", "--size", "128x64", "--optimizer", optimizer], capsys)
     f32, i64, bf16 = 4, 8, 2

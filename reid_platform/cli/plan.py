@@ -1,5 +1,5 @@
 """`reid plan`: per-worker memory, network bytes per step and the largest class count that fits,
-before renting a cluster (``reid_platform/cluster/capacity.py`` does the arithmetic)."""
+before renting a cluster (``reid_platform/planning/`` does the arithmetic)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from reid_platform.errors import ConfigError
 GIB = 1024**3
 DEFAULT_GPU_MEMORY_GIB = 80.0  # an A100 / H100 80 GB
 DEFAULT_BANDWIDTH_GBIT = 100.0  # one 100 Gbit/s NIC per GPU; NVLink within a node is faster
-DEFAULT_SIZE = (256, 128)
+# without a CONFIG: the run the flags describe unless told otherwise (optimizer: train.optimizer's default)
+DEFAULT_ARCH, DEFAULT_SIZE, DEFAULT_PRECISION = "resnet50", "256x128", "bf16"
 # the flags a CONFIG decides instead, with the key that does
 CONFIG_KEYS = {
     "dim": ("--dim", "model.embedding_dim"),
@@ -63,9 +64,10 @@ def _profile(profiles: dict, arch: str, option: str):
 
 
 def _workload_from_flags(args: argparse.Namespace, profiles: dict):
-    """(workload, profile, where the classes came from) from the command line alone."""
-    from reid_platform.cluster.capacity import Optimizer, Workload
-    from reid_platform.train.config import TrainConfig
+    """(workload, profile, where the classes came from) from the command line alone: a run config's
+    defaults with the flags as its overrides (``--classes`` stands in for a dataset)."""
+    from reid_platform.config import config_from_tree
+    from reid_platform.planning.workload import Workload
 
     for name, option in REQUIRED_FLAGS.items():
         if getattr(args, name) is None:
@@ -76,23 +78,26 @@ def _workload_from_flags(args: argparse.Namespace, profiles: dict):
         _positive(REQUIRED_FLAGS[name], getattr(args, name))
     _check_sample_rate("--sample-rate", args.sample_rate)
     _check_split(args.classes, args.workers, "--classes")
-    height, width = image_size(args.size, "--size") if args.size else DEFAULT_SIZE
-    profile = _profile(profiles, args.arch or "resnet50", "--arch")
-    defaults = TrainConfig()
-    optimizer = Optimizer(args.optimizer or defaults.optimizer, defaults.momentum, defaults.weight_decay)
-    workload = Workload(
-        classes=args.classes, workers=args.workers, batch=args.batch, sample_rate=args.sample_rate,
-        arch=profile.arch, height=height, width=width,
-        embedding_dim=None if args.dim == profile.width else args.dim,  # the trunk's width needs no projection
-        precision=args.precision or "bf16", optimizer=optimizer,
-    )  # fmt: skip
-    return workload, profile, "--classes"
+    height, width = image_size(args.size or DEFAULT_SIZE, "--size")
+    profile = _profile(profiles, args.arch or DEFAULT_ARCH, "--arch")
+    precision = args.precision or DEFAULT_PRECISION
+    dim = "null" if args.dim == profile.width else args.dim  # the trunk's width needs no projection
+    overrides = [
+        f"model.arch={profile.arch}", f"model.embedding_dim={dim}",
+        f"input.batch_size={args.batch}", f"input.height={height}", f"input.width={width}",
+        f"loss.sample_rate={args.sample_rate!r}",
+        f"train.precision={'bf16' if precision == 'fp16' else precision}",  # no fp16 run: sized as bf16
+        *([f"train.optimizer={args.optimizer}"] if args.optimizer else []),
+    ]  # fmt: skip
+    cfg = config_from_tree({"data": {"shards": "-"}}, overrides, "command line")
+    workload = Workload.from_config(cfg, args.classes, args.workers)
+    return replace(workload, precision=precision), profile, "--classes"  # fp16 keeps its name
 
 
 def _workload_from_config(args: argparse.Namespace, profiles: dict):
     """(workload, profile, where the classes came from) from a run config, as its workers would run it."""
-    from reid_platform.cluster.capacity import Optimizer, Workload
     from reid_platform.config import load_config
+    from reid_platform.planning.workload import Workload
 
     for name, (option, key) in CONFIG_KEYS.items():
         if getattr(args, name) is not None:
@@ -101,19 +106,10 @@ def _workload_from_config(args: argparse.Namespace, profiles: dict):
     workers = (
         int(_positive("--workers", args.workers)) if args.workers is not None else cfg.scaling.max_workers
     )
-    cfg = cfg.on_workers(workers)  # an elastic run that keeps its global batch gives each worker its share
     classes, source = _config_classes(args, cfg)
     _check_split(classes, workers, source)
     profile = _profile(profiles, cfg.model.arch, "model.arch")
-    train = cfg.train
-    workload = Workload(
-        classes=classes, workers=workers, batch=cfg.input.batch_size, sample_rate=cfg.loss.sample_rate,
-        arch=profile.arch, height=cfg.input.height, width=cfg.input.width, embedding_dim=cfg.model.embedding_dim,
-        precision=_config_precision(cfg), optimizer=Optimizer(train.optimizer, train.momentum, train.weight_decay),
-        last_stride=cfg.model.last_stride, gem=cfg.model.pooling == "gem", sync_bn=cfg.model.sync_bn,
-        pairwise=cfg.loss.pairwise is not None,
-    )  # fmt: skip
-    return workload, profile, source
+    return Workload.from_config(cfg, classes, workers), profile, source
 
 
 def _config_classes(args: argparse.Namespace, cfg) -> tuple[int, str]:
@@ -128,13 +124,6 @@ def _config_classes(args: argparse.Namespace, cfg) -> tuple[int, str]:
     return Manifest.read(cfg.data.shards).num_classes, f"the manifest {manifest}"
 
 
-def _config_precision(cfg) -> str:
-    """train.precision as a GPU worker resolves it: auto is bf16 there (fp32 on CPU workers)."""
-    if cfg.train.precision == "auto":
-        return "bf16" if cfg.scaling.use_gpu else "fp32"
-    return cfg.train.precision
-
-
 def _size(count: int) -> str:
     for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
         if count >= scale:
@@ -143,7 +132,7 @@ def _size(count: int) -> str:
 
 
 def _memory_rows(plan) -> list[list[str]]:
-    from reid_platform.cluster.capacity import FLOAT32
+    from reid_platform.planning.capacity import FLOAT32
 
     w, c, b = plan.workload, plan.classifier, plan.backbone
     batch, rows, active = w.global_batch, plan.shard_rows, plan.active_classes
@@ -242,7 +231,8 @@ def _report_json(plan, source: str, memory: int, bandwidth: float, most: int) ->
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from reid_platform.cluster.capacity import load_profiles, max_classes, plan
+    from reid_platform.model.backbone_memory import load_profiles
+    from reid_platform.planning.capacity import max_classes, plan
 
     profiles = load_profiles()
     build = _workload_from_config if args.config else _workload_from_flags
@@ -296,7 +286,7 @@ def add_commands(commands) -> None:
     parser.add_argument(
         "--runtime-memory", type=float, metavar="GIB",
         help="what each worker holds before its own tensors: CUDA context, NCCL, allocator slack "
-        "(default 1, capacity.RUNTIME_BYTES)",
+        "(default 1, planning.workload.RUNTIME_BYTES)",
     )  # fmt: skip
     parser.add_argument(
         "--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBIT, metavar="GBIT_PER_S",

@@ -102,9 +102,7 @@ class ShardedClassifier(nn.Module):
         ``sample_rate`` of the local classes.
         """
         positives = torch.unique(target[target >= 0])
-        # at least one row, so a rank whose classes are all absent still joins the collectives
-        wanted = max(1, int(self.sample_rate * self.local_classes), positives.numel())
-        count = min(self.local_classes, wanted)
+        count = active_row_count(self.local_classes, self.sample_rate, positives.numel())
         score = torch.rand(self.local_classes, device=target.device, generator=self._sampler)
         score[positives] = 2.0  # above any random score: positives are always picked
         rows = torch.topk(score, count, sorted=False).indices.sort().values
@@ -200,3 +198,21 @@ class ShardedClassifier(nn.Module):
                 f"{where}: classifier slices cover {int(filled.sum())} of rows [{self.start}, {self.end}); "
                 f"row {missing} is in none"
             )
+
+
+# -- memory, for ``reid plan`` --------------------------------------------------------------------
+
+
+def largest_shard_rows(num_classes: int, world_size: int) -> int:
+    """Rows of the largest shard, rank 0's (``shard_range``): the worker that runs out of memory first."""
+    start, end = shard_range(num_classes, 0, world_size)
+    return end - start
+
+
+def active_row_count(local_classes: int, sample_rate: float, positives: int) -> int:
+    """Rows of a shard one training step uses when the global batch has ``positives`` of its classes:
+    all of them at sample rate 1, else those ``ShardedClassifier.sample_rows`` keeps."""
+    if sample_rate >= 1.0:
+        return local_classes
+    # at least one row, so a rank whose classes are all absent still joins the collectives
+    return min(local_classes, max(1, int(sample_rate * local_classes), positives))

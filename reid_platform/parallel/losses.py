@@ -182,3 +182,30 @@ def sharded_margin_loss(
     """
     chunk = chunk_size or default_chunk_size(*embeddings.shape)
     return _ShardedMarginLoss.apply(embeddings, weight, target, cfg, chunk)
+
+
+# -- memory, for ``reid plan`` --------------------------------------------------------------------
+
+# Temporaries alive at once in backward's recomputation of one chunk: of size (rows x chunk), the
+# cosines, Circle's two factors, the margin logits and the gradients of two of them (Circle has the
+# most, the other losses fewer); of size (chunk x d) and (rows x d), the chunk's rows' gradient
+# before it is stored (``_cosines`` normalises no copy of the rows) and the features' gradient.
+CHUNK_LOGIT_TEMPORARIES = 6
+CHUNK_ROW_TEMPORARIES = 1
+FLOAT32 = torch.float32.itemsize  # the loss computes in float32 at least (``compute_dtype``)
+
+
+def chunk_classes(rows: int, classes: int, dim: int) -> int:
+    """Classes ``sharded_margin_loss`` visits at a time, of ``classes``, for ``rows`` features of ``dim``."""
+    return min(classes, default_chunk_size(rows, dim))
+
+
+def logit_bytes(rows: int, classes: int) -> int:
+    """The (rows x classes) logit buffer forward fills and backward reuses for the gradient."""
+    return rows * classes * FLOAT32
+
+
+def chunk_bytes(rows: int, classes: int, dim: int) -> int:
+    """The temporaries of one chunk's recomputation in backward."""
+    chunk = chunk_classes(rows, classes, dim)
+    return (CHUNK_LOGIT_TEMPORARIES * rows * chunk + CHUNK_ROW_TEMPORARIES * (chunk + rows) * dim) * FLOAT32

@@ -29,6 +29,7 @@ UPDATE_BLOCK_ROWS = 1024
 class RowOptimizer(Protocol):
     lr: float
     state_names: tuple[str, ...]
+    update_temporaries: int  # tensors of the updated rows' size alive at once in ``update``
 
     def initial_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
@@ -42,6 +43,10 @@ class RowSGD:
 
     def __init__(self, lr: float, momentum: float, weight_decay: float):
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+
+    @property
+    def update_temporaries(self) -> int:
+        return 1 if self.weight_decay else 0  # the decayed gradient
 
     def initial_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"momentum": torch.zeros_like(weight)}
@@ -62,6 +67,11 @@ class RowAdam:
     ):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.decoupled = weight_decay, decoupled
+
+    @property
+    def update_temporaries(self) -> int:
+        decayed_gradient = 1 if self.weight_decay and not self.decoupled else 0
+        return decayed_gradient + 3  # the denominator, exp_avg / denominator, and that times the step size
 
     def initial_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         steps = torch.zeros(weight.shape[0], 1, dtype=torch.float32, device=weight.device)
@@ -90,3 +100,14 @@ def update_rows(
     for start in range(0, weight.shape[0], UPDATE_BLOCK_ROWS):
         block = slice(start, start + UPDATE_BLOCK_ROWS)
         optimizer.update(weight[block], grad[block], {name: tensor[block] for name, tensor in state.items()}, lr)
+
+
+def state_bytes_per_row(optimizer: RowOptimizer, dim: int) -> int:
+    """Bytes of state the optimizer keeps for each row of ``dim`` float32s: one row's ``initial_state``."""
+    row = torch.empty(1, dim, device="meta")  # allocates nothing
+    return sum(tensor.nbytes for tensor in optimizer.initial_state(row).values())
+
+
+def update_bytes(optimizer: RowOptimizer, rows: int, dim: int) -> int:
+    """Bytes of temporaries ``update_rows`` holds at once for ``rows`` float32 rows: one block's."""
+    return optimizer.update_temporaries * min(rows, UPDATE_BLOCK_ROWS) * dim * torch.float32.itemsize

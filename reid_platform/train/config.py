@@ -11,6 +11,14 @@ from reid_platform.section import Section
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+def autocast_precision(precision: Precision, native_bf16: bool) -> Literal["fp32", "bf16"]:
+    """What ``train.precision`` runs the backbone in on a device that has native bf16 or not: auto is
+    bf16 only where it is native (GPUs of Ampere and newer: emulated bf16 is slower than fp32)."""
+    if precision == "auto":
+        return "bf16" if native_bf16 else "fp32"
+    return precision
+
+
 class TrainConfig(Section):
     epochs: int = Field(60, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = Field(

@@ -27,3 +27,20 @@ def classifier_optimizer(cfg: TrainConfig) -> RowOptimizer:
     if cfg.optimizer == "sgd":
         return RowSGD(lr, cfg.momentum, cfg.weight_decay)
     return RowAdam(lr, cfg.betas, ADAM_EPS, cfg.weight_decay, decoupled=cfg.optimizer == "adamw")
+
+
+def backbone_state_copies(cfg: TrainConfig) -> int:
+    """Parameter-sized tensors of state ``backbone_optimizer`` keeps: SGD's momentum buffers (none at
+    momentum 0), Adam's two moments (its step counts are scalars)."""
+    if cfg.optimizer == "sgd":
+        return 1 if cfg.momentum else 0
+    return 2
+
+
+def backbone_update_temporaries(cfg: TrainConfig) -> int:
+    """Parameter-sized tensors alive at once in the step of torch's foreach SGD / Adam: SGD's decayed
+    gradient; Adam's decayed gradient, then sqrt(exp_avg_sq), never both (it deletes the first before
+    it allocates the second)."""
+    if cfg.optimizer == "sgd":
+        return 1 if cfg.weight_decay else 0
+    return 1

@@ -20,7 +20,7 @@ import torch
 
 from reid_platform.parallel.criterion import Criterion
 from reid_platform.parallel.losses import compute_dtype
-from reid_platform.train.config import Precision
+from reid_platform.train.config import Precision, autocast_precision
 
 PHASES = ("input", "forward", "classifier", "backward", "optimizer")
 
@@ -42,11 +42,9 @@ class StepSettings:
         cuda = device.type == "cuda"
         if dtype != torch.float32:
             bf16 = False  # autocast would round a float64 check's activations to bf16
-        elif precision == "auto":
-            # native bf16 only (Ampere and newer): emulated bf16 on older GPUs is slower than fp32
-            bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
         else:
-            bf16 = precision == "bf16"
+            native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+            bf16 = autocast_precision(precision, native_bf16) == "bf16"
         return cls(torch.bfloat16 if bf16 else None, channels_last and cuda, dtype)
 
     def autocast(self, device: torch.device):

@@ -1,185 +1,43 @@
 """Capacity planning: one worker's memory, its network bytes per step and the largest class count
 that fits, for a training run, before renting the cluster (`reid plan`).
 
-The model follows what the code allocates, tensor by tensor:
-
-    classifier  ``parallel/classifier.py``: the rows of the largest shard (rank 0's: C // W, one more
-                where C % W), kept in fp32 whatever the backbone's precision, and the row optimizer's
-                state of each row (``parallel/row_optim.py``); per step, the active rows (every row,
-                or a sample of them: gathered into a copy), their gradient, the (global batch x
-                active rows) logit buffer of ``parallel/losses.py``, the gathered batch of
-                ``parallel/comm.py`` and one chunk's temporaries; in the update, the state of the
-                sampled rows and the optimizer's temporaries
-    backbone    fp32 parameters, their gradients (DDP's buckets) and optimizer state; the activations
-                saved for backward, measured per architecture (``backbone_memory.json``, written by
-                ``benchmarks/backbone_memory.py``); under autocast, the half-precision weight copies
-
-A step's peak is the larger of two moments: the end of the loss's backward (every activation is
-still held, and so are the logits and the active rows' gradient) and the optimizer updates (the
-activations are gone, the optimizers' temporaries are there). Under it, a fixed runtime: what the
-process holds before it allocates a tensor of its own (``Workload.runtime_bytes``); the two
-together must fit.
+Each component states what it allocates beside its code (``parallel/classifier.py``,
+``parallel/row_optim.py``, ``parallel/losses.py``, ``train/optimizers.py``, the backbones measured in
+``model/backbone_memory.py``); this module adds it up. A step's peak is the larger of two moments:
+the end of the loss's backward (every activation is still held, and so are the logits and the
+active rows' gradient) and the optimizer updates (the activations are gone, the optimizers'
+temporaries are there). Under it, a fixed runtime: what the process holds before it allocates a
+tensor of its own (``Workload.runtime_bytes``); the two together must fit.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Literal
 
-from reid_platform.parallel.classifier import shard_range
-from reid_platform.parallel.losses import default_chunk_size
-from reid_platform.parallel.row_optim import UPDATE_BLOCK_ROWS
+from reid_platform.model.backbone_memory import BackboneProfile
+from reid_platform.parallel.classifier import active_row_count, largest_shard_rows
+from reid_platform.parallel.losses import chunk_bytes, chunk_classes, logit_bytes
+from reid_platform.parallel.row_optim import state_bytes_per_row, update_bytes
+from reid_platform.planning.workload import Workload
+from reid_platform.train.optimizers import (
+    backbone_state_copies,
+    backbone_update_temporaries,
+    classifier_optimizer,
+)
 
-TABLE_PATH = Path(__file__).with_name("backbone_memory.json")
 FLOAT32, INT64, HALF = 4, 8, 2
-# What a worker holds whatever it trains: on a GPU, the CUDA context, cuBLAS's and NCCL's buffers
-# and the caching allocator's slack (about 1 GiB); in a CPU worker, the libraries' own memory
-# (torch, DALI, Ray: 1.4 GiB of RSS for a 3,000-class run on this project's 2-core machine).
-RUNTIME_BYTES = 1024**3
-HALF_PRECISIONS = ("bf16", "fp16")
-# Saved activations of a half-precision forward take half the bytes of the fp32 measurement: an
-# assumption (BatchNorm statistics and the fp32 input stay full size), which the GPU benchmark bears
-# out for ResNet-50 at 256x128 (0.51x from 128 to 256 images, benchmarks/README.md).
-HALF_ACTIVATION_FACTOR = 0.5
-# Temporaries of size (global batch x chunk) alive at once in the backward's recomputation of one
-# chunk (``_ShardedMarginLoss.backward``): the cosines, Circle's two factors, the margin logits and
-# the gradients of two of them. Circle has the most; the other losses fewer.
-CHUNK_LOGIT_TEMPORARIES = 6
-# ... and of size (chunk x d) and (global batch x d): the chunk's rows' gradient before it is
-# stored (the rows are not normalised into a copy: ``losses._cosines``) and the features' gradient.
-CHUNK_ROW_TEMPORARIES = 1
-
-Precision = Literal["fp32", "bf16", "fp16"]
-OptimizerName = Literal["sgd", "adam", "adamw"]
-
-
-@dataclass(frozen=True)
-class Optimizer:
-    """``train.optimizer`` and the settings that change what it allocates."""
-
-    name: OptimizerName = "adam"
-    momentum: float = 0.9  # sgd: torch keeps no momentum buffer at 0 (the row optimizer always does)
-    weight_decay: float = 5e-4  # sgd and adam add it to a copy of the gradient; adamw decays in place
-
-    @property
-    def state_copies(self) -> int:
-        """Tensors of a parameter's size the row optimizer keeps per row (RowSGD / RowAdam)."""
-        return 1 if self.name == "sgd" else 2
-
-    @property
-    def counts_steps_per_row(self) -> bool:
-        return self.name != "sgd"  # RowAdam's "steps": one float32 per row
-
-    @property
-    def update_temporaries(self) -> int:
-        """Tensors of a block of updated rows' size alive at once in one row update (RowSGD / RowAdam)."""
-        decay_copy = 1 if self.weight_decay and self.name != "adamw" else 0
-        # Adam's denominator, exp_avg / denominator, and that times the step size
-        return decay_copy + (0 if self.name == "sgd" else 3)
-
-    @property
-    def backbone_temporaries(self) -> int:
-        """Parameter-sized tensors alive at once in torch's foreach SGD / Adam: SGD's decayed gradient;
-        Adam's decayed gradient, then sqrt(exp_avg_sq), never both (it deletes the first before it
-        allocates the second)."""
-        if self.name == "sgd":
-            return 1 if self.weight_decay else 0
-        return 1
-
-    @property
-    def backbone_state_copies(self) -> int:
-        if self.name == "sgd":
-            return 1 if self.momentum else 0
-        return 2
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one training run asks of every worker. ``batch`` is per worker (``input.batch_size``)."""
-
-    classes: int
-    workers: int
-    batch: int
-    sample_rate: float = 1.0
-    arch: str = "resnet50"
-    height: int = 256
-    width: int = 128
-    embedding_dim: int | None = None  # None: the trunk's width, no projection (model.embedding_dim)
-    precision: Precision = "bf16"
-    optimizer: Optimizer = Optimizer()
-    last_stride: int = 1
-    gem: bool = False
-    sync_bn: bool = False
-    pairwise: bool = False
-    runtime_bytes: int = RUNTIME_BYTES
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch * self.workers
-
-    @property
-    def half_precision(self) -> bool:
-        return self.precision in HALF_PRECISIONS
-
-
-@dataclass(frozen=True)
-class BackboneProfile:
-    """One architecture's entry of the measured table."""
-
-    arch: str
-    trunk_parameters: int
-    width: int
-    batchnorm_layers: int
-    batchnorm_channels: int
-    bytes_per_image_pixel: dict[int, float]  # by last stride: saved activations, fp32
-    fixed_bytes: dict[int, int]
-
-
-def load_profiles(path: Path = TABLE_PATH) -> dict[str, BackboneProfile]:
-    """The measured backbones, by ``model.arch``."""
-    archs = json.loads(path.read_text())["archs"]
-    return {arch: _profile(arch, entry) for arch, entry in archs.items()}
-
-
-def _profile(arch: str, entry: dict) -> BackboneProfile:
-    by_stride = {int(key.removeprefix("last_stride_")): fit for key, fit in entry["activations"].items()}
-    return BackboneProfile(
-        arch=arch,
-        trunk_parameters=entry["trunk_parameters"],
-        width=entry["width"],
-        batchnorm_layers=entry["batchnorm_layers"],
-        batchnorm_channels=entry["batchnorm_channels"],
-        bytes_per_image_pixel={stride: fit["bytes_per_image_pixel"] for stride, fit in by_stride.items()},
-        fixed_bytes={stride: fit["fixed_bytes"] for stride, fit in by_stride.items()},
-    )
 
 
 # -- classifier -----------------------------------------------------------------------------------
 
 
-def shard_rows(workload: Workload) -> int:
-    """Rows of the largest shard, rank 0's: the worker that runs out of memory first."""
-    start, end = shard_range(workload.classes, 0, workload.workers)
-    return end - start
-
-
 def active_classes(workload: Workload) -> int:
-    """Rows one step uses on the largest shard (``ShardedClassifier.sample_rows``): all of them at
-    sample rate 1, else the sampled fraction or, if more, the classes of the global batch it owns,
-    counted as if every image were another identity spread evenly over the classes (a bound)."""
-    rows = shard_rows(workload)
-    if workload.sample_rate >= 1.0:
-        return rows
-    positives = min(rows, math.ceil(workload.global_batch * rows / workload.classes))
-    return min(rows, max(1, int(workload.sample_rate * rows), positives))
-
-
-def chunk_classes(workload: Workload, dim: int) -> int:
-    """Classes the loss visits at a time (``losses.default_chunk_size``), at most the active ones."""
-    return min(active_classes(workload), default_chunk_size(workload.global_batch, dim))
+    """Rows one step uses on the largest shard, its positives counted as if every image of the global
+    batch were another identity, spread evenly over the classes (a bound)."""
+    rows = largest_shard_rows(workload.classes, workload.workers)
+    positives = math.ceil(workload.global_batch * rows / workload.classes)
+    return active_row_count(rows, workload.sample_rate, positives)
 
 
 @dataclass(frozen=True)
@@ -215,25 +73,20 @@ class ClassifierMemory:
 
 
 def classifier_memory(workload: Workload, dim: int) -> ClassifierMemory:
-    rows, active, batch = shard_rows(workload), active_classes(workload), workload.global_batch
-    optimizer = workload.optimizer
+    rows, active = largest_shard_rows(workload.classes, workload.workers), active_classes(workload)
+    batch = workload.global_batch
+    optimizer = classifier_optimizer(workload.optimizer.train)
+    state_per_row = state_bytes_per_row(optimizer, dim)
     sampled = workload.sample_rate < 1.0
-    step_count = FLOAT32 if optimizer.counts_steps_per_row else 0
-    state_per_row = optimizer.state_copies * dim * FLOAT32 + step_count
-    chunk = chunk_classes(workload, dim)
-    chunk_temporaries = (
-        CHUNK_LOGIT_TEMPORARIES * batch * chunk + CHUNK_ROW_TEMPORARIES * (chunk + batch) * dim
-    ) * FLOAT32
     return ClassifierMemory(
         weights=rows * dim * FLOAT32,
         optimizer_state=rows * state_per_row,
         active_rows=active * (dim * FLOAT32 + INT64) if sampled else 0,
         active_gradient=active * dim * FLOAT32,
-        logits=batch * active * FLOAT32,  # float32 at least, whatever the backbone's precision
+        logits=logit_bytes(batch, active),
         gathered_batch=batch * (2 * dim * FLOAT32 + INT64),
-        chunk_temporaries=chunk_temporaries,
-        update_temporaries=(active * state_per_row if sampled else 0)
-        + optimizer.update_temporaries * min(active, UPDATE_BLOCK_ROWS) * dim * FLOAT32,  # row_optim.update_rows
+        chunk_temporaries=chunk_bytes(batch, active, dim),
+        update_temporaries=(active * state_per_row if sampled else 0) + update_bytes(optimizer, active, dim),
     )
 
 
@@ -268,19 +121,14 @@ class BackboneMemory:
 
 def backbone_memory(workload: Workload, profile: BackboneProfile) -> BackboneMemory:
     parameters, trainable = backbone_parameters(workload, profile), trainable_parameters(workload, profile)
-    pixels = workload.height * workload.width
-    stride = workload.last_stride
-    activations = (
-        profile.bytes_per_image_pixel[stride] * pixels * workload.batch + profile.fixed_bytes[stride]
-    )
-    optimizer = workload.optimizer
+    w, train = workload, workload.optimizer.train
     return BackboneMemory(
         parameters=parameters * FLOAT32,  # autocast computes in half precision but keeps fp32 weights
         gradients=trainable * FLOAT32,
-        optimizer_state=optimizer.backbone_state_copies * trainable * FLOAT32,
-        autocast_weights=parameters * HALF if workload.half_precision else 0,
-        activations=round(activations * (HALF_ACTIVATION_FACTOR if workload.half_precision else 1.0)),
-        update_temporaries=optimizer.backbone_temporaries * trainable * FLOAT32,
+        optimizer_state=backbone_state_copies(train) * trainable * FLOAT32,
+        autocast_weights=parameters * HALF if w.half_precision else 0,
+        activations=profile.activation_bytes(w.batch, w.height, w.width, w.last_stride, w.half_precision),
+        update_temporaries=backbone_update_temporaries(train) * trainable * FLOAT32,
     )
 
 
@@ -396,13 +244,13 @@ class Plan:
 
 
 def plan(workload: Workload, profile: BackboneProfile) -> Plan:
-    dim = embedding_dim(workload, profile)
+    dim, active = embedding_dim(workload, profile), active_classes(workload)
     return Plan(
         workload=workload,
         dim=dim,
-        shard_rows=shard_rows(workload),
-        active_classes=active_classes(workload),
-        chunk_classes=chunk_classes(workload, dim),
+        shard_rows=largest_shard_rows(workload.classes, workload.workers),
+        active_classes=active,
+        chunk_classes=chunk_classes(workload.global_batch, active, dim),
         classifier=classifier_memory(workload, dim),
         backbone=backbone_memory(workload, profile),
         transfers=step_transfers(workload, profile),
