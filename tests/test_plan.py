@@ -346,6 +346,9 @@ def test_plan_of_an_elastic_config_gives_each_worker_its_share_of_the_global_bat
         ([*FLAGS[:2], "--dim", "0", *FLAGS[4:]], "--dim"),
         ([*FLAGS[:4], "--workers", "-1", *FLAGS[6:]], "--workers"),
         ([*FLAGS[:6], "--batch", "0", *FLAGS[8:]], "--batch"),
+        ([*FLAGS[:6], "--batch", "1", *FLAGS[8:]], "--batch (input.batch_size)"),  # positive, but no run takes it
+        ([*FLAGS[:2], "--dim", "4", *FLAGS[4:]], "--dim (model.embedding_dim)"),
+        ([*FLAGS, "--size", "8x8"], "--size (input.height)"),
         ([*FLAGS[:8], "--sample-rate", "0"], "--sample-rate"),
         ([*FLAGS[:8], "--sample-rate", "1.5"], "--sample-rate"),
         (["--classes", "3", *FLAGS[2:4], "--workers", "4", *FLAGS[6:]], "--workers"),

@@ -33,10 +33,6 @@ def add_run_config(parser: argparse.ArgumentParser, help: str, optional: bool = 
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 
-def add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-
-
 def add_bind_address(parser: argparse.ArgumentParser, port: int) -> None:
     """--host and --port of a server a command starts."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it)")

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from reid_platform.cli.common import add_overrides, format_columns, image_size
+from reid_platform.cli.common import add_run_config, format_columns, image_size
 from reid_platform.errors import ConfigError
 
 GIB = 1024**3
@@ -89,9 +89,22 @@ def _workload_from_flags(args: argparse.Namespace, profiles: dict):
         f"train.precision={'bf16' if precision == 'fp16' else precision}",  # no fp16 run: sized as bf16
         *([f"train.optimizer={args.optimizer}"] if args.optimizer else []),
     ]  # fmt: skip
-    cfg = config_from_tree({"data": {"shards": "-"}}, overrides, "command line")
+    try:
+        cfg = config_from_tree({"data": {"shards": "-"}}, overrides, "command line")
+    except ConfigError as error:  # a value no run config takes: name the flag that gave it
+        raise ConfigError(_flags_named(str(error))) from None
     workload = Workload.from_config(cfg, args.classes, args.workers)
     return replace(workload, precision=precision), profile, "--classes"  # fp16 keeps its name
+
+
+def _flags_named(message: str) -> str:
+    """``message`` of the flags' run config with each key preceded by the flag that set it:
+    ``--batch (input.batch_size): ...``."""
+    message = message.removeprefix("command line: invalid config: ")
+    for option, keys in CONFIG_KEYS.values():
+        for key in keys.split(" and "):
+            message = message.replace(f"{key}:", f"{option} ({key}):")
+    return message
 
 
 def _workload_from_config(args: argparse.Namespace, profiles: dict):
@@ -257,8 +270,7 @@ def add_commands(commands) -> None:
         "sends, and the largest class count that fits. Give the sizes as flags, or a CONFIG (and --classes "
         "unless its data.shards has a manifest).",
     )  # fmt: skip
-    parser.add_argument("config", nargs="?", help="YAML run config to take every value from")
-    add_overrides(parser)
+    add_run_config(parser, "YAML run config to take every value from", optional=True)
     parser.add_argument(
         "--classes", type=int, help="identities of the classifier (with a CONFIG: default its manifest's)"
     )
