@@ -19,8 +19,8 @@ from reid_platform.data.shard_format import LABEL
 from reid_platform.data.synth import write_synthetic_market1501
 from reid_platform.parallel.losses import margin_logits
 from reid_platform.train.step import PhaseTimer
+from tests import DEMO_CONFIG
 from tests.gloo import run_gloo
-from tests.tiny_run import DEMO_CONFIG
 
 GLOBAL_BATCH = 64
 ENGINE_TIMEOUT_S = 6 * 3600  # a recipe's whole training on 2 cores
@@ -43,9 +43,9 @@ def run_config(shards: Path, world_size: int, cores: int, overrides: list[str]) 
 
 
 def on_engines(world_size: int, work, *args) -> list:
-    """``work(rank, world_size, *args)`` on ``world_size`` gloo processes (no Ray; the tests' harness,
-    whose processes stay up between calls of one world size); results by rank."""
-    return run_gloo(world_size, work, *args, timeout_s=ENGINE_TIMEOUT_S)
+    """``work(rank, world_size, *args)`` on ``world_size`` new gloo processes (no Ray; the tests'
+    harness); results by rank."""
+    return run_gloo(world_size, work, *args, timeout_s=ENGINE_TIMEOUT_S, fresh=True)
 
 
 class PlainLoop:

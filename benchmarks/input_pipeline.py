@@ -45,6 +45,7 @@ from PIL import Image
 
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_dataset
+from reid_platform.data.shard_format import IMAGE_EXT
 from reid_platform.data.synth import write_synthetic_market1501
 from reid_platform.input.backend import train_loader
 from reid_platform.input.config import InputConfig
@@ -96,7 +97,7 @@ def dali_decode_per_second(cfg: InputConfig, shards: Path, steps: int, warmup: i
     @pipeline_def(batch_size=BATCH, num_threads=WORKERS, device_id=None, seed=0, prefetch_queue_depth=2)
     def decode_only():
         encoded = fn.readers.webdataset(
-            paths=list(train.tars), index_paths=list(train.indexes), ext=["jpg"], dtypes=[types.UINT8],
+            paths=list(train.tars), index_paths=list(train.indexes), ext=[IMAGE_EXT], dtypes=[types.UINT8],
             missing_component_behavior="error", random_shuffle=True, initial_fill=cfg.shuffle_buffer,
         )  # fmt: skip
         return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)

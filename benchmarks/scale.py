@@ -43,7 +43,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests import REPO  # noqa: E402
+from tests import DEMO_CONFIG  # noqa: E402
 
 GiB = 1024**3
 FILES_PER_FOLDER = 2000
@@ -200,7 +200,7 @@ def train_settings(args, work: Path, name: str, sampler: str, rate: float) -> li
 
 def train(args, work: Path, name: str, sampler: str, rate: float) -> dict:
     """``reid train`` as a user runs it; times from its start to lines of its job log."""
-    command = [str(Path(sys.executable).parent / "reid"), "train", str(REPO / "configs/demo.yaml")]
+    command = [str(Path(sys.executable).parent / "reid"), "train", str(DEMO_CONFIG)]
     for setting in train_settings(args, work, name, sampler, rate):
         command += ["--set", setting]
     started = time.perf_counter()
@@ -273,7 +273,7 @@ def _resume_rank(rank: int, world_size: int, settings: list[str], checkpoint: st
     from reid_platform.train.engine import Engine
 
     torch.set_num_threads(max(1, 2 // world_size))
-    cfg = load_config(REPO / "configs/demo.yaml", settings).on_workers(world_size)
+    cfg = load_config(DEMO_CONFIG, settings).on_workers(world_size)
     engine = Engine(cfg, ShardDataset.open(cfg.data.shards), torch.device("cpu"))
     directory = Path(checkpoint)
     _drop_cache(directory)

@@ -22,15 +22,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CALL_TIMEOUT_S = 300  # a test's call; benchmarks give their own
-# a collective that waits longer fails the rank: as long as a benchmark's rank may compute alone
-COLLECTIVE_TIMEOUT_S = 600
+COLLECTIVE_TIMEOUT_S = 120  # a collective that waits longer fails its rank, with gloo's traceback
 
 
-def _serve(rank: int, world_size: int, init_file: str, tasks, results) -> None:
+def _serve(rank: int, world_size: int, init_file: str, tasks, results, collective_timeout_s: float) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    )
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        timeout=timedelta(seconds=collective_timeout_s),
+    )  # fmt: skip
     while (task := tasks.get()) is not None:
         fn, args = task
         try:
@@ -41,14 +41,14 @@ def _serve(rank: int, world_size: int, init_file: str, tasks, results) -> None:
 
 
 class _Pool:
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
         context = mp.get_context("spawn")
         self.world_size, self.scratch = world_size, tempfile.TemporaryDirectory()
         init_file = os.path.join(self.scratch.name, "init")
         self.tasks = [context.Queue() for _ in range(world_size)]
         self.results = context.Queue()
         self.processes = [
-            context.Process(target=_serve, args=(rank, world_size, init_file, self.tasks[rank], self.results), daemon=True)
+            context.Process(target=_serve, args=(rank, world_size, init_file, self.tasks[rank], self.results, collective_timeout_s), daemon=True)
             for rank in range(world_size)
         ]
         for process in self.processes:
@@ -82,8 +82,21 @@ class _Pool:
 _pools: dict[int, _Pool] = {}
 
 
-def run_gloo(world_size: int, fn, *args, timeout_s: float = CALL_TIMEOUT_S) -> list:
-    """``fn(rank, world_size, *args)`` on each rank; returns the list of results, by rank."""
+def run_gloo(world_size: int, fn, *args, timeout_s: float = CALL_TIMEOUT_S, fresh: bool = False) -> list:
+    """``fn(rank, world_size, *args)`` on each rank; returns the list of results, by rank.
+
+    ``fresh``: on processes of their own, ended after the call, whose collectives may wait as long as
+    the call (a benchmark's: its memory and threads are its own, and one rank may compute long alone).
+    """
+    if fresh:
+        pool = _Pool(world_size, collective_timeout_s=timeout_s)
+        try:
+            result = pool.run(fn, args, timeout_s)
+        except BaseException:
+            pool.close(kill=True)  # a rank may be stuck in a collective its failed peer never joins
+            raise
+        pool.close()
+        return result
     pool = _pools.get(world_size) or _pools.setdefault(world_size, _Pool(world_size))
     try:
         return pool.run(fn, args, timeout_s)

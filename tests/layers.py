@@ -6,7 +6,8 @@
 A module may import from its own package and from any package below it, never from one above. The
 one exception is a component's typed config: the modules ``reid_platform/config.py`` (the run
 config) assembles its sections from sit in the configs layer with it, just above the foundation;
-so the engine reads the run config though its ``scaling`` and ``run`` sections are the run wing's. Imports inside functions count as much as those at the top.
+so the engine reads the run config though its ``scaling`` and ``run`` sections are the run wing's.
+Imports inside functions count as much as those at the top, relative ones as their absolute names.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from tests import REPO
 PACKAGE = "reid_platform"
 # lowest first; each entry is one layer
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "section", "redaction", "console"),  # the foundation: modules of the root package
-    ("configs",),  # every <package>/config.py, and config.py, the run config assembling them
+    (PACKAGE, "errors", "section", "redaction", "console"),  # the foundation: the root package's modules
+    ("configs",),  # config.py, the run config, and the component configs it assembles (CONFIGS)
     ("data",),  # the packed shard format, packing, the opened dataset
     ("model",),  # backbones, their preprocessing, the model format
     ("parallel",),  # the sharded classifier, its losses, collectives
@@ -80,8 +81,10 @@ def imports() -> list[Import]:
     between = []
     for source, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                targets = [node.module]
+            if isinstance(node, ast.ImportFrom):
+                module = _absolute(node, source, is_package=path.name == "__init__.py")
+                # ``from reid_platform import x`` imports the module x
+                targets = [f"{module}.{alias.name}" for alias in node.names] if module == PACKAGE else [module]
             elif isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:
@@ -90,6 +93,16 @@ def imports() -> list[Import]:
                 if target.startswith(PACKAGE + ".") and room(target) != room(source):
                     between.append(Import(source, node.lineno, target))
     return between
+
+
+def _absolute(node: ast.ImportFrom, source: str, is_package: bool) -> str:
+    """The absolute module name of ``from [.]module import ...`` in module ``source``."""
+    if not node.level:
+        return node.module or ""
+    parts = source.split(".")
+    base = parts if is_package else parts[:-1]  # a package's __init__ is relative to itself
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
 
 
 def unplaced() -> set[str]:

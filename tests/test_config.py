@@ -9,8 +9,7 @@ import pytest
 from reid_platform.cli import main
 from reid_platform.config import ConfigError, load_config
 from reid_platform.run.launcher import check_inputs
-from tests import REPO
-from tests.tiny_run import DEMO_CONFIG
+from tests import DEMO_CONFIG, REPO
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "market1501_r50.yaml"])

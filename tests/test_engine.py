@@ -16,8 +16,8 @@ from reid_platform.data.manifest import ShardDataset
 from reid_platform.input.partition import steps_per_epoch
 from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
 from reid_platform.train.engine import Engine
+from tests import DEMO_CONFIG
 from tests.gloo import run_gloo
-from tests.tiny_run import DEMO_CONFIG
 
 pytestmark = pytest.mark.numeric  # also run under every CPU capability and thread count (make test-numeric)
 

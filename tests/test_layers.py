@@ -3,10 +3,12 @@ inside functions too, and by importing each layer in turn with every layer above
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
-from tests.layers import REPO, Import, imports, modules, room, unplaced
+from tests import REPO
+from tests.layers import Import, imports, modules, room, unplaced
 
 # Imports each layer's modules, lowest layer first, while a finder refuses every module of a higher
 # layer (a package's bare __init__ passes: Python loads it on the way to the package's config module).
@@ -42,6 +44,18 @@ def test_the_engine_imports_without_ray_or_mlflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reid_platform.train.engine" in engine
+    # nor inside a function, where importing the module does not reach
+    lazy = [
+        f"{module}:{node.lineno}" for module, path in modules().items() if room(module) == "train"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and {name.split(".")[0] for name in _imported(node)} & {"ray", "mlflow"}
+    ]  # fmt: skip
+    assert lazy == []
+
+
+def _imported(node: ast.Import | ast.ImportFrom) -> list[str]:
+    return [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
 
 
 def test_every_package_has_a_place_in_the_order():

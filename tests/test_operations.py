@@ -19,9 +19,9 @@ from reid_platform.cluster.jobs import JobServer
 from reid_platform.cluster.local import free_port
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.input.partition import steps_per_epoch
-from tests import REPO
+from tests import DEMO_CONFIG, REPO
 from tests.services import job_overrides, reid, submit, wait_for
-from tests.tiny_run import BATCH, DEMO_CONFIG
+from tests.tiny_run import BATCH
 
 EPOCHS = 3
 DEMO = [str(DEMO_CONFIG), "--working-dir", str(REPO)]

@@ -34,7 +34,7 @@ from reid_platform.planning.capacity import (
 from reid_platform.planning.workload import Optimizer, Workload
 from reid_platform.train.config import TrainConfig
 from reid_platform.train.optimizers import classifier_optimizer
-from tests import REPO
+from tests import DEMO_CONFIG, REPO
 from tests.gloo import run_gloo
 
 PROFILES = load_profiles()
@@ -301,8 +301,8 @@ def test_plan_prints_a_table_by_default(capsys):
 
 
 def test_plan_of_a_config_with_classes(capsys):
-    report = plan_json([str(REPO / "configs/demo.yaml"), "--classes", "751"], capsys)
-    cfg = load_config(REPO / "configs/demo.yaml")
+    report = plan_json([str(DEMO_CONFIG), "--classes", "751"], capsys)
+    cfg = load_config(DEMO_CONFIG)
     workload = report["workload"]
     assert report["classes_source"] == "--classes" and workload["classes"] == 751
     assert (workload["arch"], workload["batch"], workload["workers"]) == (
@@ -316,7 +316,7 @@ def test_plan_of_a_config_with_classes(capsys):
 
 
 def test_plan_of_a_config_counts_the_classes_in_its_manifest(tiny_shards, capsys):
-    report = plan_json([str(REPO / "configs/demo.yaml"), "--set", f"data.shards={tiny_shards}"], capsys)
+    report = plan_json([str(DEMO_CONFIG), "--set", f"data.shards={tiny_shards}"], capsys)
     assert report["workload"]["classes"] == Manifest.read(tiny_shards).num_classes
     assert (
         report["classes_source"].startswith("the manifest") and str(tiny_shards) in report["classes_source"]
@@ -325,7 +325,7 @@ def test_plan_of_a_config_counts_the_classes_in_its_manifest(tiny_shards, capsys
 
 def test_plan_of_an_elastic_config_gives_each_worker_its_share_of_the_global_batch(capsys):
     argv = [
-        str(REPO / "configs/demo.yaml"),
+        str(DEMO_CONFIG),
         "--classes",
         "100",
         "--set",
@@ -334,7 +334,7 @@ def test_plan_of_an_elastic_config_gives_each_worker_its_share_of_the_global_bat
         "1",
     ]
     report = plan_json(argv, capsys)
-    cfg = load_config(REPO / "configs/demo.yaml", ["scaling.num_workers=[1,2]"])
+    cfg = load_config(DEMO_CONFIG, ["scaling.num_workers=[1,2]"])
     assert report["workload"]["batch"] == cfg.on_workers(1).input.batch_size == 2 * cfg.input.batch_size
 
 
@@ -360,10 +360,10 @@ def test_plan_of_an_elastic_config_gives_each_worker_its_share_of_the_global_bat
         ([*FLAGS, "--runtime-memory", "-0.5"], "--runtime-memory"),
         ([*FLAGS, "--runtime-memory", "nan"], "--runtime-memory"),
         (FLAGS[2:], "--classes"),
-        ([str(REPO / "configs/demo.yaml"), "--set", "data.shards=/nonexistent"], "--classes"),
-        ([str(REPO / "configs/demo.yaml"), "--classes", "100", "--dim", "64"], "--dim"),
+        ([str(DEMO_CONFIG), "--set", "data.shards=/nonexistent"], "--classes"),
+        ([str(DEMO_CONFIG), "--classes", "100", "--dim", "64"], "--dim"),
         (
-            [str(REPO / "configs/demo.yaml"), "--classes", "100", "--set", "model.arch=timm/convnext_tiny"],
+            [str(DEMO_CONFIG), "--classes", "100", "--set", "model.arch=timm/convnext_tiny"],
             "model.arch",
         ),
     ],

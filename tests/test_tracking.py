@@ -26,9 +26,8 @@ from reid_platform.tracking.mlflow_run import ONE_ATTEMPT, RunLogger, call_with_
 from reid_platform.tracking.registry import register_model
 from reid_platform.tracking.server import check_reachable
 from reid_platform.train.record import EpochRecord
-from tests import REPO
+from tests import DEMO_CONFIG, REPO
 from tests.services import LossyProxy, closed_port_uri, silent_server
-from tests.tiny_run import DEMO_CONFIG
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,9 @@ from reid_platform.model.artifact import load_model_dir
 from reid_platform.parallel.classifier import shard_range
 from reid_platform.run.launcher import train
 from reid_platform.train.schedule import lr_factor
+from tests import DEMO_CONFIG
 from tests.faults import damage_sample
-from tests.tiny_run import DEMO_CONFIG, set_arguments, tiny_run
+from tests.tiny_run import set_arguments, tiny_run
 
 pytestmark = pytest.mark.ray
 

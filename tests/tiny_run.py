@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests import REPO
-
-DEMO_CONFIG = REPO / "configs/demo.yaml"
 BATCH = 8  # images per worker
 
 

@@ -27,9 +27,9 @@ def image_size(text: str, flag: str) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def add_run_config(parser: argparse.ArgumentParser, help: str, optional: bool = False) -> None:
+def add_run_config(parser: argparse.ArgumentParser, help_text: str, optional: bool = False) -> None:
     """CONFIG and its overrides, --set KEY=VALUE (repeatable), for every command that reads a run config."""
-    parser.add_argument("config", nargs="?" if optional else None, help=help)
+    parser.add_argument("config", nargs="?" if optional else None, help=help_text)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 

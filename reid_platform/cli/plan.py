@@ -89,7 +89,7 @@ def _workload_from_flags(args: argparse.Namespace, profiles: dict):
         f"train.precision={'bf16' if precision == 'fp16' else precision}",  # no fp16 run: sized as bf16
         *([f"train.optimizer={args.optimizer}"] if args.optimizer else []),
     ]  # fmt: skip
-    try:
+    try:  # a run config needs data.shards; --classes stands in for what the dataset would give
         cfg = config_from_tree({"data": {"shards": "-"}}, overrides, "command line")
     except ConfigError as error:  # a value no run config takes: name the flag that gave it
         raise ConfigError(_flags_named(str(error))) from None

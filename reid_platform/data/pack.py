@@ -52,7 +52,9 @@ from reid_platform.data.shard_format import (
     SOURCE_EXT,
     encode_meta,
     index_sample_count,
+    member_key,
     sample_key,
+    shard_pattern,
 )
 from reid_platform.errors import ConfigError, DatasetError
 
@@ -126,7 +128,7 @@ def _write_split(
         random.Random(options.seed).shuffle(order)
     jobs = ((samples[i].path, options.resize, options.jpeg_quality) for i in order)
     written: list[Sample] = []
-    pattern = str(out / f"{split}-%06d.tar")
+    pattern = str(out / shard_pattern(split))
     with wds.ShardWriter(
         pattern, maxcount=options.samples_per_shard, maxsize=options.bytes_per_shard, verbose=0, mtime=0.0
     ) as writer:
@@ -270,7 +272,7 @@ def read_images(dataset: ShardDataset, split: str, indices: Iterable[int]) -> di
 
 def _tar_sample_count(tar: Path) -> int:
     with tarfile.open(tar) as handle:
-        return len({member.name.split(".", 1)[0] for member in handle if member.isfile()})
+        return len({member_key(member.name) for member in handle if member.isfile()})
 
 
 def _sidecars_as_packed(shards_dir: Path, shard: ShardEntry) -> bool:

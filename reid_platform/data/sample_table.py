@@ -111,6 +111,7 @@ class SampleTable:
         """A function from sample positions to their JPEG bytes, keeping the last ``open_files`` shards
         it read open (thousands of shards would exhaust the process's file descriptors)."""
         handles: OrderedDict[int, object] = OrderedDict()
+
         def read(positions: np.ndarray) -> list[np.ndarray]:
             out = []
             for i in positions:

@@ -55,6 +55,16 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}_{index:09d}"
 
 
+def member_key(name: str) -> str:
+    """The sample key of a tar member's name (``KEY.EXT``)."""
+    return name.split(".", 1)[0]
+
+
+def shard_pattern(split: str) -> str:
+    """The file names of a split's shards, with ``%06d`` for the shard's number (WebDataset's writer)."""
+    return f"{split}-%06d.tar"
+
+
 def encode_meta(label: int, person_id: int, camera_id: int, index: int) -> bytes:
     """A sample's ``.meta`` member."""
     return np.array([label, person_id, camera_id, index], META_DTYPE).tobytes()
@@ -100,7 +110,7 @@ def _entry(path: str | Path, number: int, line: str) -> IndexEntry:
     if not fields or len(fields) % 4:
         what = f"not a DALI index line (EXT OFFSET SIZE NAME per member): {line.strip()[:80]!r}"
         raise _refused(path, number, what)
-    key = fields[3].split(".", 1)[0]
+    key = member_key(fields[3])
     members = {}
     for ext, offset, size, name in zip(*[iter(fields)] * 4):
         if not (offset.isdecimal() and size.isdecimal() and name == f"{key}.{ext}"):

@@ -1,6 +1,6 @@
 """Training and evaluation batches from the packed shards, through DALI or the torch baseline.
 
-``input.backend`` picks the implementation; both produce the same (images, labels) and
+The config key ``input.backend`` picks the implementation; both produce the same (images, labels) and
 (images, meta) batches with the same transforms. Each backend is imported only when used, so the
 torch baseline runs where DALI is not installed.
 """

@@ -64,6 +64,12 @@ def initial_rows(start: int, end: int, dim: int, seed: int, device: torch.device
 
 
 class ShardedClassifier(nn.Module):
+    """Shard ``rank`` of ``world_size`` of the class weights (training passes the process group's:
+    ``Partition.of_process_group``; a test may build every shard in one process). Its rows are
+    updated by ``optimizer`` (training builds ``train.optimizer``'s row-wise twin,
+    ``train/optimizers.classifier_optimizer``; the default, SGD at 0.1 with momentum, is for the
+    tests and benchmarks that step a classifier by hand)."""
+
     def __init__(
         self,
         num_classes: int,

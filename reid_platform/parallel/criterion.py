@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from reid_platform.parallel.classifier import ShardedClassifier
-from reid_platform.parallel.comm import all_reduce, gather_global_batch
+from reid_platform.parallel.comm import all_reduce, gather_global_batch, world
 from reid_platform.parallel.config import LossConfig
 from reid_platform.parallel.pairwise import pairwise_share
 
@@ -35,6 +35,12 @@ class Criterion(nn.Module):
 
     def __init__(self, classifier: ShardedClassifier, cfg: LossConfig):
         super().__init__()
+        shard, group = (classifier.rank, classifier.world_size), world()
+        if shard != group:  # the gather orders the global batch by the group's ranks
+            raise ValueError(
+                f"the classifier holds shard {shard[0]} of {shard[1]}, but this process is rank {group[0]} "
+                f"of {group[1]} in the process group: build it from Partition.of_process_group"
+            )
         self.classifier, self.cfg = classifier, cfg
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Losses:

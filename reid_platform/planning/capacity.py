@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import torch
+
 from reid_platform.model.backbone_memory import BackboneProfile
 from reid_platform.parallel.classifier import active_row_count, largest_shard_rows
 from reid_platform.parallel.losses import chunk_bytes, chunk_classes, logit_bytes
@@ -26,7 +28,7 @@ from reid_platform.train.optimizers import (
     classifier_optimizer,
 )
 
-FLOAT32, INT64, HALF = 4, 8, 2
+FLOAT32, INT64, HALF = torch.float32.itemsize, torch.int64.itemsize, torch.bfloat16.itemsize
 
 
 # -- classifier -----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What a training epoch reports, as one typed record: from the workers through Ray Train's report
-to the controller's MLflow callback (``epoch_log.py``) and to the driver's results.
+to the controller's MLflow callback (``run/epoch_log.py``) and to the driver's results.
 
 Ray keeps reported metrics in its checkpoint manager's JSON snapshot, so the record travels as a
 JSON-compatible dict under one key (``to_report`` / ``from_report``).
