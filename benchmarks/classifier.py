@@ -36,7 +36,8 @@ from reid_platform.parallel.criterion import Criterion
 from reid_platform.parallel.losses import default_chunk_size, margin_logits
 from reid_platform.parallel.row_optim import RowSGD
 from reid_platform.planning.capacity import classifier_memory
-from reid_platform.planning.workload import Optimizer, Workload
+from reid_platform.planning.workload import Workload
+from reid_platform.train.config import TrainConfig
 
 SPEC = LossConfig(name="circle", scale=128.0, margin=0.25)
 SGD_SETTINGS = (0.9, 5e-4)  # momentum, weight decay: the row optimizer's and the dense baseline's
@@ -136,8 +137,8 @@ def run_dense(classes: int, dim: int, batch: int, steps: int) -> dict | None:
 
 def planned_mb(classes: int, dim: int, batch: int, world_size: int, rho: float) -> float:
     """``reid plan``'s classifier peak for this configuration (``planning/capacity.py``; no backbone)."""
-    optimizer = Optimizer("sgd", *SGD_SETTINGS)
-    workload = Workload(classes, world_size, batch, rho, precision="fp32", optimizer=optimizer)
+    train = TrainConfig(optimizer="sgd", momentum=SGD_SETTINGS[0], weight_decay=SGD_SETTINGS[1])
+    workload = Workload(classes, world_size, batch, rho, precision="fp32", train=train)
     return classifier_memory(workload, dim).peak / MB
 
 

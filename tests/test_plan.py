@@ -31,7 +31,7 @@ from reid_platform.planning.capacity import (
     step_transfers,
     trainable_parameters,
 )
-from reid_platform.planning.workload import Optimizer, Workload
+from reid_platform.planning.workload import Workload
 from reid_platform.train.config import TrainConfig
 from reid_platform.train.optimizers import classifier_optimizer
 from tests import DEMO_CONFIG, REPO
@@ -50,10 +50,9 @@ def measurement_script():
 
 
 def classifier_workload(workers: int, sample_rate: float, optimizer: str) -> Workload:
-    train = TrainConfig(optimizer=optimizer)
     return Workload(
         classes=CLASSES, workers=workers, batch=BATCH, sample_rate=sample_rate,
-        optimizer=Optimizer(train.optimizer, train.momentum, train.weight_decay),
+        train=TrainConfig(optimizer=optimizer),
     )  # fmt: skip
 
 

@@ -149,7 +149,7 @@ def _memory_rows(plan) -> list[list[str]]:
 
     w, c, b = plan.workload, plan.classifier, plan.backbone
     batch, rows, active = w.global_batch, plan.shard_rows, plan.active_classes
-    optimizer = w.optimizer.name
+    optimizer = w.train.optimizer
     state = "momentum" if optimizer == "sgd" else "2 moments + a step count per row"
     sampled = f"{active:,} of {rows:,} rows, copied" if w.sample_rate < 1 else "none: all rows used in place"
     precision = f"{w.precision} (half of fp32's)" if w.half_precision else "fp32"
@@ -179,7 +179,7 @@ def _report_text(plan, source: str, memory: int, bandwidth: float, most: int) ->
             f"Plan: {w.classes:,} classes (from {source}) x {plan.dim} dims on {w.workers} workers, "
             f"{w.batch} images per worker (global batch {w.global_batch:,}), sample rate {w.sample_rate:g}"
         ),
-        f"  {w.arch} at {w.height}x{w.width}, {w.precision}, {w.optimizer.name}",
+        f"  {w.arch} at {w.height}x{w.width}, {w.precision}, {w.train.optimizer}",
         "",
         format_columns(["memory per worker", "size", "what"], _memory_rows(plan)),
         "",
@@ -213,9 +213,20 @@ def _network_text(plan, bandwidth: float) -> str:
     return format_columns(["sent per worker and step (ring collectives)", "bytes"], rows)
 
 
+def _workload_json(workload) -> dict:
+    """The workload's fields, in order, its ``train`` section as the optimizer settings it plans for."""
+    report = {}
+    for name, value in vars(workload).items():
+        if name == "train":
+            settings = {"momentum": value.momentum, "weight_decay": value.weight_decay}
+            name, value = "optimizer", {"name": value.optimizer, **settings}
+        report[name] = value
+    return report
+
+
 def _report_json(plan, source: str, memory: int, bandwidth: float, most: int) -> str:
     report = {
-        "workload": asdict(plan.workload),
+        "workload": _workload_json(plan.workload),
         "classes_source": source,
         "dim": plan.dim,
         "shard_rows": plan.shard_rows,

@@ -77,7 +77,7 @@ class ClassifierMemory:
 def classifier_memory(workload: Workload, dim: int) -> ClassifierMemory:
     rows, active = largest_shard_rows(workload.classes, workload.workers), active_classes(workload)
     batch = workload.global_batch
-    optimizer = classifier_optimizer(workload.optimizer.train)
+    optimizer = classifier_optimizer(workload.train)
     state_per_row = state_bytes_per_row(optimizer, dim)
     sampled = workload.sample_rate < 1.0
     return ClassifierMemory(
@@ -123,7 +123,7 @@ class BackboneMemory:
 
 def backbone_memory(workload: Workload, profile: BackboneProfile) -> BackboneMemory:
     parameters, trainable = backbone_parameters(workload, profile), trainable_parameters(workload, profile)
-    w, train = workload, workload.optimizer.train
+    w, train = workload, workload.train
     return BackboneMemory(
         parameters=parameters * FLOAT32,  # autocast computes in half precision but keeps fp32 weights
         gradients=trainable * FLOAT32,

@@ -18,27 +18,6 @@ RUNTIME_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
-class Optimizer:
-    """``train.optimizer`` and the settings that change what it allocates."""
-
-    name: str  # sgd, adam or adamw
-    momentum: float
-    weight_decay: float
-
-    @classmethod
-    def of(cls, train: TrainConfig) -> Optimizer:
-        return cls(train.optimizer, train.momentum, train.weight_decay)
-
-    @property
-    def train(self) -> TrainConfig:
-        """The ``train`` section both halves' optimizers are built from (``train/optimizers.py``)."""
-        return TrainConfig(optimizer=self.name, momentum=self.momentum, weight_decay=self.weight_decay)
-
-
-DEFAULT_OPTIMIZER = Optimizer.of(TrainConfig())
-
-
-@dataclass(frozen=True)
 class Workload:
     """What one training run asks of every worker. ``batch`` is per worker (``input.batch_size``)."""
 
@@ -51,7 +30,7 @@ class Workload:
     width: int = 128
     embedding_dim: int | None = None  # None: the trunk's width, no projection (model.embedding_dim)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # the backbone's autocast; fp16 sizes as bf16
-    optimizer: Optimizer = DEFAULT_OPTIMIZER
+    train: TrainConfig = TrainConfig()  # both halves' optimizers are built from it (train/optimizers.py)
     last_stride: int = 1
     gem: bool = False
     sync_bn: bool = False
@@ -69,7 +48,7 @@ class Workload:
             arch=model.arch, height=images.height, width=images.width, embedding_dim=model.embedding_dim,
             # on the GPUs the config asks for, planned as ones with native bf16
             precision=autocast_precision(train.precision, native_bf16=cfg.scaling.use_gpu),
-            optimizer=Optimizer.of(train), last_stride=model.last_stride, gem=model.pooling == "gem",
+            train=train, last_stride=model.last_stride, gem=model.pooling == "gem",
             sync_bn=model.sync_bn, pairwise=cfg.loss.pairwise is not None,
         )  # fmt: skip
 
