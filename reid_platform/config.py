@@ -33,6 +33,7 @@ from reid_platform.model.config import PRETRAINED_NAMES, ModelConfig
 from reid_platform.parallel.config import LossConfig
 from reid_platform.run.config import RunSection, ScalingConfig
 from reid_platform.section import Section, validate
+from reid_platform.storage.location import S3Uri
 from reid_platform.tracking.config import TrackingConfig
 from reid_platform.train.config import TrainConfig
 
@@ -98,8 +99,10 @@ class RunConfig(Section):
     def with_absolute_paths(self, base: Path) -> RunConfig:
         """Resolve relative paths against ``base`` so Ray workers on any node see the same files."""
 
-        def absolute(path: Path | None) -> Path | None:
-            return None if path is None else (path if path.is_absolute() else base / path).resolve()
+        def absolute(path: Path | S3Uri | None) -> Path | S3Uri | None:
+            if path is None or isinstance(path, S3Uri):
+                return path
+            return (path if path.is_absolute() else base / path).resolve()
 
         uri = self.tracking.uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from reid_platform.errors import ConfigError
+from reid_platform.redaction import redact
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -26,7 +27,7 @@ def describe(error: ValidationError, prefix: str = "") -> str:
         where = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         value = item.get("input")
         # a whole section as the input (a check across its fields) would print the entire config
-        got = "" if item["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        got = "" if item["type"] == "missing" or isinstance(value, dict) else f" (got {redact(repr(value))})"
         message = item["msg"].removeprefix("Value error, ")
         # a check across sections has no key of its own: its message names the keys it compares
         problems.append(f"{where}: {message}{got}" if where else f"{message}{got}")

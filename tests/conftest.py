@@ -6,6 +6,7 @@ suite passes in any order; ``pytest --reverse`` runs it backwards to show it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.pack import PackOptions, pack_dataset
 from reid_platform.data.synth import write_synthetic_market1501
+from tests.object_store import S3Server
 from tests.services import MlflowServer
 
 
@@ -54,3 +56,24 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """A real S3 API server (moto's, authentication on) for the whole session."""
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A fresh bucket, with this process's AWS environment pointing at the server (and at nothing else
+    a developer's machine has configured)."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.new_bucket()

@@ -23,6 +23,7 @@ PACKAGE = "reid_platform"
 # lowest first; each entry is one layer
 LAYERS: tuple[tuple[str, ...], ...] = (
     (PACKAGE, "errors", "section", "redaction", "console"),  # the foundation: the root package's modules
+    ("storage",),  # where files live: the location type, local and object-store file operations
     ("configs",),  # config.py, the run config, and the component configs it assembles (CONFIGS)
     ("data",),  # the packed shard format, packing, the opened dataset
     ("model",),  # backbones, their preprocessing, the model format

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from reid_platform.section import Section
+from reid_platform.storage.location import Location
 
 
 class DataConfig(Section):
-    shards: Path = Field(description="Directory written by `reid data pack` (holds manifest.json).")
+    shards: Location = Field(
+        description="Folder written by `reid data pack` (holds manifest.json): a local path or s3://bucket/prefix."
+    )
+    s3_endpoint: str | None = Field(
+        None,
+        description="An S3-compatible store's endpoint (MinIO, Ceph RGW, R2, GCS) for s3:// locations; default "
+        "AWS_ENDPOINT_URL, else AWS. Credentials never go here: they come from the AWS chain.",
+    )
     on_bad_sample: Literal["skip", "fail"] = Field(
         "skip",
         description="A training sample that no longer decodes: skip it (named in the job log, counted in "

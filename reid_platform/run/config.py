@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from reid_platform.section import Section
+from reid_platform.storage.location import Location
 
 
 class ScalingConfig(Section):
@@ -69,7 +70,9 @@ class ScalingConfig(Section):
 
 class RunSection(Section):
     name: str = Field("reid", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_path: Path = Path("runs/ray")
+    storage_path: Location = Field(
+        Path("runs/ray"), description="Ray Train's checkpoints: a folder every node sees, or s3://bucket/prefix."
+    )
     output_dir: Path = Path("runs/reid")
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(

@@ -48,6 +48,7 @@ from reid_platform.run.description import open_training_run
 from reid_platform.run.epoch_log import EpochMetricsToMlflow, worker_errors_line
 from reid_platform.run.publish import publish_model
 from reid_platform.run.worker import train_loop_per_worker
+from reid_platform.storage import s3
 from reid_platform.tracking.mlflow_run import call_with_retries, finish_run
 from reid_platform.train.record import EpochRecord
 
@@ -173,6 +174,7 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
     """
     started = time.perf_counter()
     cfg = cfg.with_absolute_paths(base_dir or Path.cwd())
+    s3.use_endpoint(cfg.data.s3_endpoint)
     dataset = check_inputs(cfg)
     # the weights model.pretrained names, as a local file: fetched once here, never by the workers
     cfg = cfg.model_copy(update={"model": pretrained.resolve(cfg.model)})

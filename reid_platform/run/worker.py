@@ -27,6 +27,7 @@ from reid_platform.data.manifest import ShardDataset
 from reid_platform.evaluation.plots import write_pictures
 from reid_platform.parallel.comm import world
 from reid_platform.redaction import redact_log_records
+from reid_platform.storage import s3
 from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
 from reid_platform.train.engine import Engine, EpochOutcome
 from reid_platform.train.record import EVALUATION_DIR, EpochRecord
@@ -82,6 +83,7 @@ def _system_metrics(cfg: RunConfig, run_id: str, local_rank: int):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = RunConfig.model_validate(loop_config["config"])
+    s3.use_endpoint(cfg.data.s3_endpoint)
     redact_log_records()  # the job log holds what libraries log here (MLflow's warnings quote URIs)
     _quiet_report_lines()
     context = ray.train.get_context()

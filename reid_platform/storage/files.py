@@ -1,0 +1,119 @@
+"""File operations on a location, local or in the object store: what the platform's readers and
+writers call instead of ``open`` and ``Path`` methods where a location may be remote."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from reid_platform.storage import s3
+from reid_platform.storage.location import S3Uri
+
+Location = Path | S3Uri
+
+
+def is_file(location: Location) -> bool:
+    return s3.size(location) is not None if isinstance(location, S3Uri) else location.is_file()
+
+
+def size(location: Location) -> int | None:
+    """Its size in bytes, or None when there is no such file (object)."""
+    if isinstance(location, S3Uri):
+        return s3.size(location)
+    return location.stat().st_size if location.is_file() else None
+
+
+def sizes(folder: Location) -> dict[str, int]:
+    """Every file under ``folder`` by its path relative to it (with '/'), with its size: one listing
+    request per thousand objects in the store."""
+    if isinstance(folder, S3Uri):
+        return s3.sizes(folder)
+    if not folder.is_dir():
+        return {}
+    return {path.relative_to(folder).as_posix(): path.stat().st_size for path in folder.rglob("*") if path.is_file()}
+
+
+def read_bytes(location: Location) -> bytes:
+    return s3.read_bytes(location) if isinstance(location, S3Uri) else location.read_bytes()
+
+
+def read_text(location: Location) -> str:
+    return read_bytes(location).decode()
+
+
+def write_bytes(location: Location, data: bytes) -> None:
+    """Written whole or not at all: a local file through a temporary file renamed over it; an
+    object is only ever visible complete."""
+    if isinstance(location, S3Uri):
+        s3.write_bytes(location, data)
+        return
+    location.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=location.parent, prefix=f".{location.name}.", delete=False) as handle:
+        handle.write(data)
+    os.replace(handle.name, location)
+
+
+def write_text(location: Location, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def open_ranged(location: Location, buffer: int = 64 << 10) -> BinaryIO:
+    """A seekable binary file: an object's reads are ranged GETs of ``buffer`` bytes or more."""
+    if isinstance(location, S3Uri):
+        return io.BufferedReader(s3.RangedReader(location), buffer_size=buffer)
+    return open(location, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def open_stream(location: Location) -> BinaryIO:
+    """A file read front to back: an object's from one GET."""
+    if isinstance(location, S3Uri):
+        return io.BufferedReader(_StreamReader(location), buffer_size=s3.READ_BLOCK)
+    return open(location, "rb")  # noqa: SIM115 - the caller closes it
+
+
+class _StreamReader(io.RawIOBase):
+    def __init__(self, uri: S3Uri) -> None:
+        self.blocks, self.pending = s3.stream(uri), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            self.pending = next(self.blocks, b"")
+            if not self.pending:
+                return 0
+        count = min(len(buffer), len(self.pending))
+        buffer[:count], self.pending = self.pending[:count], self.pending[count:]
+        return count
+
+
+def sha256(location: Location) -> str:
+    """Its sha256, streamed (an object is read once, front to back, never stored)."""
+    digest = hashlib.sha256()
+    with open_stream(location) as handle:
+        for block in iter(lambda: handle.read(s3.READ_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def upload(local: Path, location: Location) -> None:
+    """A local file copied to ``location`` (checked against its digest when it is an object)."""
+    if isinstance(location, S3Uri):
+        s3.upload_file(local, location)
+    elif local.resolve() != location.resolve():
+        location.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, location)
+
+
+def download(location: Location, local: Path) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(location, S3Uri):
+        s3.download_file(location, local)
+    else:
+        shutil.copyfile(location, local)
