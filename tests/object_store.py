@@ -192,3 +192,12 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def upload_folder(folder: Path, prefix) -> None:
+    """Every file under ``folder`` to the same relative key under ``prefix`` (an S3Uri)."""
+    from reid_platform.storage import files
+
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            files.upload(path, prefix / path.relative_to(folder).as_posix())

@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 from dataclasses import asdict, replace
-from pathlib import Path
 
 from reid_platform.cli.common import add_run_config, format_columns, image_size
 from reid_platform.errors import ConfigError
@@ -128,11 +127,12 @@ def _workload_from_config(args: argparse.Namespace, profiles: dict):
 def _config_classes(args: argparse.Namespace, cfg) -> tuple[int, str]:
     """--classes, else the dataset's manifest: (classes, which of them it was)."""
     from reid_platform.data.manifest import MANIFEST, Manifest
+    from reid_platform.storage import files
 
     if args.classes is not None:
         return int(_positive("--classes", args.classes)), "--classes"
-    manifest = Path(cfg.data.shards) / MANIFEST
-    if not manifest.is_file():
+    manifest = cfg.data.shards / MANIFEST
+    if not files.is_file(manifest):
         raise ConfigError(f"--classes: needed, since data.shards has no {manifest} to count the classes in")
     return Manifest.read(cfg.data.shards).num_classes, f"the manifest {manifest}"
 

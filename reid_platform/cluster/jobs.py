@@ -80,7 +80,7 @@ def build_submission(config: Path, overrides: list[str], working_dir: Path, addr
     elif relative := cfg.relative_paths():
         raise ConfigError(
             f"{config}: {', '.join(relative)} relative, but the cluster at {address} is remote; use absolute paths "
-            "on its shared storage (e.g. --set data.shards=/mnt/shared/shards/market1501)"
+            "on its shared storage or an object store (e.g. --set data.shards=s3://bucket/shards/market1501)"
         )
     for assignment in overrides:
         arguments += ["--set", assignment]

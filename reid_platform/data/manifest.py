@@ -7,7 +7,6 @@ the opened dataset: its splits with their shard and index paths, class count and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,8 @@ from reid_platform.data.datasets import SPLITS
 from reid_platform.data.shard_format import FORMAT_VERSION, META_FIELDS
 from reid_platform.errors import DatasetError
 from reid_platform.section import describe
+from reid_platform.storage import files, location
+from reid_platform.storage.location import S3Uri
 
 MANIFEST = "manifest.json"
 
@@ -68,12 +69,12 @@ class Manifest(_Record):
     quarantine: list[QuarantineEntry]
 
     @classmethod
-    def read(cls, shards_dir: str | Path) -> Manifest:
-        path = Path(shards_dir) / MANIFEST
+    def read(cls, shards_dir: str | Path | S3Uri) -> Manifest:
+        path = location.parse(shards_dir) / MANIFEST
+        if not files.is_file(path):
+            raise DatasetError(f"{path}: no manifest; run `reid data pack` to create the shards")
         try:
-            tree = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: no manifest; run `reid data pack` to create the shards") from None
+            tree = json.loads(files.read_text(path))
         except json.JSONDecodeError as error:
             raise DatasetError(f"{path}: manifest is not valid JSON: {error}") from None
         if isinstance(tree, dict) and tree.get("format_version") != FORMAT_VERSION:
@@ -96,47 +97,48 @@ class Split:
     name: str
     samples: int
     identities: int
-    tars: tuple[str, ...]
-    indexes: tuple[str, ...]  # DALI index of each tar, in the same order
-    tables: tuple[str | None, ...]  # sample table of each tar (None: read its meta members)
+    tars: tuple[str, ...]  # local paths or s3:// URIs (DALI and webdataset read both)
+    indexes: tuple[str, ...]  # DALI index of each tar, in the same order: always a local file
+    tables: tuple[str | None, ...]  # sample table of each tar (None: read its meta members): local
     shard_samples: tuple[int, ...]
     sha256: tuple[str, ...]  # of each tar, as packed
 
 
 @dataclass(frozen=True)
 class ShardDataset:
-    root: Path
+    root: Path | S3Uri
     manifest: Manifest
     splits: dict[str, Split]
 
     @classmethod
-    def open(cls, root: str | Path) -> ShardDataset:
+    def open(cls, root: str | Path | S3Uri) -> ShardDataset:
         """Read the manifest and check that every shard it lists is there with its packed size.
 
         A shard whose size changed is refused here, before a worker reads it (``reid data verify``
-        compares the contents too).
+        compares the contents too). Shards in an object store stay there (DALI and the torch loader
+        stream them, the samplers read them by range); their DALI indexes and sample tables, small
+        and read by every pipeline, are fetched once into this process's local copies.
         """
-        root = Path(root)
+        root = location.parse(root)
         manifest = Manifest.read(root)
+        present = files.sizes(root)  # one listing: an object store answers it in one request per 1000
         splits = {}
         for name, entry in manifest.splits.items():
-            tars, indexes, tables = [], [], []
             for shard in entry.shards:
-                tar, index = root / shard.file, root / shard.index
-                table = root / shard.table if shard.table else None
-                for path in (tar, index, table or tar):
-                    if not path.is_file():
-                        raise DatasetError(f"{path}: shard file listed in the manifest is missing")
-                size = tar.stat().st_size
-                if size != shard.bytes:
+                for file in (shard.file, shard.index, shard.table or shard.file):
+                    if file not in present:
+                        raise DatasetError(f"{root / file}: shard file listed in the manifest is missing")
+                if present[shard.file] != shard.bytes:
                     raise DatasetError(
-                        f"{tar}: {size} bytes, the manifest says {shard.bytes}; the shard changed after packing"
+                        f"{root / shard.file}: {present[shard.file]} bytes, the manifest says {shard.bytes}; "
+                        "the shard changed after packing"
                     )
-                tars.append(str(tar))
-                indexes.append(str(index))
-                tables.append(str(table) if table else None)
+            tables = [root / shard.table if shard.table else None for shard in entry.shards]
+            local_tables = iter(files.local_copies([table for table in tables if table is not None]))
             splits[name] = Split(
-                name, entry.samples, entry.identities, tuple(tars), tuple(indexes), tuple(tables),
+                name, entry.samples, entry.identities, tuple(str(root / shard.file) for shard in entry.shards),
+                tuple(str(path) for path in files.local_copies([root / shard.index for shard in entry.shards])),
+                tuple(str(next(local_tables)) if table else None for table in tables),
                 tuple(shard.samples for shard in entry.shards), tuple(shard.sha256 for shard in entry.shards),
             )  # fmt: skip
         return cls(root, manifest, splits)
@@ -159,20 +161,16 @@ class ShardDataset:
         return [job for job, digest in zip(jobs, digests) if digest != self.split(job[0]).sha256[job[1]]]
 
 
-def files_sha256(paths: list[str | Path], progress: bool = False) -> list[str]:
-    """Each file's sha256, hashed by a thread pool (hashlib releases the GIL on large blocks): at
-    about the disk's speed."""
+def files_sha256(paths: list[str | Path | S3Uri], progress: bool = False) -> list[str]:
+    """Each file's (object's) sha256, hashed by a thread pool (hashlib releases the GIL on large
+    blocks; objects stream): at about the disk's or the network's speed."""
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         digests = pool.map(file_sha256, paths)
         return list(tqdm(digests, total=len(paths), desc="sha256", unit="file", disable=not progress))
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: str | Path | S3Uri) -> str:
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        return files.sha256(location.parse(path))
     except OSError as error:  # gone or unreadable since it was listed: named, not a pool thread's traceback
         raise DatasetError(f"{path}: cannot be read to hash it: {error.strerror or error}") from None
-    return digest.hexdigest()

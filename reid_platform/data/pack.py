@@ -57,6 +57,8 @@ from reid_platform.data.shard_format import (
     shard_pattern,
 )
 from reid_platform.errors import ConfigError, DatasetError
+from reid_platform.storage import files, location
+from reid_platform.storage.location import S3Uri
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,7 @@ def read_images(dataset: ShardDataset, split: str, indices: Iterable[int]) -> di
     wanted = {f"{sample_key(split, index)}.{IMAGE_EXT}": index for index in indices}
     found: dict[int, bytes] = {}
     for tar_path in dataset.split(split).tars:
-        with tarfile.open(tar_path) as tar:
+        with files.open_stream(location.parse(tar_path)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if member.name in wanted:
                     found[wanted[member.name]] = tar.extractfile(member).read()
@@ -275,14 +277,25 @@ def _tar_sample_count(tar: Path) -> int:
         return len({member_key(member.name) for member in handle if member.isfile()})
 
 
-def _sidecars_as_packed(shards_dir: Path, shard: ShardEntry) -> bool:
+def _sidecars_as_packed(shards_dir: Path | S3Uri, shard: ShardEntry, present: dict[str, int]) -> bool:
     """Whether the shard's index and table have the sha256 recorded at packing (False when none was
-    recorded, or a file cannot be read: then they are rebuilt and compared instead)."""
+    recorded, or a file is missing or cannot be read: then they are rebuilt and compared instead)."""
     recorded = [(shard.index, shard.index_sha256)] + ([(shard.table, shard.table_sha256)] if shard.table else [])
     try:
-        return all(digest is not None and file_sha256(shards_dir / name) == digest for name, digest in recorded)
+        return all(
+            digest is not None and name in present and file_sha256(shards_dir / name) == digest for name, digest in recorded
+        )
     except DatasetError:
         return False
+
+
+def _fetched(place: Path | S3Uri, scratch: Path) -> Path:
+    """A local path holding the file: itself, or the object downloaded into ``scratch``."""
+    if not location.is_remote(place):
+        return place
+    path = scratch / place.name
+    files.download(place, path)
+    return path
 
 
 def _table_matches(table: Path, tar: Path, index: Path) -> bool:
@@ -308,45 +321,56 @@ def verify_shards(shards_dir: str | Path, progress: bool = False) -> ShardCheck:
     and table all have their packed sha256 is as packed: its index and table are not rebuilt from
     the tar (packing wrote them from those bytes) and its samples are counted in its index. A tar
     that cannot be read raises a ``DatasetError`` naming it."""
-    shards_dir = Path(shards_dir)
+    shards_dir = location.parse(shards_dir)
     manifest = Manifest.read(shards_dir)
     listed = {}
     for split, info in manifest.splits.items():
         listed.update({(split, number): shard for number, shard in enumerate(info.shards)})
-    present = [key for key, shard in listed.items() if (shards_dir / shard.file).is_file()]
-    digests = dict(zip(present, files_sha256([shards_dir / listed[key].file for key in present], progress)))
+    present = files.sizes(shards_dir)
+    found = [key for key, shard in listed.items() if shard.file in present]
+    digests = dict(zip(found, files_sha256([shards_dir / listed[key].file for key in found], progress)))
     problems, changed = [], []
     for (split, number), shard in listed.items():
-        tar, index = shards_dir / shard.file, shards_dir / shard.index
+        tar = shards_dir / shard.file
         if (split, number) not in digests:
             problems.append(f"{tar}: missing ({split} shard listed in the manifest)")
             continue
-        if (size := tar.stat().st_size) != shard.bytes:
+        if (size := present[shard.file]) != shard.bytes:
             problems.append(f"{tar}: {size} bytes, the manifest says {shard.bytes}")
         if (digest := digests[split, number]) != shard.sha256:
             problems.append(f"{tar}: sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}...")
             changed.append((split, number))
-        as_packed = digest == shard.sha256 and _sidecars_as_packed(shards_dir, shard)
-        try:
-            samples = index_sample_count(index) if as_packed else _tar_sample_count(tar)
-        except (tarfile.TarError, OSError) as error:
-            problems.append(f"{tar}: not a readable tar file: {error}")
-            continue
-        if samples != shard.samples:
-            problems.append(f"{tar}: {samples} samples, the manifest says {shard.samples}")
-        if as_packed:  # its index and table are the ones packing wrote from these bytes
-            continue
-        if not index.is_file():
-            problems.append(f"{index}: missing DALI index")
-            continue
-        with tempfile.TemporaryDirectory() as scratch:
-            fresh = Path(scratch) / index.name
-            with IndexCreator(str(tar), str(fresh), verbose=False) as creator:
-                creator.create_index()
-            if fresh.read_bytes() != index.read_bytes():
-                problems.append(f"{index}: does not match {tar.name} (the tar or the index changed)")
-                continue
-        table = shards_dir / shard.table if shard.table else None
-        if table is not None and not _table_matches(table, tar, index):
-            problems.append(f"{table}: missing, unreadable or does not match {tar.name}")
+        as_packed = digest == shard.sha256 and _sidecars_as_packed(shards_dir, shard, present)
+        # a shard in an object store is checked from local copies, one shard at a time
+        with tempfile.TemporaryDirectory(prefix="reid-verify-") as scratch:
+            problems += _shard_problems(shards_dir, shard, as_packed, present, Path(scratch))
     return ShardCheck(problems, len(listed), changed)
+
+
+def _shard_problems(
+    shards_dir: Path | S3Uri, shard: ShardEntry, as_packed: bool, present: dict[str, int], scratch: Path
+) -> list[str]:
+    """The mismatches of one shard's sample count, DALI index and sample table with what packing
+    wrote (its size and sha256 are checked already)."""
+    tar, index = shards_dir / shard.file, shards_dir / shard.index
+    if as_packed:  # its index and table are the ones packing wrote from these bytes: count in the index
+        samples = index_sample_count(_fetched(index, scratch))
+        return [] if samples == shard.samples else [f"{tar}: {samples} samples, the manifest says {shard.samples}"]
+    local_tar = _fetched(tar, scratch)
+    try:
+        samples = _tar_sample_count(local_tar)
+    except (tarfile.TarError, OSError) as error:
+        return [f"{tar}: not a readable tar file: {error}"]
+    problems = [] if samples == shard.samples else [f"{tar}: {samples} samples, the manifest says {shard.samples}"]
+    if shard.index not in present:
+        return [*problems, f"{index}: missing DALI index"]
+    local_index = _fetched(index, scratch)
+    fresh = scratch / f"rebuilt-{index.name}"
+    with IndexCreator(str(local_tar), str(fresh), verbose=False) as creator:
+        creator.create_index()
+    if fresh.read_bytes() != local_index.read_bytes():
+        return [*problems, f"{index}: does not match {tar.name} (the tar or the index changed)"]
+    table = shards_dir / shard.table if shard.table else None
+    if table is not None and (shard.table not in present or not _table_matches(_fetched(table, scratch), local_tar, local_index)):
+        problems.append(f"{table}: missing, unreadable or does not match {tar.name}")
+    return problems

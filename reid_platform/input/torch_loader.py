@@ -31,6 +31,7 @@ from reid_platform.input.bad_samples import BadSample
 from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
 from reid_platform.model.preprocess import eval_transform, to_normalized_tensor
+from reid_platform.storage import files, location
 
 # DataLoader workers start from a fresh server process rather than a fork of this one: a fork copies
 # the threads of DALI or nvImageCodec (the bad-sample search) in a state their locks do not survive.
@@ -85,6 +86,13 @@ def _rank_shards(dataset: ShardDataset, split: str, partition: Partition) -> lis
     return list(dataset.split(split).tars[partition.rank :: partition.world_size])
 
 
+def _shard_samples(shards):
+    """webdataset's samples of each shard ({"url": ...}), the shard opened through storage: a local
+    file, or an object streamed from one GET (webdataset's own opener knows no object store)."""
+    streams = ({**shard, "stream": files.open_stream(location.parse(shard["url"]))} for shard in shards)
+    return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams))
+
+
 def _worker_seed(rank: int) -> int:
     """A seed per (rank, DataLoader worker), called in the worker: the rank is the loader's own, not
     whatever torch.distributed says (benchmarks run ranks in one process)."""
@@ -107,7 +115,7 @@ class _WorkerShuffle:
 def _train_stream(tars: list[str], decode: _Decode, cfg: InputConfig, rank: int, seed: int) -> wds.DataPipeline:
     return wds.DataPipeline(
         wds.ResampledShards(tars, seed=seed, worker_seed=functools.partial(_worker_seed, rank), deterministic=True),
-        wds.tarfile_to_samples(),
+        _shard_samples,
         _WorkerShuffle(cfg.shuffle_buffer, rank, seed),
         wds.map(decode),
         wds.select(_decoded),
@@ -163,6 +171,6 @@ def torch_eval_batches(dataset: ShardDataset, split: str, partition: Partition, 
     if not tars:  # more ranks than shards: this rank has nothing to read
         return
     workers = min(cfg.num_threads, len(tars))  # a worker without a shard would read nothing
-    dataset = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None).map(_Decode(eval_transform(cfg)))
+    dataset = wds.DataPipeline(wds.SimpleShardList(tars), wds.split_by_worker, _shard_samples, wds.map(_Decode(eval_transform(cfg))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, multiprocessing_context=WORKER_START)
     yield from _worker_errors_named(loader)

@@ -3,11 +3,15 @@ writers call instead of ``open`` and ``Path`` methods where a location may be re
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
+import itertools
 import os
 import shutil
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -117,3 +121,37 @@ def download(location: Location, local: Path) -> None:
         s3.download_file(location, local)
     else:
         shutil.copyfile(location, local)
+
+
+_cache_lock = threading.Lock()
+_cache: dict[tuple[int, str], Path] = {}
+_cache_dir: dict[int, Path] = {}
+_cache_names = itertools.count()
+
+
+def local_copy(location: Location) -> Path:
+    """A local path with the file's bytes: the path itself, or the object downloaded once per process
+    into a folder of its own that goes with the process (small files read often: DALI indexes,
+    sample tables). Nothing is kept between processes, so a fresh machine needs no local state."""
+    if not isinstance(location, S3Uri):
+        return location
+    key = (os.getpid(), str(location))  # a forked process makes its own folder: the parent removes its
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        if os.getpid() not in _cache_dir:
+            folder = Path(tempfile.mkdtemp(prefix="reid-objects-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            _cache_dir[os.getpid()] = folder
+        path = _cache_dir[os.getpid()] / f"{next(_cache_names)}-{location.name}"
+    download(location, path)
+    with _cache_lock:
+        _cache[key] = path
+    return path
+
+
+def local_copies(locations: list[Location]) -> list[Path]:
+    """``local_copy`` of each, fetched by a pool of threads (a request's latency, not its bytes, is
+    what thousands of small objects cost)."""
+    with ThreadPoolExecutor(s3.PARALLEL_PARTS * 2) as pool:
+        return list(pool.map(local_copy, locations))
