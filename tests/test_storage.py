@@ -126,3 +126,13 @@ def test_a_store_that_is_down_is_named_within_seconds(monkeypatch, s3_bucket):
     with pytest.raises(s3.StoreUnavailable, match="cannot reach the object store at http://127.0.0.1"):
         files.read_bytes(S3Uri(s3_bucket, "x"))
     assert time.monotonic() - started < 10
+
+
+def test_the_aws_chains_secrets_are_redacted(monkeypatch):
+    from reid_platform.redaction import redact
+
+    values = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLETOKEN"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    text = redact(f"failed with {' and '.join(values.values())} in s3://reid-data/x?X-Amz-Signature=abcdef0123")
+    assert not any(value in text for value in values.values()) and "abcdef0123" not in text
