@@ -29,9 +29,12 @@ def _parse_source(text: str) -> tuple[str, str]:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
+    from reid_platform.data.manifest import MANIFEST
     from reid_platform.data.pack import PackOptions, pack_dataset
+    from reid_platform.storage.location import parse
 
     started = time.perf_counter()
+    out = parse(args.out)  # a scheme other than s3:// is a config error, before anything is read
     options = PackOptions(  # refuses a flag out of range, naming it, before anything is read or written
         samples_per_shard=args.samples_per_shard,
         shard_mb=args.shard_mb,
@@ -40,15 +43,15 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         jpeg_quality=args.jpeg_quality,
         workers=args.workers,
     )
-    manifest = pack_dataset(args.sources, args.out, options)
+    manifest = pack_dataset(args.sources, out, options)
     total = sum(split.samples for split in manifest.splits.values())
     elapsed = time.perf_counter() - started
-    print(f"packed {total} images into {args.out} in {elapsed:.1f} s ({total / elapsed:.0f} images/s)")
+    print(f"packed {total} images into {out} in {elapsed:.1f} s ({total / elapsed:.0f} images/s)")
     for name, split in manifest.splits.items():
         print(f"  {name:<8} {split.samples:>7} images  {split.identities:>6} ids  {len(split.shards)} shards")
     quarantined = manifest.quarantine
     if quarantined:
-        print(f"quarantined {len(quarantined)} files (listed in {Path(args.out) / 'manifest.json'}):")
+        print(f"quarantined {len(quarantined)} files (listed in {out / MANIFEST}):")
         for entry in quarantined[:10]:
             print(f"  {entry.source}: {entry.path}: {entry.reason}")
         if len(quarantined) > 10:
@@ -98,7 +101,11 @@ def add_commands(commands) -> None:
         help="market1501, dukemtmc, msmt17, cuhk03-np-detected, cuhk03-np-labeled or csv (ROOT is the CSV file); "
         "several are combined with disjoint ids",
     )
-    pack.add_argument("--out", required=True, help="new folder for shards and manifest.json")
+    pack.add_argument(
+        "--out", required=True,
+        help="new (or empty) folder, or s3://bucket/prefix (AWS credentials and AWS_ENDPOINT_URL from the "
+        "environment), for the shards and manifest.json",
+    )
     pack.add_argument("--samples-per-shard", type=int, default=1000)
     pack.add_argument("--shard-mb", type=float, default=256.0, help="largest shard size, in MiB")
     pack.add_argument("--resize", metavar="HxW", help="resize every image at pack time")

@@ -10,6 +10,10 @@ manifest's ``quarantine`` list with the reason instead of into a shard. Training
 shuffled across shards (DALI's shuffle buffer is local to the reader), so every shard holds a mix of
 identities. Labels are assigned before checking, so an identity whose every image is quarantined
 keeps its (unused) classifier row rather than shifting every later label.
+
+The output is a local folder or an ``s3://bucket/prefix``; the same input and seed give the same
+bytes in either. Into the store, each shard is written to a local scratch folder, uploaded while the
+next ones are packed, and deleted; the manifest goes last (``_into_store``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import secrets
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +43,7 @@ from wds2idx import IndexCreator
 from reid_platform.data.datasets import SPLITS, Sample, combine, load_dataset, with_labels
 from reid_platform.data.images import prepare_job
 from reid_platform.data.manifest import (
+    MANIFEST,
     Manifest,
     QuarantineEntry,
     ShardDataset,
@@ -57,8 +65,13 @@ from reid_platform.data.shard_format import (
     shard_pattern,
 )
 from reid_platform.errors import ConfigError, DatasetError
-from reid_platform.storage import files, location
-from reid_platform.storage.location import S3Uri
+from reid_platform.storage import files, location, s3
+from reid_platform.storage.location import S3Uri, parse
+
+# Shards uploading, or waiting to, while the next one is packed into the store: the scratch folder
+# holds at most this many plus the one being written (or waiting for room), each at most --shard-mb
+# with its index and table (and the writer's next tar, opened empty).
+UPLOADS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -112,11 +125,38 @@ def _relative(sample: Sample, roots: dict[str, Path]) -> str:
     return str(sample.path)
 
 
+@dataclass(frozen=True)
+class _Output:
+    """Where packing writes: every file into ``folder``, and each shard's files (tar, index, table),
+    once complete, handed to ``shard_written``."""
+
+    folder: Path
+    shard_written: Callable[[list[Path]], None] = lambda paths: None
+
+
+def _shard_entry(tar: Path) -> ShardEntry:
+    """A complete tar's DALI index and sample table, written beside it, and its manifest entry."""
+    index_path = tar.with_suffix(INDEX_SUFFIX)
+    with IndexCreator(str(tar), str(index_path), verbose=False) as creator:
+        creator.create_index()
+    table = write_table(tar, index_path)
+    return ShardEntry(
+        file=tar.name,
+        index=index_path.name,
+        samples=index_sample_count(index_path),
+        bytes=tar.stat().st_size,
+        sha256=file_sha256(tar),
+        table=table.name,
+        index_sha256=file_sha256(index_path),
+        table_sha256=file_sha256(table),
+    )
+
+
 def _write_split(
     split: str,
     samples: list[Sample],
     roots: dict[str, Path],
-    out: Path,
+    output: _Output,
     options: PackOptions,
     pool: multiprocessing.pool.Pool,
     quarantine: list[QuarantineEntry],
@@ -130,10 +170,22 @@ def _write_split(
         random.Random(options.seed).shuffle(order)
     jobs = ((samples[i].path, options.resize, options.jpeg_quality) for i in order)
     written: list[Sample] = []
-    pattern = str(out / shard_pattern(split))
+    shards: list[ShardEntry] = []
+    # The writer names each tar here once it has closed it; the tar is finished (indexed, handed on)
+    # between writes rather than in the writer's callback, which also runs on a tar cut short by an error.
+    closed: list[str] = []
+
+    def finish_closed() -> None:
+        for name in closed:
+            shards.append(entry := _shard_entry(Path(name)))
+            output.shard_written([output.folder / file for file in (entry.file, entry.index, entry.table)])
+        closed.clear()
+
+    pattern = str(output.folder / shard_pattern(split))
     with wds.ShardWriter(
-        pattern, maxcount=options.samples_per_shard, maxsize=options.bytes_per_shard, verbose=0, mtime=0.0
-    ) as writer:
+        pattern, maxcount=options.samples_per_shard, maxsize=options.bytes_per_shard, post=closed.append,
+        verbose=0, mtime=0.0,
+    ) as writer:  # fmt: skip
         prepared = pool.imap(prepare_job, jobs, chunksize=16)
         for i, (data, reason) in tqdm(zip(order, prepared), total=len(order), desc=f"packing {split}", unit="img", disable=not progress):
             sample = samples[i]
@@ -151,27 +203,11 @@ def _write_split(
                 }
             )
             written.append(sample)
+            finish_closed()
     if samples and not written:
         reasons = "; ".join(f"{q.path}: {q.reason}" for q in quarantine if q.split == split)
         raise DatasetError(f"every {split} image was quarantined, nothing to pack ({reasons[:500]})")
-    shards = []
-    for tar in sorted(out.glob(f"{split}-*.tar")):
-        index_path = tar.with_suffix(INDEX_SUFFIX)
-        with IndexCreator(str(tar), str(index_path), verbose=False) as creator:
-            creator.create_index()
-        table = write_table(tar, index_path)
-        shards.append(
-            ShardEntry(
-                file=tar.name,
-                index=index_path.name,
-                samples=index_sample_count(index_path),
-                bytes=tar.stat().st_size,
-                sha256=file_sha256(tar),
-                table=table.name,
-                index_sha256=file_sha256(index_path),
-                table_sha256=file_sha256(table),
-            )
-        )
+    finish_closed()  # the last tar, closed with the writer
     return shards, written
 
 
@@ -183,14 +219,15 @@ def _root_folder(root: str | Path) -> Path:
 
 def pack_dataset(
     sources: list[tuple[str, str | Path]],
-    out: str | Path,
+    out: str | Path | S3Uri,
     options: PackOptions = PackOptions(),
     progress: bool = True,
 ) -> Manifest:
     """Parse, check and write every split of ``sources`` (dataset name, root) into ``out``.
 
-    Several sources are combined into one dataset with disjoint person and camera ids. Returns the
-    manifest (also written to ``out/manifest.json``).
+    Several sources are combined into one dataset with disjoint person and camera ids. ``out`` is a
+    folder or an ``s3://bucket/prefix`` (text is parsed as a location). Returns the manifest (also
+    written to ``out/manifest.json``).
     """
     if len({name for name, _ in sources}) != len(sources):
         raise DatasetError("the same dataset name is given twice; pack each dataset once")
@@ -203,16 +240,26 @@ def pack_dataset(
 
 
 def pack_splits(
-    splits: dict[str, list[Sample]], sources: list[dict], out: str | Path, options: PackOptions, progress: bool = True
+    splits: dict[str, list[Sample]],
+    sources: list[dict],
+    out: str | Path | S3Uri,
+    options: PackOptions,
+    progress: bool = True,
 ) -> Manifest:
-    """Write labelled splits (``Sample.source`` naming an entry of ``sources``) and the manifest.
+    """Write labelled splits (``Sample.source`` naming an entry of ``sources``) and the manifest into
+    ``out``, a folder (``_into_folder``) or an ``s3://bucket/prefix`` (``_into_store``): either is
+    missing or empty, never more (a finished pack there is not replaced), and a pack that fails or
+    is stopped leaves no manifest there, so nothing takes it for a finished one."""
+    out = parse(out)
+    with _into_store(out) if isinstance(out, S3Uri) else _into_folder(out) as output:
+        return _pack_into(output, splits, sources, options, progress)
 
-    Everything is written into a hidden sibling of ``out`` that is renamed to ``out`` once complete
+
+@contextmanager
+def _into_folder(out: Path) -> Iterator[_Output]:
+    """Everything is written into a hidden sibling of ``out`` that is renamed to ``out`` once complete
     (one atomic step: same parent), so a pack that fails or is stopped leaves no half-written
-    ``out`` and the same command can run again. ``out`` may be missing or empty, never more:
-    a finished pack there is not replaced.
-    """
-    out = Path(out)
+    ``out`` and the same command can run again."""
     if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out}: output folder is not empty; choose a new one or remove it")
     target = out.resolve()  # "." has no name to put beside it; a link to an empty folder stays a link
@@ -221,16 +268,79 @@ def pack_splits(
     staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
     staging.mkdir()
     try:
-        manifest = _pack_into(staging, splits, sources, options, progress)
+        yield _Output(staging)
         staging.rename(target)  # replaces an empty folder; fails on one that got files meanwhile
     except BaseException:  # also an interrupt: the next run starts clean
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return manifest
+
+
+@contextmanager
+def _into_store(out: S3Uri) -> Iterator[_Output]:
+    """Each shard is written into a local scratch folder (a temporary directory, under TMPDIR), then
+    uploaded while the next ones are packed and deleted once its object is checked against the
+    file's digest: the scratch folder holds at most ``UPLOADS_IN_FLIGHT`` + 1 shards' bytes, whatever
+    the dataset's size. The manifest is uploaded last, once every shard is in the store: S3 has no
+    rename to publish a pack in one step, and readers take a prefix for a pack only when it has a
+    manifest, so a pack stopped at any point (even killed) is never read as a finished one.
+
+    The prefix is listed first, one cheap request, so that a missing bucket or a refused key ends
+    the pack before anything is packed. After a failure the objects sent are deleted (as far as the
+    store allows), so the same command can run again."""
+    if found := s3.sizes(out):
+        raise DatasetError(f"{out}: output prefix is not empty ({len(found)} objects); choose a new one or remove them")
+    with tempfile.TemporaryDirectory(prefix="reid-pack-") as scratch:
+        uploads = _Uploads(out)
+        try:
+            yield _Output(Path(scratch), uploads.send)
+            uploads.finish(Path(scratch) / MANIFEST)
+        except BaseException:
+            uploads.discard()
+            raise
+
+
+class _Uploads:
+    """Files sent to ``out`` by background threads, each deleted locally once its object is checked
+    (``s3.upload_file``). ``send`` waits while ``UPLOADS_IN_FLIGHT`` sends are running or waiting,
+    and raises the failure of one it waited for: a store that refuses uploads stops the packing
+    within a shard or two."""
+
+    def __init__(self, out: S3Uri) -> None:
+        self.out = out
+        self.pool = ThreadPoolExecutor(UPLOADS_IN_FLIGHT, thread_name_prefix="pack-upload")
+        self.pending: deque[Future] = deque()
+        self.sent: list[S3Uri] = []  # every object an upload was started for, to delete after a failure
+
+    def send(self, paths: list[Path]) -> None:
+        while len(self.pending) >= UPLOADS_IN_FLIGHT:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._upload, paths))
+
+    def _upload(self, paths: list[Path]) -> None:
+        for path in paths:
+            self.sent.append(self.out / path.name)
+            s3.upload_file(path, self.out / path.name)
+            path.unlink()
+
+    def finish(self, manifest: Path) -> None:
+        """Every upload waited for, then the manifest sent: it lists only objects already there."""
+        while self.pending:
+            self.pending.popleft().result()
+        self._upload([manifest])
+        self.pool.shutdown()
+
+    def discard(self) -> None:
+        """The uploads not started dropped, the running ones waited for, and every object sent
+        deleted, the manifest first; a deletion the store refuses is left: the error being raised
+        is the one to report."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for uri in reversed(self.sent):
+            with suppress(s3.StoreError):
+                s3.delete(uri)
 
 
 def _pack_into(
-    out: Path, splits: dict[str, list[Sample]], sources: list[dict], options: PackOptions, progress: bool
+    output: _Output, splits: dict[str, list[Sample]], sources: list[dict], options: PackOptions, progress: bool
 ) -> Manifest:
     roots = {source["dataset"]: Path(source["root"]) for source in sources}
     quarantine: list[QuarantineEntry] = []
@@ -238,7 +348,7 @@ def _pack_into(
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
     with context.Pool(options.workers) as pool:
         for split in SPLITS:
-            shards, written = _write_split(split, splits[split], roots, out, options, pool, quarantine, progress)
+            shards, written = _write_split(split, splits[split], roots, output, options, pool, quarantine, progress)
             written_splits[split] = SplitEntry(
                 samples=len(written), identities=len({s.person_id for s in written}), shards=shards
             )
@@ -251,7 +361,7 @@ def _pack_into(
         splits=written_splits,
         quarantine=quarantine,
     )
-    manifest.write(out)
+    manifest.write(output.folder)
     return manifest
 
 

@@ -142,13 +142,16 @@ def size(uri: S3Uri) -> int | None:
 
 def sizes(prefix: S3Uri) -> dict[str, int]:
     """Every object under ``prefix`` (a folder), by its key relative to it, with its size."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     base = f"{prefix.key}/" if prefix.key else ""
     found = {}
-    for page in _call(prefix, "listing", "get_paginator", operation_name="list_objects_v2").paginate(
-        Bucket=prefix.bucket, Prefix=base
-    ):
-        for item in page.get("Contents", []):
-            found[item["Key"][len(base) :]] = item["Size"]
+    try:  # the requests are made while the pages are read
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base):
+            for item in page.get("Contents", []):
+                found[item["Key"][len(base) :]] = item["Size"]
+    except (ClientError, BotoCoreError) as error:
+        raise _failure(prefix, "listing", error) from None
     return found
 
 
