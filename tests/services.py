@@ -71,16 +71,19 @@ def submit(head: str, tracking_uri: str, overrides: list[str]) -> str:
 class MlflowServer:
     """`reid mlflow serve` in its own process group, so that it can be killed like a crashed server."""
 
-    def __init__(self, root: Path, host: str = "127.0.0.1"):
+    def __init__(self, root: Path, host: str = "127.0.0.1", artifacts: str | None = None, env: dict | None = None):
+        """``artifacts``: its --artifacts-destination (default: a folder under ``root``); ``env``: added
+        to the server's environment only (an object store's credentials)."""
         self.root, self.host, self.port = root, host, free_port()
+        self.artifacts, self.env = artifacts or str(root / "artifacts"), env or {}
         self.uri, self.process = f"http://{host}:{self.port}", None
 
     def start(self) -> None:
         with (self.root / "server.log").open("a") as log:  # the server keeps its own copy of the file
             self.process = subprocess.Popen(
                 [REID, "mlflow", "serve", "--host", self.host, "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts", str(self.root / "artifacts")],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", self.artifacts],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env},
             )  # fmt: skip
         wait_for(self.healthy, f"the MLflow server on port {self.port}", timeout=120)
 

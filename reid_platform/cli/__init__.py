@@ -17,6 +17,7 @@ from reid_platform.cli import config, data, models, ops, plan, train
 from reid_platform.cli.common import check_tracking_uri
 from reid_platform.errors import ConfigError, ReidError
 from reid_platform.redaction import redact, redact_log_records
+from reid_platform.tracking.config import artifacts_through_the_server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: --help stays instant
     redact_log_records()
+    artifacts_through_the_server()
     try:
         check_tracking_uri(args)  # before the command's slow imports
         return args.handler(args)

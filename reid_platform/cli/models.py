@@ -42,10 +42,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
+    from reid_platform.storage import files
+    from reid_platform.storage.location import S3Uri, parse
     from reid_platform.tracking.registry import pull_model
 
-    directory = pull_model(args.tracking_uri, args.reference, Path(args.out))
-    print(f"pulled {args.reference} into {directory}")
+    out = parse(args.out)
+    if not isinstance(out, S3Uri):
+        print(f"pulled {args.reference} into {pull_model(args.tracking_uri, args.reference, out)}")
+        return 0
+    # into a scratch folder first (MLflow downloads to local files), then the same tree into the bucket
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = pull_model(args.tracking_uri, args.reference, Path(scratch))
+        files.upload_folder(Path(scratch), out)
+    print(f"pulled {args.reference} into {out / directory.relative_to(scratch).as_posix()}")
     return 0
 
 
@@ -121,7 +130,7 @@ def add_commands(commands) -> None:
     listing.set_defaults(handler=_cmd_list)
     pull = models.add_parser("pull", help="download a registered model")
     pull.add_argument("reference", help="NAME@ALIAS, NAME/VERSION or models:/ URI")
-    pull.add_argument("--out", required=True)
+    pull.add_argument("--out", required=True, help="a folder, or s3://bucket/prefix to upload the model to")
     add_tracking_uri(pull)
     pull.set_defaults(handler=_cmd_pull)
     promote = models.add_parser("promote", help="point an alias (e.g. champion) at a model version")

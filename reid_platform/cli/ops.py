@@ -148,14 +148,20 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_mlflow_serve(args: argparse.Namespace) -> int:
+    from reid_platform.storage import s3
+    from reid_platform.storage.location import S3Uri, parse
     from reid_platform.tracking.server import serve_command
 
-    Path(args.artifacts).mkdir(parents=True, exist_ok=True)
+    artifacts = parse(args.artifacts)
+    if isinstance(artifacts, S3Uri):  # a missing bucket or refused key: one line now, not on the first upload
+        s3.check_bucket(artifacts)
+    else:
+        artifacts.mkdir(parents=True, exist_ok=True)
     arguments, environment = serve_command(
-        args.host, args.port, args.backend_store_uri, Path(args.artifacts), args.workers, args.allowed_hosts
+        args.host, args.port, args.backend_store_uri, artifacts, args.workers, args.allowed_hosts
     )
     print(redact(f"MLflow tracking server on http://{args.host}:{args.port} (runs in {args.backend_store_uri}, "
-                 f"artifacts in {args.artifacts})"))
+                 f"artifacts in {artifacts})"))
     print(f"  export MLFLOW_TRACKING_URI=http://{args.host}:{args.port}", flush=True)
     mlflow = Path(sys.executable).parent / "mlflow"
     if not mlflow.is_file():
@@ -231,14 +237,18 @@ def add_commands(commands) -> None:
     mlflow = commands.add_parser("mlflow", help="MLflow tracking service").add_subparsers(
         dest="mlflow_command", required=True, metavar="COMMAND"
     )
-    serve = mlflow.add_parser("serve", help="a tracking server for one machine: SQLite and local artifacts")
+    serve = mlflow.add_parser("serve", help="a tracking server for one machine: SQLite, artifacts in a folder or S3")
     add_bind_address(serve, port=5000)
     serve.add_argument(
         "--backend-store-uri", default=os.environ.get("MLFLOW_BACKEND_STORE_URI", "sqlite:///mlflow.db"),
         help="where runs and the registry are kept (default $MLFLOW_BACKEND_STORE_URI, then sqlite:///mlflow.db); "
         "a database URI with a password is best given in that variable: arguments are visible in ps",
     )
-    serve.add_argument("--artifacts", default="mlartifacts", help="artifact folder")
+    serve.add_argument(
+        "--artifacts-destination", "--artifacts", dest="artifacts", default="mlartifacts", metavar="URI",
+        help="where the server keeps artifacts: a folder or s3://bucket/prefix (the server's AWS credentials and "
+        "AWS_ENDPOINT_URL; clients upload and download through the server and need none)",
+    )
     serve.add_argument("--workers", type=int, default=2)
     serve.add_argument(
         "--allowed-hosts", help="Host headers to accept, e.g. mlflow.example.com:5000 (default: localhost, private IPs)"

@@ -48,7 +48,8 @@ from reid_platform.run.description import open_training_run
 from reid_platform.run.epoch_log import EpochMetricsToMlflow, worker_errors_line
 from reid_platform.run.publish import publish_model
 from reid_platform.run.worker import train_loop_per_worker
-from reid_platform.storage import s3
+from reid_platform.storage import files, s3
+from reid_platform.storage.location import Location
 from reid_platform.tracking.mlflow_run import call_with_retries, finish_run
 from reid_platform.train.record import EpochRecord
 
@@ -103,10 +104,11 @@ def _verify_digests(dataset: ShardDataset, cfg: RunConfig) -> None:
         print(f"warning: {tar}: sha256 differs from the manifest's; samples that no longer decode will be skipped")
 
 
-def _committed(run_dir: Path) -> Result | None:
+def _committed(run_dir: Location) -> Result | None:
     """Ray Train's latest committed checkpoint and report of an earlier attempt of this run, if any."""
+    path, filesystem = files.for_arrow(run_dir)
     try:
-        return Result.from_path(str(run_dir))
+        return Result.from_path(path, storage_filesystem=filesystem)
     except RuntimeError:  # no such run folder, or no checkpoint was ever committed
         return None
 
@@ -130,6 +132,7 @@ def _connect_ray() -> bool:
 
 
 def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
+    storage_path, storage_filesystem = files.for_arrow(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id},
@@ -141,7 +144,8 @@ def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
         ),
         run_config=RayRunConfig(
             name=cfg.run.name,
-            storage_path=str(cfg.run.storage_path),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             # a lost worker or node restarts the whole group from the latest checkpoint
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
@@ -175,13 +179,15 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
     started = time.perf_counter()
     cfg = cfg.with_absolute_paths(base_dir or Path.cwd())
     s3.use_endpoint(cfg.data.s3_endpoint)
+    run_dir = cfg.run.storage_path / cfg.run.name
+    id_file = run_dir / MLFLOW_RUN_ID_FILE
+    # the first request to run.storage_path: a missing bucket or a refused key is one line here, at
+    # once, before the dataset is opened and before any Ray process starts
+    known_run = files.read_text(id_file).strip() if files.is_file(id_file) else None
     dataset = check_inputs(cfg)
     # the weights model.pretrained names, as a local file: fetched once here, never by the workers
     cfg = cfg.model_copy(update={"model": pretrained.resolve(cfg.model)})
     uri, patience = cfg.tracking.uri, cfg.tracking.outage_timeout_s
-    run_dir = cfg.run.storage_path / cfg.run.name
-    id_file = run_dir / MLFLOW_RUN_ID_FILE
-    known_run = id_file.read_text().strip() if id_file.is_file() else None
     previous = _committed(run_dir) if known_run else None
     if previous is not None:
         record = EpochRecord.from_report(previous.metrics or {})
@@ -192,8 +198,7 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
                 f"(MLflow run {known_run}); raise train.epochs to continue it, or choose a new run.name"
             )
     run_id = open_training_run(cfg, config_path, dataset, known_run)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+    files.write_text(id_file, run_id)
 
     own_cluster = _connect_ray()
     # read by Ray Train's controller, which inherits it from this process when fit() starts it
@@ -226,7 +231,7 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
         wall_s=time.perf_counter() - started,
         mlflow_run_id=run_id,
         registered_model=registered,
-        checkpoint=result.checkpoint.path,
+        checkpoint=files.from_arrow(result.checkpoint.path, cfg.run.storage_path),
     )
     call_with_retries(lambda: finish_run(uri, run_id), "finishing the run", uri, patience)
     cfg.run.output_dir.mkdir(parents=True, exist_ok=True)

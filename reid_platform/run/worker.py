@@ -27,7 +27,7 @@ from reid_platform.data.manifest import ShardDataset
 from reid_platform.evaluation.plots import write_pictures
 from reid_platform.parallel.comm import world
 from reid_platform.redaction import redact_log_records
-from reid_platform.storage import s3
+from reid_platform.storage import files, s3
 from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
 from reid_platform.train.engine import Engine, EpochOutcome
 from reid_platform.train.record import EVALUATION_DIR, EpochRecord
@@ -102,7 +102,8 @@ def _train(cfg: RunConfig) -> None:
         with checkpoint.as_directory() as directory, open_checkpoint(Path(directory)) as state:
             engine.load_state_dict(state)
         if rank == 0:
-            say(f"resumed after epoch {engine.progress.epoch} on {world_size} workers from {checkpoint.path}")
+            where = files.from_arrow(checkpoint.path, cfg.run.storage_path)
+            say(f"resumed after epoch {engine.progress.epoch} on {world_size} workers from {where}")
     else:
         started = time.perf_counter()
         if engine.evaluate_untrained() and rank == 0:

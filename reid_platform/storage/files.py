@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from reid_platform.storage import s3
-from reid_platform.storage.location import S3Uri
+from reid_platform.storage.location import S3_SCHEME, S3Uri
 
 Location = Path | S3Uri
 
@@ -115,6 +115,16 @@ def upload(local: Path, location: Location) -> None:
         shutil.copyfile(local, location)
 
 
+def upload_folder(local: Path, location: Location) -> None:
+    """Every file under the folder ``local`` copied to the same relative path under ``location``."""
+    pairs = [(path, location / path.relative_to(local).as_posix()) for path in sorted(local.rglob("*")) if path.is_file()]
+    if isinstance(location, S3Uri):
+        s3.upload_many(pairs)
+    else:
+        for path, target in pairs:
+            upload(path, target)
+
+
 def download(location: Location, local: Path) -> None:
     local.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(location, S3Uri):
@@ -155,3 +165,17 @@ def local_copies(locations: list[Location]) -> list[Path]:
     what thousands of small objects cost)."""
     with ThreadPoolExecutor(s3.PARALLEL_PARTS * 2) as pool:
         return list(pool.map(local_copy, locations))
+
+
+def for_arrow(location: Location) -> tuple[str, object | None]:
+    """``location`` as pyarrow (and so Ray Train's ``storage_path``) takes it: a local path and no
+    file system, or ``bucket/key`` (pyarrow refuses the scheme with an explicit file system) and
+    the S3 file system of this process's AWS environment."""
+    if isinstance(location, S3Uri):
+        return f"{location.bucket}/{location.key}".rstrip("/"), s3.arrow_filesystem()
+    return str(location), None
+
+
+def from_arrow(path: str, storage: Location) -> str:
+    """What a path pyarrow gave back for a place under ``storage`` (a Ray checkpoint's) stands for."""
+    return f"{S3_SCHEME}{path}" if isinstance(storage, S3Uri) else path

@@ -77,6 +77,24 @@ def client():
         return _clients[key]
 
 
+def arrow_filesystem():
+    """A ``pyarrow.fs.S3FileSystem`` configured as ``client()`` is, for what takes pyarrow's file
+    systems (Ray Train's checkpoints): the same endpoint, region and retries. Credentials stay with
+    the default chain: pyarrow pickles none it was not given, so each Ray process finds its own."""
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint(),
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=int(os.environ.get("AWS_MAX_ATTEMPTS", _DEFAULT_ATTEMPTS))),
+    )
+
+
+def check_bucket(uri: S3Uri) -> None:
+    """That ``uri``'s bucket exists and these credentials reach it (one HEAD), as one line if not."""
+    _call(uri, "checking its bucket", "head_bucket", Bucket=uri.bucket)
+
+
 def _failure(uri: S3Uri, action: str, error: Exception) -> StoreError:
     """One line for what went wrong with ``action`` on ``uri``."""
     from botocore.exceptions import ClientError, NoCredentialsError

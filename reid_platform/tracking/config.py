@@ -29,3 +29,17 @@ class TrackingConfig(Section):
     )
     system_metrics: bool = Field(True, description="CPU, memory and GPU use of every node, one series per node.")
     system_metrics_interval_s: float = Field(10.0, gt=0.0, description="Seconds between system-metric samples.")
+
+
+# An MLflow 3 client of a server that keeps its artifacts in S3 is told (GET /server-info) to fetch
+# large files from presigned URLs of the bucket and to upload large ones there, bypassing the server.
+# A client given only the server's URL may not reach the bucket (one inside the cluster, behind
+# `kubectl port-forward`): reid's commands keep every transfer on that URL.
+ARTIFACTS_THROUGH_THE_SERVER = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false"}
+
+
+def artifacts_through_the_server() -> None:
+    """Keep this process's (and its children's) artifact transfers on the tracking server's URL,
+    unless the environment chose otherwise."""
+    for name, value in ARTIFACTS_THROUGH_THE_SERVER.items():
+        os.environ.setdefault(name, value)

@@ -9,6 +9,7 @@ import requests
 
 from reid_platform.errors import TrackingUnavailable
 from reid_platform.redaction import redact
+from reid_platform.storage.location import S3Uri
 
 # A server that is up answers /health in milliseconds; MLflow's own client would retry for minutes, and a
 # command must say within seconds (10 s, imports included) that the server is not there.
@@ -47,18 +48,20 @@ def check_reachable(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
 
 
 def serve_command(
-    host: str, port: int, backend_store_uri: str, artifacts: Path, workers: int, allowed_hosts: str | None = None
+    host: str, port: int, backend_store_uri: str, artifacts: Path | S3Uri, workers: int, allowed_hosts: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
     """Arguments of ``mlflow server`` for one machine, and the environment it adds: SQLite runs and
-    registry, artifacts proxied from a local folder. With ``--serve-artifacts`` clients upload through
-    the server, so training workers need only its URL, not the artifact folder. MLflow answers only
+    registry, artifacts proxied from a local folder or an S3 prefix. With ``--serve-artifacts`` clients
+    upload and download through the server, so training workers and people pulling models need only
+    its URL: neither the artifact folder nor the bucket's credentials, which only the server's
+    environment holds (the AWS chain, ``AWS_ENDPOINT_URL`` for MinIO and the like). MLflow answers only
     requests whose Host header it allows (localhost and private addresses by default): a server
     reached by a DNS name needs ``allowed_hosts``. The store URI goes through the environment
     (MLflow's MLFLOW_BACKEND_STORE_URI), not the arguments, which every user of the machine can read
     (``ps``, /proc/PID/cmdline): a database's URI holds its password."""
     arguments = [
         "server",
-        "--artifacts-destination", str(artifacts.resolve()),
+        "--artifacts-destination", str(artifacts if isinstance(artifacts, S3Uri) else artifacts.resolve()),
         "--serve-artifacts",
         "--host", host, "--port", str(port), "--workers", str(workers),
         *(["--allowed-hosts", allowed_hosts] if allowed_hosts else []),
