@@ -323,3 +323,41 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return process.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return []
+
+
+class Serving:
+    """`reid models serve REFERENCE` (MLflow's scoring server) on a free port."""
+
+    def __init__(self, uri: str, reference: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
+        self.process = subprocess.Popen(
+            [REID, "models", "serve", reference, "--port", str(self.port), "--tracking-uri", uri],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+        )  # fmt: skip
+
+    def wait(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise AssertionError(f"the server ended: {self.log.read()[-2000:]}")
+            try:
+                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.5)
+        raise AssertionError("the server did not answer /ping")
+
+    def invoke(self, payload: dict) -> requests.Response:
+        return requests.post(self.url + "/invocations", json=payload, timeout=60)
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.log.close()

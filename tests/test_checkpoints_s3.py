@@ -1,7 +1,8 @@
 """Runs and models kept in an S3 API server (moto's, authentication on: tests/object_store.py):
-Ray Train's checkpoints under ``run.storage_path: s3://bucket/prefix`` and a resume read back from
-there, a storage bucket that cannot be used refused before Ray starts, and an MLflow server whose
-artifacts are in a bucket while its clients hold no AWS credentials at all.
+shards read from ``data.shards: s3://...``, Ray Train's checkpoints under ``run.storage_path:
+s3://bucket/prefix`` and a resume after a killed worker read back from there, an MLflow server whose
+artifacts are in the bucket while the clients that pull and serve the model hold no AWS credentials
+at all, and a storage bucket that cannot be used refused before Ray starts.
 
 Each ``reid train`` here is a process of its own with the store's environment, as a user runs it;
 this process's environment keeps no AWS_* variable unless a test sets one.
@@ -9,33 +10,29 @@ this process's environment keeps no AWS_* variable unless a test sets one.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from reid_platform.cli import main
 from reid_platform.data.manifest import ShardDataset
-from reid_platform.errors import RunAlreadyFinished
 from reid_platform.input.partition import steps_per_epoch
-from reid_platform.model.artifact import save_model_dir
-from reid_platform.model.backbone import ReIDNet
-from reid_platform.model.config import ModelConfig, Preprocessing
 from reid_platform.parallel.classifier import shard_range
-from reid_platform.tracking.config import ARTIFACTS_THROUGH_THE_SERVER
-from reid_platform.tracking.logged_model import log_pyfunc_model
-from reid_platform.tracking.registry import register_model
+from reid_platform.storage.location import S3Uri
 from tests import DEMO_CONFIG
-from tests.object_store import REGION
-from tests.services import MlflowServer
+from tests.object_store import REGION, upload_folder
+from tests.services import MlflowServer, Serving, wait_for
 from tests.tiny_run import BATCH, set_arguments, tiny_run
 
 REID = str(Path(sys.executable).parent / "reid")
@@ -83,49 +80,92 @@ def classifier_rows(stored: dict[str, int], checkpoint: str) -> list[tuple[int, 
 
 
 @pytest.mark.ray
-def test_checkpoints_go_to_s3_and_the_job_resumes_from_there(s3_server, tiny_shards, tmp_path):
-    """One epoch into the bucket, then the same job started again for a second epoch from another
-    folder (nothing local of the first attempt is used) resumes from the bucket; a third start, on
-    one worker, re-shards the classifier files Ray downloaded; a fourth finds the run finished."""
+def test_a_run_kept_in_the_store_survives_a_killed_worker_and_its_model_is_served_from_there(
+    s3_server, tiny_shards, tiny_market, tmp_path, monkeypatch
+):
+    """Shards, checkpoints and model artifacts all in the bucket; the job starts on an empty local
+    temporary folder, loses a training worker after its second epoch, resumes from the checkpoint in
+    the bucket, registers its model there, and processes without any AWS credential pull and serve it."""
     bucket = s3_server.new_bucket()
-    env = {**without_aws(), **s3_server.environment()}
-    storage = f"run.storage_path=s3://{bucket}/runs"
+    with monkeypatch.context() as patch:
+        for name, value in s3_server.environment().items():
+            patch.setenv(name, value)
+        upload_folder(tiny_shards, S3Uri(bucket, "data/tiny"))
+    server = MlflowServer(tmp_path / "mlflow", artifacts=f"s3://{bucket}/mlartifacts", env=s3_server.environment())
+    (tmp_path / "mlflow").mkdir()
+    # every local copy a process makes (indexes, tables, staged shards, checkpoints) starts in an empty
+    # temporary folder; a short path: Ray's sockets live under it
+    fresh = Path(tempfile.mkdtemp(prefix="reid-"))
+    epochs, work = 3, tmp_path / "job"
+    overrides = tiny_run(
+        f"s3://{bucket}/data/tiny", work, "stored", epochs, "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+        f"run.storage_path=s3://{bucket}/runs", f"tracking.uri={server.uri}", "tracking.system_metrics=false",
+        "tracking.registered_model=reid-s3", "tracking.alias=champion",
+    )  # fmt: skip
+    try:
+        server.start()
+        log = (tmp_path / "train.log").open("w+")
+        job = subprocess.Popen(
+            [REID, "train", str(DEMO_CONFIG), *set_arguments(overrides)], stdout=log, stderr=subprocess.STDOUT, text=True,
+            env={**without_aws(), **s3_server.environment(), "TMPDIR": str(fresh)},
+        )  # fmt: skip
+        printed = lambda: (tmp_path / "train.log").read_text()
+        # epoch 2's line on rank 0 means epoch 1's checkpoint was committed by every rank
+        wait_for(lambda: "epoch 2/" in printed() or job.poll() is not None, "epoch 2", timeout=400)
+        workers = [p for p in psutil.process_iter(["cmdline"]) if any("ray::RayTrainWorker" in part for part in p.info["cmdline"] or [])]
+        assert len(workers) == 2, printed()[-3000:]
+        workers[-1].kill()
+        assert job.wait(timeout=500) == 0, printed()[-3000:]
+        assert re.search(rf"resumed after epoch [12] on 2 workers from s3://{bucket}/runs/stored/checkpoint_", printed())
+        outcome = json.loads((work / "out/results.json").read_text())
+        assert outcome["checkpoint"].startswith(f"s3://{bucket}/runs/stored/checkpoint_")
+        assert not (work / "ray").exists()  # nothing of the run kept on local disk
+        stored = objects(s3_server, bucket, "runs/stored/")
+        checkpoint = key(outcome["checkpoint"], bucket)
+        classes = ShardDataset.open(tiny_shards).num_classes
+        assert f"{checkpoint}/trainer.pt" in stored
+        assert classifier_rows(stored, checkpoint) == [shard_range(classes, rank, 2) for rank in range(2)]
 
-    started = time.perf_counter()
-    first = reid_train(tiny_shards, tmp_path / "s3", "tiny", 1, env, storage)
-    first_s = time.perf_counter() - started
-    assert first.returncode == 0, first.stderr[-3000:]
-    stored = objects(s3_server, bucket, "runs/tiny/")
-    assert "runs/tiny/mlflow_run_id" in stored
-    (checkpoint,) = [key.split("/")[2] for key in stored if re.fullmatch(r"runs/tiny/checkpoint_[^/]+/trainer\.pt", key)]
-    classes = ShardDataset.open(tiny_shards).num_classes
-    assert classifier_rows(stored, f"runs/tiny/{checkpoint}") == [shard_range(classes, rank, 2) for rank in range(2)]
+        client = MlflowClient(server.uri)
+        per_epoch = steps_per_epoch(ShardDataset.open(tiny_shards).split("train").samples, 2, BATCH)
+        history = client.get_metric_history(outcome["mlflow_run_id"], "step_loss")
+        assert sorted(m.step for m in history) == list(range(1, epochs * per_epoch + 1))  # every step once
+        assert client.get_model_version_by_alias("reid-s3", "champion").run_id == outcome["mlflow_run_id"]
+        assert "MLmodel" in {name.rpartition("/")[2] for name in objects(s3_server, bucket, "mlartifacts/")}
 
-    resumed = reid_train(tiny_shards, tmp_path / "s3-again", "tiny", 2, env, storage,
-                         f"tracking.uri=sqlite:///{tmp_path / 's3' / 'mlflow.db'}")  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert re.search(rf"resumed after epoch 1 on 2 workers from s3://{bucket}/runs/tiny/checkpoint_", resumed.stdout)
-    assert "before training:" not in resumed.stdout
-    outcome = json.loads((tmp_path / "s3-again/out/results.json").read_text())
-    assert outcome["checkpoint"].startswith(f"s3://{bucket}/runs/tiny/checkpoint_")
+        # pulled and served by processes that hold no AWS credential: the server hands the artifacts over
+        for name in [name for name in os.environ if name.startswith("AWS_")]:
+            monkeypatch.delenv(name)
+        pulled = subprocess.run(
+            [REID, "models", "pull", "reid-s3@champion", "--out", str(tmp_path / "pulled"), "--tracking-uri", server.uri],
+            capture_output=True, text=True, timeout=300, env=without_aws(),
+        )  # fmt: skip
+        assert pulled.returncode == 0, pulled.stderr[-3000:]
+        assert next((tmp_path / "pulled").rglob("model.json"))
+        serving = Serving(server.uri, "reid-s3@champion")
+        try:
+            serving.wait()
+            image = base64.b64encode(sorted((tiny_market / "query").glob("*.jpg"))[0].read_bytes()).decode()
+            answer = serving.invoke({"inputs": {"image": [image]}})
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["predictions"]) == 1
+        finally:
+            serving.stop()
 
-    # one MLflow run, its step losses numbered on from epoch 1's; no uninterrupted run to compare
-    # with: one started with train.epochs=2 decays its learning rate on another schedule from step 3
-    per_epoch = steps_per_epoch(ShardDataset.open(tiny_shards).split("train").samples, 2, BATCH)
-    history = MlflowClient(f"sqlite:///{tmp_path / 's3' / 'mlflow.db'}").get_metric_history(outcome["mlflow_run_id"], "step_loss")
-    assert sorted(m.step for m in history) == list(range(1, 2 * per_epoch + 1))
-
-    elastic = reid_train(tiny_shards, tmp_path / "s3-one", "tiny", 3, env, storage, "scaling.num_workers=1",
-                         f"tracking.uri=sqlite:///{tmp_path / 's3' / 'mlflow.db'}")  # fmt: skip
-    assert elastic.returncode == 0, elastic.stderr[-3000:]
-    assert "resumed after epoch 2 on 1 workers from s3://" in elastic.stdout
-    last = json.loads((tmp_path / "s3-one/out/results.json").read_text())["checkpoint"]
-    assert classifier_rows(objects(s3_server, bucket, key(last, bucket)), key(last, bucket)) == [(0, classes)]
-    print(f"first attempt {first_s:.0f} s; objects in the bucket: {len(objects(s3_server, bucket, 'runs/'))}")
-
-    again = reid_train(tiny_shards, tmp_path / "s3-one", "tiny", 3, env, storage, "scaling.num_workers=1",
-                       f"tracking.uri=sqlite:///{tmp_path / 's3' / 'mlflow.db'}")  # fmt: skip
-    assert again.returncode == RunAlreadyFinished.exit_code and "finished its 3 epochs already" in again.stderr.strip().splitlines()[-1]
+        # --out s3://: the pulled folder uploaded by a process that has the store's credentials
+        to_store = subprocess.run(
+            [REID, "models", "pull", "reid-s3@champion", "--out", f"s3://{bucket}/pulled", "--tracking-uri", server.uri],
+            capture_output=True, text=True, timeout=300, env={**without_aws(), **s3_server.environment()},
+        )  # fmt: skip
+        assert to_store.returncode == 0, to_store.stderr[-3000:]
+        local = {f"pulled/{path.relative_to(tmp_path / 'pulled').as_posix()}": path.stat().st_size
+                 for path in (tmp_path / "pulled").rglob("*") if path.is_file()}  # fmt: skip
+        assert objects(s3_server, bucket, "pulled/") == local
+    finally:
+        if job.poll() is None:
+            job.kill()
+        server.kill()
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 @pytest.mark.parametrize("problem", ["no such bucket", "a refused key"])
@@ -144,57 +184,3 @@ def test_an_unusable_storage_bucket_is_one_line_before_ray_starts(problem, s3_se
     assert expected in line and env["AWS_SECRET_ACCESS_KEY"] not in line
     assert not (tmp_path / "ray").exists() and "before training" not in done.stdout  # no Ray process started
     assert elapsed < 30, elapsed  # the imports: nothing waits for the store
-
-
-def test_mlflow_artifacts_in_s3_reach_clients_without_aws_credentials(s3_server, tiny_market, tmp_path, monkeypatch, capsys):
-    """The server alone holds the store's key; this process and the pulling ones hold none."""
-    for name in [name for name in os.environ if name.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    bucket = s3_server.new_bucket()
-    server = MlflowServer(tmp_path, artifacts=f"s3://{bucket}/mlartifacts", env=s3_server.environment())
-    try:
-        server.start()
-        client = MlflowClient(server.uri)
-        run_id = client.create_run(client.create_experiment("s3")).info.run_id
-        preprocessing = Preprocessing(height=64, width=32)
-        torch.manual_seed(0)
-        model = ReIDNet(ModelConfig(arch="resnet18", embedding_dim=16), preprocessing).eval()
-        directory = save_model_dir(model, preprocessing, tmp_path / "model")
-        model_id = log_pyfunc_model(server.uri, run_id, "s3-epoch-1", directory, model.feature_dim)
-        register_model(server.uri, run_id, client.get_logged_model(model_id).artifact_location, "reid-s3", "champion", model_id)
-        stored = objects(s3_server, bucket, "mlartifacts/")
-        names = {key.rpartition("/")[2] for key in stored}
-        assert {"MLmodel", "model.json"} <= names, sorted(stored)
-
-        image = sorted((tiny_market / "query").glob("*.jpg"))[0]
-        load = (
-            "import mlflow, pandas, sys; model = mlflow.pyfunc.load_model('models:/reid-s3@champion'); "
-            "print(model.predict(pandas.DataFrame({'image': [open(sys.argv[1], 'rb').read()]})).shape)"
-        )
-        # what `reid` sets for itself (tracking/config.py): downloads through the server, not from presigned
-        # URLs of the bucket (which moto's server refuses with authentication on)
-        no_aws = {**without_aws(), "MLFLOW_TRACKING_URI": server.uri, **ARTIFACTS_THROUGH_THE_SERVER}
-        loaded = subprocess.run([sys.executable, "-c", load, str(image)], capture_output=True, text=True, timeout=300, env=no_aws)
-        assert loaded.returncode == 0, loaded.stderr[-3000:]
-        assert loaded.stdout.strip().splitlines()[-1] == "(1, 16)"
-        pulled = subprocess.run(
-            [REID, "models", "pull", "reid-s3@champion", "--out", str(tmp_path / "pulled")],
-            capture_output=True, text=True, timeout=300, env=no_aws,
-        )  # fmt: skip
-        assert pulled.returncode == 0, pulled.stderr[-3000:]
-        model_dir = next((tmp_path / "pulled").rglob("model.json")).parent
-        assert (model_dir / "model.json").read_bytes() == (directory / "model.json").read_bytes()
-
-        # --out s3://: the pulled folder uploaded, by a process that has the store's credentials
-        for name, value in s3_server.environment().items():
-            monkeypatch.setenv(name, value)
-        capsys.readouterr()
-        assert main(["models", "pull", "reid-s3@champion", "--out", f"s3://{bucket}/pulled", "--tracking-uri", server.uri]) == 0
-        uploaded = objects(s3_server, bucket, "pulled/")
-        local = {f"pulled/{path.relative_to(tmp_path / 'pulled').as_posix()}": path.stat().st_size
-                 for path in (tmp_path / "pulled").rglob("*") if path.is_file()}  # fmt: skip
-        assert uploaded == local
-        model_uri = f"s3://{bucket}/pulled/{model_dir.relative_to(tmp_path / 'pulled').as_posix()}".rstrip("/.")
-        assert capsys.readouterr().out.strip() == f"pulled reid-s3@champion into {model_uri}"
-    finally:
-        server.kill()

@@ -30,7 +30,8 @@ REID = str(Path(sys.executable).parent / "reid")
 
 
 @pytest.fixture
-def remote_shards(tiny_shards, s3_bucket) -> S3Uri:
+def remote_shards(tiny_shards, s3_bucket, tmp_path, monkeypatch) -> S3Uri:
+    monkeypatch.setenv(files.STAGE_DIR, str(tmp_path / "staged"))  # DALI's whole local copies: the test's own
     prefix = S3Uri(s3_bucket, "datasets/tiny")
     upload_folder(tiny_shards, prefix)
     return prefix
@@ -68,7 +69,8 @@ def test_evaluation_batches_from_the_bucket_equal_the_local_ones(tiny_dataset, r
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"sampler": "identity", "images_per_identity": 4}, {"backend": "torch", "num_threads": 1}]
+    "overrides",
+    [{}, {"stage_objects": False}, {"sampler": "identity", "images_per_identity": 4}, {"backend": "torch", "num_threads": 1}],
 )
 def test_training_batches_from_the_bucket_equal_the_local_ones(tiny_dataset, remote_shards, overrides):
     cfg = CFG.model_copy(update=overrides)

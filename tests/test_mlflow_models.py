@@ -7,19 +7,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import requests
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -33,6 +27,7 @@ from reid_platform.model.config import ModelConfig, Preprocessing
 from reid_platform.model.inference import embed_images
 from reid_platform.tracking.logged_model import log_pyfunc_model
 from reid_platform.tracking.registry import register_model
+from tests.services import Serving
 
 REID = str(Path(sys.executable).parent / "reid")
 PRE = Preprocessing(height=64, width=32)
@@ -118,42 +113,6 @@ def test_old_plain_folder_versions_and_new_ones_pull_embed_and_export(registered
     assert "has no alias 'nobody' (aliases: champion->1; versions: 1, 2)" in capsys.readouterr().err
     assert main(["models", "pull", "nothing@champion", "--out", str(tmp_path / "x"), *flags]) == 1
     assert "has no registered model 'nothing' (models: reid-serve)" in capsys.readouterr().err
-
-
-class Serving:
-    def __init__(self, uri: str, reference: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
-        self.process = subprocess.Popen(
-            [REID, "models", "serve", reference, "--port", str(self.port), "--tracking-uri", uri],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, text=True,
-        )  # fmt: skip
-
-    def wait(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise AssertionError(f"the server ended: {self.log.read()[-2000:]}")
-            try:
-                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.5)
-        raise AssertionError("the server did not answer /ping")
-
-    def invoke(self, payload: dict) -> requests.Response:
-        return requests.post(self.url + "/invocations", json=payload, timeout=60)
-
-    def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.log.close()
 
 
 def test_mlflow_models_serve_answers_jpegs_over_http_and_refuses_bad_ones(registered, jpegs):

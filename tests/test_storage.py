@@ -136,3 +136,20 @@ def test_the_aws_chains_secrets_are_redacted(monkeypatch):
         monkeypatch.setenv(name, value)
     text = redact(f"failed with {' and '.join(values.values())} in s3://reid-data/x?X-Amz-Signature=abcdef0123")
     assert not any(value in text for value in values.values()) and "abcdef0123" not in text
+
+
+def test_staged_copies_are_whole_made_once_per_node_and_refreshed_when_the_object_changes(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv(files.STAGE_DIR, str(tmp_path / "staged"))
+    uris = [S3Uri(s3_bucket, f"shards/{n}.tar") for n in range(3)]
+    for number, uri in enumerate(uris):
+        files.write_bytes(uri, bytes([number]) * (1000 + number))
+    local = tmp_path / "local.tar"
+    local.write_bytes(b"here")
+    paths = files.staged([*uris, local])
+    assert paths[-1] == local and [p.read_bytes() for p in paths[:-1]] == [files.read_bytes(uri) for uri in uris]
+    assert paths[0] == tmp_path / "staged" / s3_bucket / "shards/0.tar"
+    made = [p.stat().st_mtime_ns for p in paths[:-1]]
+    assert [p.stat().st_mtime_ns for p in files.staged(uris)] == made  # kept, not fetched again
+    files.write_bytes(uris[1], b"changed")
+    assert files.staged(uris)[1].read_bytes() == b"changed"
+    assert not list((tmp_path / "staged").rglob("*.partial"))

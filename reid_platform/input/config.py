@@ -32,6 +32,13 @@ class InputConfig(Preprocessing):
         "shuffle", description="identity: batches of batch_size / images_per_identity identities x images_per_identity."
     )
     images_per_identity: int = Field(4, ge=1, description="K of P x K identity-balanced batches.")
+    stage_objects: bool = Field(
+        True,
+        description="DALI reads shards in an object store from whole local copies, fetched once per node "
+        "($REID_STAGE_DIR, else the temporary folder; kept for the next run): its reader makes a request per "
+        "member there, about 30x slower than disk (benchmarks/object_store.py). false reads them in place, "
+        "for datasets larger than a node's disk.",
+    )
 
     @model_validator(mode="after")
     def _identity_batches_fit(self) -> InputConfig:

@@ -45,12 +45,15 @@ from reid_platform.input.bad_samples import BadSample, among, error_summary, is_
 from reid_platform.input.config import InputConfig
 from reid_platform.input.identity import identity_source
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
+from reid_platform.storage import files, location
 
 READER = "Reader"
 
 
 def _read(tars: tuple[str, ...], indexes: tuple[str, ...], partition: Partition, shuffle: bool, cfg: InputConfig,
           resize: bool):  # fmt: skip
+    if cfg.stage_objects:  # in an object store, DALI's reader would make a request per member
+        tars = tuple(str(path) for path in files.staged([location.parse(tar) for tar in tars]))
     images, meta = fn.readers.webdataset(
         paths=list(tars),
         index_paths=list(indexes),

@@ -4,6 +4,7 @@ writers call instead of ``open`` and ``Path`` methods where a location may be re
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import io
 import itertools
@@ -179,3 +180,37 @@ def for_arrow(location: Location) -> tuple[str, object | None]:
 def from_arrow(path: str, storage: Location) -> str:
     """What a path pyarrow gave back for a place under ``storage`` (a Ray checkpoint's) stands for."""
     return f"{S3_SCHEME}{path}" if isinstance(storage, S3Uri) else path
+
+
+STAGE_DIR = "REID_STAGE_DIR"
+
+
+def stage_folder() -> Path:
+    """Where this node keeps whole local copies of objects (``staged``): $REID_STAGE_DIR, else a
+    folder in the temporary folder, shared by the node's processes."""
+    return Path(os.environ.get(STAGE_DIR) or Path(tempfile.gettempdir()) / "reid-staged")
+
+
+def staged(locations: list[Location]) -> list[Path]:
+    """Whole local copies of files that a reader would otherwise fetch piece by piece: local paths as
+    they are, objects downloaded (in parallel, each in parallel parts) into ``stage_folder()`` by
+    bucket and key. A copy already there with the object's size is used as it is; processes of the
+    node that want the same object wait for the one fetching it (a lock per object) and a copy
+    appears only complete (renamed into place)."""
+    with ThreadPoolExecutor(s3.PARALLEL_PARTS) as pool:
+        return list(pool.map(_staged, locations))
+
+
+def _staged(location: Location) -> Path:
+    if not isinstance(location, S3Uri):
+        return location
+    path = stage_folder() / location.bucket / location.key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    expected = s3.size(location)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path.is_file() and path.stat().st_size == expected):
+            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            s3.download_file(location, partial)
+            os.replace(partial, path)
+    return path
