@@ -5,6 +5,7 @@ named by its URI."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from itertools import islice
@@ -101,3 +102,21 @@ def test_a_missing_object_is_named_before_anything_reads(remote_shards):
         ShardDataset.open(remote_shards)
     with pytest.raises(DatasetError, match=rf"^{remote_shards}/nowhere/manifest.json: no manifest"):
         ShardDataset.open(remote_shards / "nowhere")
+
+
+def test_reid_eval_reads_the_bucket_as_it_reads_local_shards(tiny_shards, remote_shards, tmp_path, capsys):
+    from reid_platform.cli import main
+    from reid_platform.model.artifact import save_model_dir
+    from reid_platform.model.backbone import ReIDNet
+    from reid_platform.model.config import ModelConfig, Preprocessing
+
+    preprocessing = Preprocessing(height=64, width=32)
+    torch.manual_seed(0)
+    model = save_model_dir(ReIDNet(ModelConfig(arch="resnet18", embedding_dim=16), preprocessing).eval(), preprocessing, tmp_path / "m")
+    metrics = {}
+    for where, data in (("local", tiny_shards), ("store", remote_shards)):
+        assert main(["eval", "--model", str(model), "--data", str(data), "--out", str(tmp_path / where)]) == 0
+        metrics[where] = json.loads((tmp_path / where / "metrics.json").read_text())
+    for key in ("mAP", "rank1", "mINP", "cmc"):
+        assert metrics["store"][key] == metrics["local"][key], key
+    assert metrics["store"]["data"] == str(remote_shards)
