@@ -85,7 +85,7 @@ from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition
 from reid_platform.storage import files, s3
 from reid_platform.storage.location import S3Uri
-from tests.object_store import S3Server, upload_folder
+from tests.object_store import S3Server
 
 MB = 1 << 20
 DOWNLOAD_THREADS = s3.PARALLEL_PARTS
@@ -184,7 +184,7 @@ def data_group(scratch: Path, server: S3Server, bucket: str, args) -> dict:
     manifest = pack_dataset([("market1501", root)], shards, PackOptions(workers=2, resize=(256, 128)), progress=False)
     shutil.rmtree(root)
     remote = S3Uri(bucket, "shards")
-    upload_folder(shards, remote)
+    files.upload_folder(shards, remote)
     train = ShardDataset.open(str(remote)).split("train")
     tars = [S3Uri(*tar.removeprefix("s3://").split("/", 1)) for tar in train.tars]
     cfg = InputConfig(height=256, width=128, batch_size=BATCH, num_threads=WORKERS, pad=10, erasing_prob=0.5)

@@ -16,6 +16,11 @@ class ReidError(Exception):
     # lost worker or node restarts it.
     transient = False
 
+    def __str__(self) -> str:
+        # the message alone: libraries that pass an error on append their context to its args
+        # (webdataset adds the stream and URL), which would print as a tuple
+        return str(self.args[0]) if self.args else ""
+
 
 class ConfigError(ReidError, ValueError):
     """A config, an override or a command-line value that cannot be used."""

@@ -4,7 +4,8 @@ authentication on, and a proxy in front of it that injects the store's faults.
 The server enforces signatures: its first requests create an IAM user with a key allowed
 everything, and only that key works afterwards, so a wrong key is refused as AWS refuses it
 (InvalidAccessKeyId, 403). ``FaultProxy`` forwards every request unchanged until told to answer the
-next N with 503 SlowDown (S3's throttling) or to cut the connection in the middle of the next upload.
+next N with 503 SlowDown (S3's throttling), to cut the connection in the middle of the next upload,
+or to refuse every write (403 AccessDenied, a key that may only read).
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.slow_downs_left = 0
         self.resets_left = 0
+        self.writes_denied = False
         self.reset_min_bytes = 0
-        self.injected = {"slow_down": 0, "reset": 0}
+        self.injected = {"slow_down": 0, "reset": 0, "deny": 0}
         self.requests: list[str] = []
         proxy = self
 
@@ -130,12 +132,13 @@ class FaultProxy:
                     self.close_connection = True
                     return
                 body = self.rfile.read(length) if length else None
-                if fault == "slow_down":
+                if fault in ("slow_down", "deny"):
+                    code, status = ("SlowDown", 503) if fault == "slow_down" else ("AccessDenied", 403)
                     payload = (
-                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                        b"<Message>Please reduce your request rate.</Message></Error>"
-                    )
-                    self.send_response(503)
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        "<Message>Injected by the test's proxy.</Message></Error>"
+                    ).encode()
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -177,8 +180,16 @@ class FaultProxy:
         with self.lock:
             self.resets_left, self.reset_min_bytes = uploads, min_bytes
 
+    def deny_writes(self) -> None:
+        """Answer every PUT and POST with 403 AccessDenied, as a store does to a key that may only read."""
+        with self.lock:
+            self.writes_denied = True
+
     def _take_fault(self, method: str, length: int) -> str | None:
         with self.lock:
+            if self.writes_denied and method in ("PUT", "POST"):
+                self.injected["deny"] += 1
+                return "deny"
             if self.slow_downs_left:
                 self.slow_downs_left -= 1
                 self.injected["slow_down"] += 1
@@ -192,12 +203,3 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def upload_folder(folder: Path, prefix) -> None:
-    """Every file under ``folder`` to the same relative key under ``prefix`` (an S3Uri)."""
-    from reid_platform.storage import files
-
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            files.upload(path, prefix / path.relative_to(folder).as_posix())

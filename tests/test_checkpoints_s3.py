@@ -29,9 +29,10 @@ from mlflow.tracking import MlflowClient
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.input.partition import steps_per_epoch
 from reid_platform.parallel.classifier import shard_range
+from reid_platform.storage import files
 from reid_platform.storage.location import S3Uri
 from tests import DEMO_CONFIG
-from tests.object_store import REGION, upload_folder
+from tests.object_store import REGION
 from tests.services import MlflowServer, Serving, wait_for
 from tests.tiny_run import BATCH, set_arguments, tiny_run
 
@@ -90,7 +91,7 @@ def test_a_run_kept_in_the_store_survives_a_killed_worker_and_its_model_is_serve
     with monkeypatch.context() as patch:
         for name, value in s3_server.environment().items():
             patch.setenv(name, value)
-        upload_folder(tiny_shards, S3Uri(bucket, "data/tiny"))
+        files.upload_folder(tiny_shards, S3Uri(bucket, "data/tiny"))
     server = MlflowServer(tmp_path / "mlflow", artifacts=f"s3://{bucket}/mlartifacts", env=s3_server.environment())
     (tmp_path / "mlflow").mkdir()
     # every local copy a process makes (indexes, tables, staged shards, checkpoints) starts in an empty

@@ -24,7 +24,6 @@ from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition
 from reid_platform.storage import files
 from reid_platform.storage.location import S3Uri
-from tests.object_store import upload_folder
 
 CFG = InputConfig(height=64, width=32, batch_size=8, num_threads=1, pad=4, shuffle_buffer=32)
 REID = str(Path(sys.executable).parent / "reid")
@@ -34,7 +33,7 @@ REID = str(Path(sys.executable).parent / "reid")
 def remote_shards(tiny_shards, s3_bucket, tmp_path, monkeypatch) -> S3Uri:
     monkeypatch.setenv(files.STAGE_DIR, str(tmp_path / "staged"))  # DALI's whole local copies: the test's own
     prefix = S3Uri(s3_bucket, "datasets/tiny")
-    upload_folder(tiny_shards, prefix)
+    files.upload_folder(tiny_shards, prefix)
     return prefix
 
 

@@ -152,4 +152,28 @@ def test_staged_copies_are_whole_made_once_per_node_and_refreshed_when_the_objec
     assert [p.stat().st_mtime_ns for p in files.staged(uris)] == made  # kept, not fetched again
     files.write_bytes(uris[1], b"changed")
     assert files.staged(uris)[1].read_bytes() == b"changed"
+    files.write_bytes(uris[2], bytes([9]) * 1002)  # repacked, the same size: its ETag tells
+    assert files.staged(uris)[2].read_bytes() == bytes([9]) * 1002
     assert not list((tmp_path / "staged").rglob("*.partial"))
+
+
+def test_a_write_the_store_refuses_is_one_line(s3_server, s3_bucket, tmp_path, monkeypatch):
+    proxy = FaultProxy(s3_server.url)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proxy.deny_writes()
+        local = tmp_path / "f.bin"
+        local.write_bytes(b"x" * 1000)
+        for write in (lambda: files.upload(local, S3Uri(s3_bucket, "f.bin")), lambda: files.write_bytes(S3Uri(s3_bucket, "g"), b"x")):
+            with pytest.raises(s3.StoreError, match=r"refused the credentials \(AccessDenied\)") as caught:
+                write()
+            assert "\n" not in str(caught.value) and str(caught.value).startswith(f"s3://{s3_bucket}/")
+        assert proxy.injected["deny"] >= 2
+    finally:
+        proxy.close()
+
+
+def test_folder_markers_are_not_files(s3_bucket):
+    s3.client().put_object(Bucket=s3_bucket, Key="made/in/a/console/", Body=b"")
+    files.write_text(S3Uri(s3_bucket, "made/in/a/console/x.txt"), "x")
+    assert files.sizes(S3Uri(s3_bucket, "made")) == {"in/a/console/x.txt": 1}

@@ -127,10 +127,11 @@ def _workload_from_config(args: argparse.Namespace, profiles: dict):
 def _config_classes(args: argparse.Namespace, cfg) -> tuple[int, str]:
     """--classes, else the dataset's manifest: (classes, which of them it was)."""
     from reid_platform.data.manifest import MANIFEST, Manifest
-    from reid_platform.storage import files
+    from reid_platform.storage import files, s3
 
     if args.classes is not None:
         return int(_positive("--classes", args.classes)), "--classes"
+    s3.use_endpoint(cfg.data.s3_endpoint)
     manifest = cfg.data.shards / MANIFEST
     if not files.is_file(manifest):
         raise ConfigError(f"--classes: needed, since data.shards has no {manifest} to count the classes in")

@@ -88,6 +88,13 @@ class Manifest(_Record):
             raise DatasetError(f"{path}: no {', '.join(missing)} split")
         return manifest
 
+    def files(self) -> list[str]:
+        """Every file the manifest lists: each shard's tar, DALI index and sample table."""
+        return [
+            name for split in self.splits.values() for shard in split.shards
+            for name in (shard.file, shard.index, shard.table) if name
+        ]  # fmt: skip
+
     def write(self, shards_dir: Path) -> None:
         (shards_dir / MANIFEST).write_text(json.dumps(self.model_dump(mode="json"), indent=2))
 
@@ -97,7 +104,7 @@ class Split:
     name: str
     samples: int
     identities: int
-    tars: tuple[str, ...]  # local paths or s3:// URIs (DALI and webdataset read both)
+    tars: tuple[str, ...]  # local paths or s3:// URIs (the input's readers open both through storage/)
     indexes: tuple[str, ...]  # DALI index of each tar, in the same order: always a local file
     tables: tuple[str | None, ...]  # sample table of each tar (None: read its meta members): local
     shard_samples: tuple[int, ...]
@@ -121,7 +128,7 @@ class ShardDataset:
         """
         root = location.parse(root)
         manifest = Manifest.read(root)
-        present = files.sizes(root)  # one listing: an object store answers it in one request per 1000
+        present = files.sizes(root, manifest.files())  # a store: one listing, a request per 1000 objects
         splits = {}
         for name, entry in manifest.splits.items():
             for shard in entry.shards:

@@ -436,7 +436,7 @@ def verify_shards(shards_dir: str | Path, progress: bool = False) -> ShardCheck:
     listed = {}
     for split, info in manifest.splits.items():
         listed.update({(split, number): shard for number, shard in enumerate(info.shards)})
-    present = files.sizes(shards_dir)
+    present = files.sizes(shards_dir, manifest.files())
     found = [key for key, shard in listed.items() if shard.file in present]
     digests = dict(zip(found, files_sha256([shards_dir / listed[key].file for key in found], progress)))
     problems, changed = [], []

@@ -26,7 +26,7 @@ from reid_platform.console import say
 from reid_platform.data.images import decode_rgb
 from reid_platform.data.manifest import ShardDataset
 from reid_platform.data.shard_format import IMAGE_EXT, META_EXT, SAMPLE_INDEX, decode_meta
-from reid_platform.errors import DatasetError
+from reid_platform.errors import DatasetError, ReidError
 from reid_platform.input.bad_samples import BadSample
 from reid_platform.input.config import InputConfig
 from reid_platform.input.partition import Partition, checked_labels, steps_per_epoch
@@ -123,12 +123,14 @@ def _train_stream(tars: list[str], decode: _Decode, cfg: InputConfig, rank: int,
 
 
 def _worker_errors_named(batches):
-    """DataLoader re-raises a worker's DatasetError with the worker's whole traceback as its message;
-    keep the message the worker raised, which names the shard and sample."""
+    """DataLoader re-raises a worker's error (a DatasetError, a StoreError) with the worker's whole
+    traceback as its message; keep the line the worker raised, which names the shard and sample or
+    the object."""
     try:
         yield from batches
-    except DatasetError as error:
-        raise DatasetError(str(error).strip().splitlines()[-1].split("DatasetError: ", 1)[-1]) from None
+    except ReidError as error:
+        last = str(error).strip().splitlines()[-1]
+        raise type(error)(last.split(f"{type(error).__name__}: ", 1)[-1]) from None
 
 
 class TorchTrainLoader:

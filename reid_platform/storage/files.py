@@ -33,11 +33,14 @@ def size(location: Location) -> int | None:
     return location.stat().st_size if location.is_file() else None
 
 
-def sizes(folder: Location) -> dict[str, int]:
-    """Every file under ``folder`` by its path relative to it (with '/'), with its size: one listing
-    request per thousand objects in the store."""
+def sizes(folder: Location, names: list[str] | None = None) -> dict[str, int]:
+    """The files under ``folder`` by their path relative to it (with '/'), with their sizes: in a
+    store one listing (a request per thousand objects); on a disk those of ``names`` only, when
+    given (a shared file system's folder may hold much else), else every file under it."""
     if isinstance(folder, S3Uri):
         return s3.sizes(folder)
+    if names is not None:
+        return {name: (folder / name).stat().st_size for name in names if (folder / name).is_file()}
     if not folder.is_dir():
         return {}
     return {path.relative_to(folder).as_posix(): path.stat().st_size for path in folder.rglob("*") if path.is_file()}
@@ -60,6 +63,9 @@ def write_bytes(location: Location, data: bytes) -> None:
     location.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=location.parent, prefix=f".{location.name}.", delete=False) as handle:
         handle.write(data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(handle.name, 0o666 & ~umask)  # as a file written in place: a temporary file is private
     os.replace(handle.name, location)
 
 
@@ -84,6 +90,10 @@ def open_stream(location: Location) -> BinaryIO:
 class _StreamReader(io.RawIOBase):
     def __init__(self, uri: S3Uri) -> None:
         self.blocks, self.pending = s3.stream(uri), b""
+
+    def close(self) -> None:
+        self.blocks.close()  # the GET's connection back to the pool, though the body was not read to its end
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -187,16 +197,20 @@ STAGE_DIR = "REID_STAGE_DIR"
 
 def stage_folder() -> Path:
     """Where this node keeps whole local copies of objects (``staged``): $REID_STAGE_DIR, else a
-    folder in the temporary folder, shared by the node's processes."""
-    return Path(os.environ.get(STAGE_DIR) or Path(tempfile.gettempdir()) / "reid-staged")
+    folder of this user's in the temporary folder, shared by the user's processes on the node."""
+    if os.environ.get(STAGE_DIR):
+        return Path(os.environ[STAGE_DIR])
+    folder = Path(tempfile.gettempdir()) / f"reid-staged-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)  # nobody else's files stand in for the objects
+    return folder
 
 
 def staged(locations: list[Location]) -> list[Path]:
     """Whole local copies of files that a reader would otherwise fetch piece by piece: local paths as
     they are, objects downloaded (in parallel, each in parallel parts) into ``stage_folder()`` by
-    bucket and key. A copy already there with the object's size is used as it is; processes of the
-    node that want the same object wait for the one fetching it (a lock per object) and a copy
-    appears only complete (renamed into place)."""
+    bucket and key. A copy is used again while the object keeps its ETag (a repacked shard of the
+    same size is fetched anew); processes of the node that want the same object wait for the one
+    fetching it (a lock per object), and a copy appears only complete (renamed into place)."""
     with ThreadPoolExecutor(s3.PARALLEL_PARTS) as pool:
         return list(pool.map(_staged, locations))
 
@@ -204,13 +218,20 @@ def staged(locations: list[Location]) -> list[Path]:
 def _staged(location: Location) -> Path:
     if not isinstance(location, S3Uri):
         return location
-    path = stage_folder() / location.bucket / location.key
+    folder = stage_folder()
+    path = (folder / location.bucket / location.key).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise s3.StoreError(f"{location}: its key leaves the stage folder {folder}")
+    found = s3.head(location)
+    if found is None:
+        raise s3.StoreError(f"{location}: no such object")
     path.parent.mkdir(parents=True, exist_ok=True)
-    expected = s3.size(location)
+    etag = path.with_name(f".{path.name}.etag")
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path.is_file() and path.stat().st_size == expected):
+        if not (path.is_file() and etag.is_file() and etag.read_text() == found[1] and path.stat().st_size == found[0]):
             partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
             s3.download_file(location, partial)
             os.replace(partial, path)
+            etag.write_text(found[1])
     return path

@@ -87,7 +87,7 @@ def parse(value: str | Path | S3Uri) -> Path | S3Uri:
             "chain (environment, profile, instance role) and AWS_ENDPOINT_URL"
         )
     if not _BUCKET.match(bucket):
-        raise ConfigError(f"{text}: {bucket!r} is not an S3 bucket name (3-63 lower-case letters, digits, '.' and '-')")
+        raise ConfigError(f"{redact(text)}: {bucket!r} is not an S3 bucket name (3-63 lower-case letters, digits, '.' and '-')")
     return S3Uri(bucket, key)
 
 

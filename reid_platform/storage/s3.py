@@ -50,8 +50,8 @@ _clients_lock = threading.Lock()
 def use_endpoint(url: str | None) -> None:
     """Point this process (and the processes it starts: DALI's and pyarrow's clients, Ray workers on
     this node) at ``url`` (``data.s3_endpoint``); None leaves AWS_ENDPOINT_URL as it is."""
-    if url:
-        os.environ["AWS_ENDPOINT_URL"] = url
+    if url:  # both names: an S3-only endpoint in the environment would otherwise win over the config
+        os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = url
 
 
 def endpoint() -> str | None:
@@ -71,7 +71,12 @@ def client():
                 retries={"mode": "standard", "max_attempts": attempts},
                 connect_timeout=5,
                 read_timeout=60,
-                max_pool_connections=PARALLEL_PARTS * 2,
+                # the most requests this process makes at once: parallel uploads of parallel parts
+                max_pool_connections=PARALLEL_PARTS * PARALLEL_PARTS,
+                # boto3's default CRC32 headers on every upload are refused by GCS's S3 endpoint and
+                # some MinIO and Ceph versions; the ETag check (``upload_file``) proves the bytes instead
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
             )
             _clients[key] = boto3.session.Session().client("s3", endpoint_url=endpoint(), config=config)
         return _clients[key]
@@ -125,12 +130,14 @@ def _at() -> str:
 
 
 def _bucket_exists(bucket: str) -> bool:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         client().head_bucket(Bucket=bucket)
     except ClientError as error:
         return error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound")
+    except BotoCoreError:  # unreachable now: the first request's error is the one to report
+        return True
     return True
 
 
@@ -143,23 +150,31 @@ def _call(uri: S3Uri, action: str, method: str, **arguments):
         raise _failure(uri, action, error) from None
 
 
-def size(uri: S3Uri) -> int | None:
-    """The object's size, or None when there is no such object (a missing bucket is an error)."""
+def head(uri: S3Uri) -> tuple[int, str] | None:
+    """The object's size and ETag, or None when there is no such object (a missing bucket, refused
+    credentials or a store out of reach are errors)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
-        return client().head_object(Bucket=uri.bucket, Key=uri.key)["ContentLength"]
+        answer = client().head_object(Bucket=uri.bucket, Key=uri.key)
     except ClientError as error:
-        failure = _failure(uri, "reading its size", error)
-        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound") and "no such object" in str(failure):
+        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound") and _bucket_exists(uri.bucket):
             return None
-        raise failure from None
+        raise _failure(uri, "reading its size", error) from None
     except BotoCoreError as error:
         raise _failure(uri, "reading its size", error) from None
+    return answer["ContentLength"], answer["ETag"].strip('"')
+
+
+def size(uri: S3Uri) -> int | None:
+    """The object's size, or None when there is no such object."""
+    found = head(uri)
+    return None if found is None else found[0]
 
 
 def sizes(prefix: S3Uri) -> dict[str, int]:
-    """Every object under ``prefix`` (a folder), by its key relative to it, with its size."""
+    """Every object under ``prefix`` (a folder), by its key relative to it, with its size; the empty
+    objects that consoles and pyarrow make to show a folder (keys ending in '/') are no files."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     base = f"{prefix.key}/" if prefix.key else ""
@@ -167,24 +182,54 @@ def sizes(prefix: S3Uri) -> dict[str, int]:
     try:  # the requests are made while the pages are read
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base):
             for item in page.get("Contents", []):
-                found[item["Key"][len(base) :]] = item["Size"]
+                if not item["Key"].endswith("/"):
+                    found[item["Key"][len(base) :]] = item["Size"]
     except (ClientError, BotoCoreError) as error:
         raise _failure(prefix, "listing", error) from None
     return found
 
 
-def read_bytes(uri: S3Uri, start: int = 0, length: int | None = None) -> bytes:
-    """The object's bytes, or ``length`` of them from ``start`` (one ranged GET)."""
+# A connection that drops while a body is read: botocore retries requests, not the reading of their
+# answers, so these are retried here, from the first byte not yet received.
+_BODY_ATTEMPTS = 5
+
+
+def _body_errors() -> tuple[type[Exception], ...]:
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError
+
+    return IncompleteReadError, ReadTimeoutError, ResponseStreamingError, ProtocolError
+
+
+def stream(uri: S3Uri, block: int = READ_BLOCK, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+    """The object's bytes (or ``length`` of them from ``start``) in blocks, from one GET; a
+    connection that drops in the middle is resumed with a GET of the rest."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    arguments = {"Bucket": uri.bucket, "Key": uri.key}
-    if start or length is not None:
-        end = "" if length is None else str(start + length - 1)
-        arguments["Range"] = f"bytes={start}-{end}"
-    try:
-        return client().get_object(**arguments)["Body"].read()
-    except (ClientError, BotoCoreError) as error:
-        raise _failure(uri, "reading", error) from None
+    end = None if length is None else start + length
+    received, failures = start, 0
+    while end is None or received < end:
+        arguments = {"Bucket": uri.bucket, "Key": uri.key}
+        if received or end is not None:
+            arguments["Range"] = f"bytes={received}-{'' if end is None else end - 1}"
+        try:
+            for chunk in client().get_object(**arguments)["Body"].iter_chunks(block):
+                received += len(chunk)
+                yield chunk
+            return
+        except _body_errors() as error:
+            failures += 1
+            if failures >= _BODY_ATTEMPTS:
+                raise StoreUnavailable(f"{uri}: reading: the connection kept dropping{_at()}: {first_line(str(error), 200)}") from None
+        except (ClientError, BotoCoreError) as error:
+            raise _failure(uri, "reading", error) from None
+
+
+def read_bytes(uri: S3Uri, start: int = 0, length: int | None = None) -> bytes:
+    """The object's bytes, or ``length`` of them from ``start`` (one ranged GET)."""
+    if length == 0:
+        return b""
+    return b"".join(stream(uri, READ_BLOCK, start, length))
 
 
 def write_bytes(uri: S3Uri, data: bytes) -> None:
@@ -193,17 +238,6 @@ def write_bytes(uri: S3Uri, data: bytes) -> None:
 
 def delete(uri: S3Uri) -> None:
     _call(uri, "deleting", "delete_object", Bucket=uri.bucket, Key=uri.key)
-
-
-def stream(uri: S3Uri, block: int = READ_BLOCK) -> Iterator[bytes]:
-    """The object's bytes in blocks, from one GET."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        body = client().get_object(Bucket=uri.bucket, Key=uri.key)["Body"]
-        yield from body.iter_chunks(block)
-    except (ClientError, BotoCoreError) as error:
-        raise _failure(uri, "reading", error) from None
 
 
 class RangedReader(io.RawIOBase):
@@ -245,9 +279,9 @@ def upload_file(path: Path, uri: S3Uri) -> None:
     """``path`` uploaded to ``uri``, in parallel parts above ``PART_BYTES``, then checked: the
     store's ETag must be the MD5 of what was sent (per part for a multipart upload), or the upload
     is done again once; an object never stands for a partial upload (S3 shows it only once complete)."""
+    from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
-    from s3transfer.exceptions import S3UploadFailedError
 
     transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=PARALLEL_PARTS)
     expected = _etag(path, PART_BYTES)
@@ -270,6 +304,7 @@ def upload_file(path: Path, uri: S3Uri) -> None:
 
 
 def download_file(uri: S3Uri, path: Path) -> None:
+    from boto3.exceptions import RetriesExceededError
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -278,6 +313,8 @@ def download_file(uri: S3Uri, path: Path) -> None:
         client().download_file(uri.bucket, uri.key, str(path), Config=transfer)
     except (ClientError, BotoCoreError) as error:
         raise _failure(uri, "downloading", error) from None
+    except RetriesExceededError as error:
+        raise StoreUnavailable(f"{uri}: downloading failed through the retries{_at()}: {first_line(str(error), 200)}") from None
 
 
 def _etag(path: Path, part_bytes: int) -> str:
