@@ -35,7 +35,7 @@ class InputConfig(Preprocessing):
     stage_objects: bool = Field(
         True,
         description="DALI reads shards in an object store from whole local copies, fetched once per node "
-        "($REID_STAGE_DIR, else the temporary folder; kept for the next run): its reader makes a request per "
+        "($REID_STAGE_DIR, else the temporary folder; kept for the next run while the object keeps its ETag): its reader makes a request per "
         "member there, about 30x slower than disk (benchmarks/object_store.py). false reads them in place, "
         "for datasets larger than a node's disk.",
     )
