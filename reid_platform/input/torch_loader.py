@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from itertools import islice
@@ -122,6 +123,21 @@ def _train_stream(tars: list[str], decode: _Decode, cfg: InputConfig, rank: int,
     )
 
 
+class _StoreEnvironment:
+    """The object store's settings (AWS_*) of the process that makes a loader, given to its workers.
+    They start from a fork server that lives as long as this process and keeps the environment it
+    was started with: a store configured since (``data.s3_endpoint``, another credential) would not
+    reach them."""
+
+    def __init__(self) -> None:
+        self.settings = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+
+    def __call__(self, worker_id: int) -> None:
+        for name in [name for name in os.environ if name.startswith("AWS_") and name not in self.settings]:
+            del os.environ[name]
+        os.environ.update(self.settings)
+
+
 def _worker_errors_named(batches):
     """DataLoader re-raises a worker's error (a DatasetError, a StoreError) with the worker's whole
     traceback as its message; keep the line the worker raised, which names the shard and sample or
@@ -150,6 +166,7 @@ class TorchTrainLoader:
             _train_stream(tars, decode, cfg, partition.rank, seed), batch_size=cfg.batch_size,
             num_workers=cfg.num_threads, drop_last=True, persistent_workers=True, multiprocessing_context=WORKER_START,
             generator=torch.Generator().manual_seed(seed * 1000 + partition.rank),  # the workers' augmentation seeds
+            worker_init_fn=_StoreEnvironment(),
         )
         self._batches = _worker_errors_named(loader)
 
@@ -174,5 +191,8 @@ def torch_eval_batches(dataset: ShardDataset, split: str, partition: Partition, 
         return
     workers = min(cfg.num_threads, len(tars))  # a worker without a shard would read nothing
     dataset = wds.DataPipeline(wds.SimpleShardList(tars), wds.split_by_worker, _shard_samples, wds.map(_Decode(eval_transform(cfg))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, multiprocessing_context=WORKER_START)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, multiprocessing_context=WORKER_START,
+        worker_init_fn=_StoreEnvironment(),
+    )  # fmt: skip
     yield from _worker_errors_named(loader)
