@@ -206,8 +206,8 @@ def test_submit_refuses_what_the_cluster_would_fail_on(tmp_path):
         with pytest.raises(ConfigError, match=r"carries a password or token") as refused:
             build_submission(config, [f"tracking.uri={uri}"], REPO, "http://127.0.0.1:8265")
         assert "9f3" not in str(refused.value)
-    with pytest.raises(ConfigError, match=r"--set data.shards=s3://b/s\?X-Amz-Signature=\*\*\* carries"):
-        build_submission(config, ["data.shards=s3://b/s?X-Amz-Signature=f0f0", *sqlite], REPO, "http://127.0.0.1:8265")
+    with pytest.raises(ConfigError, match=r"--set data.shards=s3://reid-data/s\?X-Amz-Signature=\*\*\* carries"):
+        build_submission(config, ["data.shards=s3://reid-data/s?X-Amz-Signature=f0f0", *sqlite], REPO, "http://127.0.0.1:8265")
     with pytest.raises(ConfigError, match="train.epochs"):
         build_submission(config, ["train.epochs=0", *sqlite], REPO, "http://127.0.0.1:8265")
 
