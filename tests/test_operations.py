@@ -83,7 +83,10 @@ def test_job_survives_a_killed_worker_and_a_tracking_outage(head, mlflow_server,
 
     # 2. Once the worker group has restarted from the checkpoint, the tracking server crashes for an
     #    epoch, then comes back.
-    resumed = wait_for(lambda: server.logs(job_id).find("resumed after epoch") + 1, "the restart", timeout=300)
+    try:
+        resumed = wait_for(lambda: server.logs(job_id).find("resumed after epoch") + 1, "the restart", timeout=300)
+    except AssertionError as error:  # what the job said instead: the one clue a rare stall leaves
+        raise AssertionError(f"{error}; the job's log ends: {server.logs(job_id)[-3000:]}") from None
     assert not {p.pid for p in training_workers()} & {p.pid for p in workers}  # a new worker group
     mlflow_server.kill()
     wait_for(lambda: re.search(r"epoch \d+/", server.logs(job_id)[resumed:]), "an epoch during the outage", timeout=300)
