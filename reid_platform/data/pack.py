@@ -66,7 +66,7 @@ from reid_platform.data.shard_format import (
 )
 from reid_platform.errors import ConfigError, DatasetError
 from reid_platform.storage import files, location, s3
-from reid_platform.storage.location import S3Uri, parse
+from reid_platform.storage.location import S3Uri
 
 # Shards uploading, or waiting to, while the next one is packed into the store: the scratch folder
 # holds at most this many plus the one being written (or waiting for room), each at most --shard-mb
@@ -250,7 +250,7 @@ def pack_splits(
     ``out``, a folder (``_into_folder``) or an ``s3://bucket/prefix`` (``_into_store``): either is
     missing or empty, never more (a finished pack there is not replaced), and a pack that fails or
     is stopped leaves no manifest there, so nothing takes it for a finished one."""
-    out = parse(out)
+    out = location.parse(out)
     with _into_store(out) if isinstance(out, S3Uri) else _into_folder(out) as output:
         return _pack_into(output, splits, sources, options, progress)
 
@@ -401,7 +401,7 @@ def _sidecars_as_packed(shards_dir: Path | S3Uri, shard: ShardEntry, present: di
 
 def _fetched(place: Path | S3Uri, scratch: Path) -> Path:
     """A local path holding the file: itself, or the object downloaded into ``scratch``."""
-    if not location.is_remote(place):
+    if not isinstance(place, S3Uri):
         return place
     path = scratch / place.name
     files.download(place, path)

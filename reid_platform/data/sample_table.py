@@ -37,6 +37,7 @@ from reid_platform.data.shard_format import (
 )
 from reid_platform.errors import DatasetError
 from reid_platform.storage import files, location, s3
+from reid_platform.storage.location import S3Uri
 
 # samples of a batch read from an object store at once
 REMOTE_READS = 32
@@ -118,7 +119,7 @@ class SampleTable:
         it read stay open (thousands of shards would exhaust the process's file descriptors). Shards
         in an object store: one ranged GET per sample, many at once (a request's latency, not its
         bytes, is what a sample costs there)."""
-        if self.tars and location.is_remote(location.parse(self.tars[0])):
+        if self.tars and isinstance(location.parse(self.tars[0]), S3Uri):
             return self._remote_reader()
         handles: OrderedDict[int, object] = OrderedDict()
 

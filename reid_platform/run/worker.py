@@ -27,7 +27,8 @@ from reid_platform.data.manifest import ShardDataset
 from reid_platform.evaluation.plots import write_pictures
 from reid_platform.parallel.comm import world
 from reid_platform.redaction import redact_log_records
-from reid_platform.storage import files, location, s3
+from reid_platform.storage import files, s3
+from reid_platform.storage.location import S3Uri
 from reid_platform.train.checkpoint import open_checkpoint, save_checkpoint
 from reid_platform.train.engine import Engine, EpochOutcome
 from reid_platform.train.record import EVALUATION_DIR, EpochRecord
@@ -86,7 +87,7 @@ def _store_upload(cfg: RunConfig):
     parallel multipart uploads, each checked against its digest (Ray's own upload goes through
     pyarrow one part at a time, a third of the speed: benchmarks/object_store.py). Ray names the
     checkpoint folder, the same for every rank; None leaves a shared file system to Ray."""
-    if not location.is_remote(cfg.run.storage_path):
+    if not isinstance(cfg.run.storage_path, S3Uri):
         return None
 
     def upload(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:

@@ -91,10 +91,6 @@ def parse(value: str | Path | S3Uri) -> Path | S3Uri:
     return S3Uri(bucket, key)
 
 
-def is_remote(location: Path | S3Uri) -> bool:
-    return isinstance(location, S3Uri)
-
-
 def _parse_field(value: Any) -> Any:
     # pydantic reports a ValueError against the field's key; a ConfigError is one
     return parse(value) if isinstance(value, str | Path | S3Uri) else value
