@@ -34,6 +34,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train",),  # the Ray-free engine
     ("planning",),  # reid plan's arithmetic, from the components' own facts
     ("run",),  # the run wing: Ray Train's driver, worker and controller callback, publishing
+    ("tune",),  # hyperparameter search: Ray Tune trials that are training runs, MLflow parent and children
+    ("search",),  # galleries: embedding with Ray Data, FAISS indexes, search, the Ray Serve service
     ("cluster",),  # Ray node start-up, job submission
     ("cli",),  # the reid command
 )
