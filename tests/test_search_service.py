@@ -79,7 +79,8 @@ def gallery(tiny_market, tmp_path_factory) -> Gallery:
 
 
 class Service:
-    """`reid serve INDEX_DIR` on a free loopback port, in its own session; stopped with Ctrl-C."""
+    """`reid serve INDEX_DIR` on a free loopback port, in its own session; stopped as a process manager
+    stops it (SIGTERM), which shuts Serve and its Ray cluster down."""
 
     def __init__(self, index_dir: Path, *arguments: str):
         self.url = f"http://127.0.0.1:{free_port()}/"
@@ -107,14 +108,20 @@ class Service:
             return requests.post(self.url + "search", files={"image": image}, data=fields, timeout=60)
         return requests.post(self.url + "search", json=fields, timeout=60)
 
-    def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGINT)  # Ctrl-C: Serve and the Ray cluster shut down
+    def stop(self) -> int:
+        """Its exit status (0: it shut down cleanly)."""
+        self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=60)
+            self.process.wait(timeout=90)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever is left of its Ray cluster
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        except ProcessLookupError:
+            pass
+        self.process.wait()
         self.log.close()
+        return self.process.returncode
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +131,8 @@ def service(gallery) -> Service:
         wait_for(running.up, "reid serve to answer /healthz", timeout=240)
         yield running
     finally:
-        running.stop()
+        status = running.stop()
+    assert status == 0, f"reid serve did not shut down cleanly on SIGTERM (exit status {status})"
 
 
 def rows(reply: requests.Response) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,10 @@ def replica_range(text: str) -> tuple[int, int]:
     if not (colon and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
         raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas with 1 <= MIN <= MAX, got {text!r}")
     return int(low), int(high)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -43,6 +48,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from reid_platform.search.service import Scaling, search_app, start_service
 
     ray.init(logging_level="WARNING")  # the cluster at $RAY_ADDRESS, else one on this machine
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: `kill`, docker stop and systemd stop it cleanly
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         scaling = Scaling(*(args.autoscale or (args.replicas or 1,) * 2))
