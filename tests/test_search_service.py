@@ -26,6 +26,7 @@ import pytest
 import requests
 import torch
 
+from reid_platform.cli import main
 from reid_platform.cluster.local import free_port
 from reid_platform.errors import ConfigError
 from reid_platform.model.artifact import save_model_dir
@@ -174,17 +175,19 @@ def test_a_bad_query_is_refused_naming_its_field(fields, named):
 # --- the command refuses another model before anything starts -------------------------------------
 
 
-def refused(*arguments: str) -> str:
-    """The one line `reid serve` refuses with (exit 2, before any cluster starts)."""
-    done = subprocess.run([REID, "serve", *arguments], capture_output=True, text=True, timeout=180)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, (done.returncode, done.stderr)
-    assert done.stderr.startswith("reid: config error: ")
-    return done.stderr
+def refused(capsys, *arguments: str) -> str:
+    """The one line `reid serve` refuses with: exit status 2, before any cluster starts (RAY_ADDRESS,
+    set by the caller, names none: a command that went on would fail to connect, not hang)."""
+    assert main(["serve", *arguments]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("reid: config error: ")
+    return line
 
 
-def test_reid_serve_refuses_a_model_of_another_size_or_version(gallery, tmp_path):
+def test_reid_serve_refuses_a_model_of_another_size_or_version(gallery, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
     small = save_model_dir(tiny_model(seed=1, embedding_dim=DIM // 2), PRE, tmp_path / "small")
-    line = refused(str(gallery.index_dir), "--model", str(small))
+    line = refused(capsys, str(gallery.index_dir), "--model", str(small))
     assert str(gallery.index_dir) in line and f"{DIM}-d" in line and f"{DIM // 2}-d" in line
 
     # an index built with version 1 of a registered model, served with version 2
@@ -198,7 +201,7 @@ def test_reid_serve_refuses_a_model_of_another_size_or_version(gallery, tmp_path
     stamp = ModelStamp("gallery-model@champion", "gallery-model", str(versions[0]), run_id, DIM, False)
     index_dir = tmp_path / "registered-index"
     write_index(index_dir, gallery.embeddings, list_entries(str(Path(gallery.paths[0]).parent)), stamp, kind="flat")
-    line = refused(str(index_dir), "--model", f"gallery-model/{versions[1]}", "--tracking-uri", uri)
+    line = refused(capsys, str(index_dir), "--model", f"gallery-model/{versions[1]}", "--tracking-uri", uri)
     assert str(index_dir) in line and f"gallery-model version {versions[0]}" in line and f"version {versions[1]}" in line
 
 

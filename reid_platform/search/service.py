@@ -48,7 +48,6 @@ from reid_platform.search.sources import read_crop
 
 APP_NAME = "reid-search"
 DEFAULT_TOP_K = 20
-DEFAULT_MAX_BATCH_SIZE = 16
 BATCH_WAIT_S = 0.01  # how long a query waits for others to share its forward pass
 FIELDS = ("image", "embedding", "top_k", "exclude_camera", "after", "before")
 
@@ -182,7 +181,8 @@ class GallerySearch:
         self.batches, self.batched_queries, self.largest_batch = 0, 0, 0
         self.page_html = resources.files(__package__).joinpath("page.html").read_text()
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    # max_batch_size: each replica's own, set in __init__
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=BATCH_WAIT_S)
     async def embed(self, images: list[torch.Tensor]) -> list[np.ndarray]:
         """The embeddings of the preprocessed query images of every request waiting, in one pass."""
         self.batches, self.batched_queries = self.batches + 1, self.batched_queries + len(images)
@@ -219,7 +219,8 @@ class GallerySearch:
     @app.get("/crop/{row}")
     def crop(self, row: int) -> Response:
         if not 0 <= row < self.index.size:
-            return JSONResponse({"error": f"row {row}: the gallery has rows 0 to {self.index.size - 1}"}, status_code=404)
+            missing = f"row {row}: the gallery has rows 0 to {self.index.size - 1}"
+            return JSONResponse({"error": missing}, status_code=404)
         path = self.index.metadata.column("path")[row].as_py()
         try:
             data = read_crop(path)
@@ -247,7 +248,9 @@ class Scaling:
                                        "target_ongoing_requests": max_batch_size}}  # fmt: skip
 
 
-def search_app(index_dir: Path, model: GalleryModel, scaling: Scaling, max_batch_size: int, gpus_per_replica: float = 0) -> Application:
+def search_app(
+    index_dir: Path, model: GalleryModel, scaling: Scaling, max_batch_size: int, gpus_per_replica: float = 0
+) -> Application:
     """The service as a Serve application: ``scaling``'s replicas, each with the index and ``model``
     (checked against the index by the caller). Needs a connected Ray cluster (the model's files go
     into its object store)."""
