@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 
 from reid_platform.errors import ConfigError, DatasetError
 from reid_platform.model.artifact import DESCRIPTION, WEIGHTS, load_model_dir
-from reid_platform.search.index import GalleryIndex, ModelStamp, write_index
-from reid_platform.search.sources import ENTRY_COLUMNS, list_entries, read_crop
+from reid_platform.search.index import METADATA_COLUMNS, GalleryIndex, ModelStamp, write_index
+from reid_platform.search.sources import list_entries, read_crop
 
 PART_ROWS = 1024  # entries per part: the unit of resumption and of an actor's call
 PARTS_FOLDER = "embeddings"  # INDEX_DIR/embeddings/part-NNNNN-DIGEST.parquet
@@ -153,7 +153,7 @@ def build_gallery(
     if not len(good):
         raise DatasetError(f"{data}: none of the {len(entries)} gallery images decodes (first: {skipped[0][0]}: {skipped[0][1]})")
     embeddings = _embedding_matrix(table.column("embedding"), model.stamp.feature_dim)[good]
-    metadata = entries.select(list(ENTRY_COLUMNS)).take(pa.array(good))
+    metadata = entries.select(list(METADATA_COLUMNS)).take(pa.array(good))
     index = write_index(out, embeddings, metadata, model.stamp, kind=kind, shards=shards)
     embedded = sum(len(part.rows) for part in missing)
     return BuildResult(index, len(entries), embedded, skipped, time.perf_counter() - started)

@@ -13,7 +13,7 @@ Three kinds of source (``list_entries``):
   file or ``s3://`` URIs, an empty camera unknown, timestamps seconds since the epoch or ISO 8601
   (UTC unless they say otherwise).
 
-Entries are a pyarrow table of ``ENTRY_COLUMNS`` (the index's metadata columns): camera -1 and
+Entries are a pyarrow table of the index's metadata columns (``index.METADATA_SCHEMA``): camera -1 and
 timestamp NaN where unknown. ``read_crop`` turns any entry's path back into its image's bytes: the
 builder's actors read the gallery through it and the service shows crops with it. A packed sample
 is one ranged read: its offset comes from the shard's sample table (or its DALI index), loaded once
@@ -47,10 +47,10 @@ from reid_platform.data.shard_format import (
 )
 from reid_platform.errors import ConfigError, DatasetError
 from reid_platform.model.inference import expand_image_paths
+from reid_platform.search.index import METADATA_SCHEMA
 from reid_platform.storage import files, location, s3
 from reid_platform.storage.location import S3Uri
 
-ENTRY_COLUMNS = ("path", "camera", "timestamp", "source")  # search/index.py's METADATA_COLUMNS, in order
 ALL_SPLITS = "all"
 MEMBER_SEPARATOR = "#"  # TAR#MEMBER: a sample inside a packed shard
 
@@ -73,11 +73,8 @@ def list_entries(data: str, split: str = "gallery") -> pa.Table:
 
 
 def _table(paths: list[str], cameras, timestamps, sources) -> pa.Table:
-    columns = [
-        pa.array(paths, pa.string()), pa.array(cameras, pa.int64()), pa.array(timestamps, pa.float64()),
-        pa.array(sources, pa.string()),
-    ]  # fmt: skip
-    return pa.table(dict(zip(ENTRY_COLUMNS, columns)))
+    columns = [paths, cameras, timestamps, sources]
+    return pa.table([pa.array(values, field.type) for values, field in zip(columns, METADATA_SCHEMA)], schema=METADATA_SCHEMA)
 
 
 def _shard_entries(root: Path | S3Uri, split: str) -> pa.Table:
