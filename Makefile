@@ -24,7 +24,9 @@ demo: venv
 	$(BIN)/reid data pack market1501=$(DEMO)/raw --out $(DEMO)/shards --samples-per-shard 300
 	$(BIN)/python jobs/train.py configs/demo.yaml
 
+# the search page's test drives Debian's chromium (playwright downloads no browser here)
 test: venv
+	@command -v chromium >/dev/null || { echo "make test needs Debian's chromium package for the search page's test: apt-get install chromium"; exit 1; }
 	$(BIN)/python -m pytest -q
 
 # everything but the tests that run Ray Train jobs (marked `ray`): about a minute and a half on 2 cores

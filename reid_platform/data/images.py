@@ -5,12 +5,15 @@ Kept free of torch and webdataset imports, so that worker processes start in a f
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 ACCEPTED_FORMATS = ("JPEG", "PNG")
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG")  # how JPEG and PNG files begin
 
 
 def prepare_image(path: Path, resize: tuple[int, int] | None = None, quality: int = 95) -> tuple[bytes | None, str]:
@@ -50,6 +53,17 @@ def prepare_image(path: Path, resize: tuple[int, int] | None = None, quality: in
 
 def prepare_job(job: tuple[Path, tuple[int, int] | None, int]) -> tuple[bytes | None, str]:
     return prepare_image(*job)
+
+
+def encoded_bytes(value: bytes | str) -> bytes:
+    """The file bytes of an image given as bytes or as base64 text (as a JSON request carries it)."""
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    if raw.startswith(IMAGE_MAGIC):
+        return raw
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        return raw  # neither: the decoder says what it is
 
 
 def decode_rgb(source: bytes | Path) -> tuple[Image.Image | None, str]:

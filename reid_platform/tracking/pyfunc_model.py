@@ -15,9 +15,6 @@ row, which the serving process answers with HTTP 400 and keeps serving.
 
 from __future__ import annotations
 
-import base64
-import binascii
-
 import mlflow
 import numpy as np
 import pandas as pd
@@ -28,7 +25,6 @@ from PIL import Image
 
 MODEL_DIR = "model_dir"  # the artifact: a model directory (model.safetensors + model.json)
 IMAGE_COLUMN = "image"
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG")  # how JPEG and PNG files begin
 
 
 class BadRequest(MlflowException):
@@ -49,21 +45,10 @@ class BadRequest(MlflowException):
         pass
 
 
-def encoded_bytes(value: bytes | str) -> bytes:
-    """The file bytes of an image given as bytes or as base64 text (an ``inputs`` REST payload)."""
-    raw = value.encode() if isinstance(value, str) else bytes(value)
-    if raw.startswith(IMAGE_MAGIC):
-        return raw
-    try:
-        return base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        return raw  # neither: the decoder says what it is
-
-
 def decode(value, row: int) -> Image.Image:
     """One image of a request: encoded bytes (or their base64 text), or a decoded (H, W, 3) uint8 array."""
     if isinstance(value, (bytes, bytearray, str)):
-        from reid_platform.data.images import decode_rgb
+        from reid_platform.data.images import decode_rgb, encoded_bytes
 
         image, reason = decode_rgb(encoded_bytes(value))
         if image is None:
