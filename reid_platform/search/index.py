@@ -14,7 +14,7 @@ An index folder holds
 Kinds (``choose_params``):
 - ``flat``: exact inner product (``IndexFlatIP``), the default up to ``FLAT_LIMIT`` entries. Scores
   are cosine similarities; its ranking is the evaluator's (``tests/test_search_index.py``).
-- ``ivfpq``: an inverted file of ``nlist`` ~ 4 sqrt(N) lists (a flat, or from 32768 lists an HNSW,
+- ``ivfpq``: an inverted file of ``nlist`` ~ 2 sqrt(N) lists (a flat, or from 32768 lists an HNSW,
   coarse quantizer) holding ``m``-byte product-quantisation codes: ``m`` + 8 (the id) bytes per
   vector in memory. Product quantisation alone orders close neighbours poorly (recall@10 against
   exact about 0.7 on identity clusters), so ``refine`` x top_k candidates of the coarse search are
@@ -134,7 +134,7 @@ class IndexParams:
 
 def choose_params(size: int, dim: int, kind: Kind = "auto") -> IndexParams:
     """The index for ``size`` vectors of ``dim``: exact up to ``FLAT_LIMIT``, else IVF-PQ with
-    nlist ~ 4 sqrt(N) (a power of two), codes of up to 32 bytes (the largest divisor ``m`` of ``dim``
+    nlist ~ 2 sqrt(N) (a power of two), codes of up to 32 bytes (the largest divisor ``m`` of ``dim``
     up to 32 leaving sub-vectors of 8+ dimensions)."""
     if kind == "auto":
         kind = "flat" if size <= FLAT_LIMIT else "ivfpq"
@@ -144,13 +144,13 @@ def choose_params(size: int, dim: int, kind: Kind = "auto") -> IndexParams:
         raise ConfigError(f"index kind {kind!r}: use auto, flat or ivfpq")
     if size < IVF_MINIMUM:
         raise ConfigError(f"an ivfpq index needs at least {IVF_MINIMUM} gallery entries to train on (got {size}); use flat")
-    nlist = min(2 ** round(math.log2(4 * math.sqrt(size))), size // 39)
+    nlist = min(2 ** round(math.log2(2 * math.sqrt(size))), size // 39)
     # sub-vectors of 8+ dimensions: FAISS's k-means is slow on fewer (minutes for 32 x 4-d), and they encode worse
     m = max([d for d in range(1, 33) if dim % d == 0 and dim // d >= 8] or [1])
     coarse = "hnsw" if nlist >= HNSW_COARSE_FROM else "flat"
     return IndexParams(
         "ivfpq", nlist=nlist, m=m, coarse=coarse, ef_search=64 if coarse == "hnsw" else 0,
-        train_size=min(size, max(39 * nlist, 65536)),
+        train_size=min(size, max(32 * nlist, 65536)),
     )  # fmt: skip
 
 
@@ -252,15 +252,7 @@ class GalleryIndex:
     @classmethod
     def open(cls, directory: str | Path) -> GalleryIndex:
         directory = Path(directory)
-        try:
-            description = json.loads((directory / GALLERY_FILE).read_text())
-        except FileNotFoundError:
-            raise DatasetError(f"{directory}: not a gallery index (no {GALLERY_FILE}; build one with `reid index build`)") from None
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"{directory / GALLERY_FILE}: not valid JSON: {error}") from None
-        if not isinstance(description, dict) or description.get("format") != FORMAT:
-            found = description.get("format") if isinstance(description, dict) else None
-            raise DatasetError(f"{directory / GALLERY_FILE}: format {found!r}, expected {FORMAT!r}")
+        description = read_description(directory)
         try:
             metadata = pq.read_table(directory / METADATA_FILE)
         except (OSError, pa.ArrowException) as error:
@@ -309,8 +301,7 @@ class GalleryIndex:
         ``nprobe`` / ``refine`` override the recorded ones (the build's tuning ladder uses them)."""
         nprobe, refine = nprobe or self.params.nprobe, self.params.refine if refine < 0 else refine
         queries = self.check_queries(queries)
-        if not 1 <= top_k <= self.size:
-            raise ConfigError(f"top-k {top_k} must be between 1 and the gallery's size, {self.size} entries in {self.directory}")
+        self.check_top_k(top_k)
         if query_cameras is not None and len(query_cameras) != len(queries):
             raise ConfigError(f"{len(query_cameras)} query cameras for {len(queries)} queries")
         scores = np.full((len(queries), top_k), -np.inf, np.float32)
@@ -321,6 +312,10 @@ class GalleryIndex:
             parts = list(self._pool.map(work, self.shards) if self._pool else map(work, self.shards))
             scores[members], rows[members] = merge_ranked(parts, top_k)
         return scores, rows
+
+    def check_top_k(self, top_k: int) -> None:
+        if not 1 <= top_k <= self.size:
+            raise ConfigError(f"top-k {top_k} is not between 1 and the size of {self.directory}, {self.size} entries")
 
     def check_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.asarray(queries)
@@ -390,6 +385,20 @@ class GalleryIndex:
             "build_s": self.description["build_s"],
             "model": asdict(self.model),
         }
+
+
+def read_description(directory: Path) -> dict:
+    """The contents of an index folder's gallery.json; a DatasetError naming the folder when it is not an index."""
+    try:
+        description = json.loads((Path(directory) / GALLERY_FILE).read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{directory}: not a gallery index (no {GALLERY_FILE}; build one with `reid index build`)") from None
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{Path(directory) / GALLERY_FILE}: not valid JSON: {error}") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        found = description.get("format") if isinstance(description, dict) else None
+        raise DatasetError(f"{Path(directory) / GALLERY_FILE}: format {found!r}, expected {FORMAT!r}")
+    return description
 
 
 def _check_gallery(directory: Path, embeddings: np.ndarray, metadata: pa.Table, model: ModelStamp) -> pa.Table:
