@@ -41,7 +41,8 @@ from reid_platform.model.artifact import load_model_dir, save_model_dir
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import ModelConfig, Preprocessing
 from reid_platform.model.preprocess import eval_transform
-from reid_platform.search.gallery import build_gallery, resolve_model
+from reid_platform.search.gallery import build_gallery
+from reid_platform.search.model import resolve_model
 from reid_platform.search.sources import list_entries, read_crop
 
 CAMERAS, GALLERY_PER_CAMERA = 6, 4

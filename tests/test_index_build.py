@@ -26,8 +26,9 @@ from reid_platform.model.artifact import load_model_dir, save_model_dir
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import ModelConfig, Preprocessing
 from reid_platform.model.inference import embed_images
-from reid_platform.search.gallery import PARTS_FOLDER, build_gallery, resolve_model
+from reid_platform.search.gallery import PARTS_FOLDER, build_gallery
 from reid_platform.search.index import GalleryIndex
+from reid_platform.search.model import resolve_model
 from reid_platform.search.sources import list_entries, read_crop
 from reid_platform.storage import files
 from reid_platform.storage.location import parse

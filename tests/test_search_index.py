@@ -221,13 +221,15 @@ def test_reid_search_finds_a_gallery_crop_and_refuses_bad_input(tiny_market, tmp
     from reid_platform.model.backbone import ReIDNet
     from reid_platform.model.config import ModelConfig, Preprocessing
     from reid_platform.model.inference import embed_images
-    from reid_platform.search.model import load_stamped_model
+    from reid_platform.search.model import load_files, resolve_model
 
     torch.manual_seed(0)
     model = ReIDNet(ModelConfig(arch="resnet18", pretrained="none", embedding_dim=16), Preprocessing(height=64, width=32))
     model_dir = save_model_dir(model.eval(), Preprocessing(height=64, width=32), tmp_path / "model")
     crops = sorted((tiny_market / "bounding_box_test").glob("*.jpg"))[:12]
-    model, preprocessing, built_with = load_stamped_model(str(model_dir), None, tmp_path, flip=True)
+    built_with = resolve_model(str(model_dir), None, flip=True)
+    model, preprocessing = load_files(built_with.files)
+    built_with = built_with.stamp
     embeddings = embed_images(model, preprocessing, crops, flip=True)
     metadata = pa.table({
         "path": [str(c) for c in crops], "camera": [int(c.name.split("_")[1][1]) for c in crops],

@@ -33,8 +33,8 @@ from reid_platform.model.artifact import save_model_dir
 from reid_platform.model.backbone import ReIDNet
 from reid_platform.model.config import ModelConfig, Preprocessing
 from reid_platform.model.inference import embed_images
-from reid_platform.search.gallery import resolve_model
 from reid_platform.search.index import ModelStamp, write_index
+from reid_platform.search.model import resolve_model
 from reid_platform.search.service import parse_query
 from reid_platform.search.sources import list_entries
 from tests import REPO

@@ -16,7 +16,8 @@ _BAD_SAMPLE = DataConfig.model_fields["on_bad_sample"]
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from reid_platform.errors import ConfigError
-    from reid_platform.search.gallery import build_gallery, resolve_model
+    from reid_platform.search.gallery import build_gallery
+    from reid_platform.search.model import resolve_model
     from reid_platform.storage.location import S3Uri, parse
 
     out = parse(args.out)

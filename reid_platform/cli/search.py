@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,7 +64,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from reid_platform.evaluation.config import EvaluationConfig
     from reid_platform.model.inference import embed_images, expand_image_paths
     from reid_platform.search.index import GalleryIndex
-    from reid_platform.search.model import load_index_model
+    from reid_platform.search.model import load_files, load_index_model
     from reid_platform.search.ranked import search_ranked
 
     started = time.perf_counter()
@@ -75,8 +74,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     before = None if args.before is None else instant(args.before, "--before")
     paths = expand_image_paths(args.queries)
     cameras = query_cameras(args.exclude_camera, len(paths))
-    with tempfile.TemporaryDirectory() as scratch:
-        model, preprocessing = load_index_model(index, args.tracking_uri, Path(scratch), args.model)
+    model, preprocessing = load_files(load_index_model(index, args.tracking_uri, args.model).files)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     queries = embed_images(model, preprocessing, paths, device=device, flip=index.model.flip)
     cfg = EvaluationConfig(rerank=args.rerank, aqe_k=args.query_expansion)

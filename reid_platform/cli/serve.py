@@ -24,22 +24,21 @@ def _interrupt(signum, frame) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from reid_platform.search.gallery import resolve_model
     from reid_platform.search.index import GalleryIndex
+    from reid_platform.search.model import index_model_reference, load_index_model
     from reid_platform.tracking.config import TrackingConfig
     from reid_platform.tracking.registry import resolve_version
 
     index = GalleryIndex.open(args.index)
     built = index.model
     # by default the very version the index was built with, not whatever its alias points at today
-    reference = args.model or (f"{built.name}/{built.version}" if built.name else built.reference)
+    reference = args.model or index_model_reference(built)
     uri = None if Path(reference).is_dir() else reachable(args.tracking_uri or TrackingConfig().uri)
     if uri is not None:  # another registered version is refused before its weights are downloaded
         version = resolve_version(uri, reference)
         named = replace(built, reference=reference, name=version.name, version=str(version.version))
         built.check_matches(named, args.index)
-    model = resolve_model(reference, uri, flip=built.flip)
-    built.check_matches(model.stamp, args.index)  # another version or embedding size: refused, exit 2
+    model = load_index_model(index, uri, reference)  # another version or embedding size: refused, exit 2
     del index  # each replica opens its own
 
     import ray

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,56 +31,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reid_platform.errors import ConfigError, DatasetError
-from reid_platform.model.artifact import DESCRIPTION, WEIGHTS, load_model_dir
-from reid_platform.search.index import METADATA_COLUMNS, GalleryIndex, ModelStamp, write_index
+from reid_platform.search.index import METADATA_COLUMNS, GalleryIndex, write_index
+from reid_platform.search.model import GalleryModel, load_files
 from reid_platform.search.sources import list_entries, read_crop
 
 PART_ROWS = 1024  # entries per part: the unit of resumption and of an actor's call
 PARTS_FOLDER = "embeddings"  # INDEX_DIR/embeddings/part-NNNNN-DIGEST.parquet
-FLIP_PARAM = "evaluation.flip"  # the training run's param that says its evaluation used flip
-
-
-@dataclass(frozen=True)
-class GalleryModel:
-    """A model ready to ship to actors: its directory's files, and its stamp for the index."""
-
-    files: dict[str, bytes]  # model.json and model.safetensors
-    stamp: ModelStamp
-
-    @property
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for name in sorted(self.files):
-            digest.update(name.encode() + b"\0" + hashlib.sha256(self.files[name]).digest())
-        digest.update(b"flip" if self.stamp.flip else b"noflip")
-        return digest.hexdigest()
-
-
-def resolve_model(reference: str, tracking_uri: str | None, flip: bool | None = None) -> GalleryModel:
-    """The model a reference names: a model directory, or a registered version (NAME@ALIAS,
-    NAME/VERSION, models:/...) pulled from ``tracking_uri``. ``flip`` None: as the version's training
-    run evaluated (its ``evaluation.flip`` param; a directory records none: no flip)."""
-    directory = Path(reference)
-    if directory.is_dir():
-        return _model_of(directory, ModelStamp(str(directory.resolve()), None, None, None, 0, bool(flip)))
-    from mlflow.tracking import MlflowClient
-
-    from reid_platform.tracking.registry import pull_model, resolve_version
-
-    version = resolve_version(tracking_uri, reference)
-    if flip is None:
-        params = MlflowClient(tracking_uri).get_run(version.run_id).data.params if version.run_id else {}
-        flip = params.get(FLIP_PARAM, "False") == "True"
-    with tempfile.TemporaryDirectory() as scratch:  # the resolved version, even if the alias moves meanwhile
-        pulled = pull_model(tracking_uri, f"{version.name}/{version.version}", Path(scratch))
-        stamp = ModelStamp(reference, version.name, str(version.version), version.run_id or None, 0, flip)
-        return _model_of(pulled, stamp)
-
-
-def _model_of(directory: Path, stamp: ModelStamp) -> GalleryModel:
-    model, _ = load_model_dir(directory)  # refuses a broken directory here, before any actor starts
-    files = {name: (directory / name).read_bytes() for name in (DESCRIPTION, WEIGHTS)}
-    return GalleryModel(files, replace(stamp, feature_dim=model.feature_dim))
 
 
 @dataclass(frozen=True)
@@ -252,10 +207,7 @@ class Embedder:
         from reid_platform.model.preprocess import eval_transform
 
         torch.set_num_threads(max(1, threads))
-        with tempfile.TemporaryDirectory() as scratch:
-            for name, data in ray.get(model[0]).items():
-                (Path(scratch) / name).write_bytes(data)
-            network, preprocessing = load_model_dir(scratch)
+        network, preprocessing = load_files(ray.get(model[0]))
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.model = network.to(self.device).eval()
         self.transform = eval_transform(preprocessing)

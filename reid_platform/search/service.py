@@ -11,7 +11,7 @@ model that made it, behind a small REST API and a web page.
     GET  /            the page: drop a crop, see the top-k crops with their camera, time and score
 
 Each replica opens the index (a folder every node reads) and loads the model once, from the files
-``reid serve`` resolved and checked against the index (``gallery.resolve_model``), which reach the
+``reid serve`` resolved and checked against the index (``model.resolve_model``), which reach the
 replicas through Ray's object store. Query images are decoded and preprocessed in the
 request (a bad one is answered alone, with HTTP 400), then embedded together with the other
 requests waiting at that moment (``@serve.batch``): one forward pass for up to ``max_batch_size``
@@ -24,7 +24,6 @@ replica goes on serving.
 import dataclasses
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,10 +39,9 @@ from starlette.datastructures import UploadFile
 
 from reid_platform.data.images import IMAGE_MAGIC, decode_rgb, encoded_bytes
 from reid_platform.errors import ConfigError, ReidError
-from reid_platform.model.artifact import load_model_dir
 from reid_platform.model.preprocess import eval_transform
-from reid_platform.search.gallery import GalleryModel
 from reid_platform.search.index import GalleryIndex, Hit
+from reid_platform.search.model import GalleryModel, load_files
 from reid_platform.search.sources import read_crop
 
 APP_NAME = "reid-search"
@@ -170,10 +168,7 @@ class GallerySearch:
     def __init__(self, index_dir: str, model_files: list, max_batch_size: int):
         """``model_files``: [the ObjectRef of a GalleryModel's files] (in a list, so that it arrives unresolved)."""
         self.index = GalleryIndex.open(Path(index_dir))
-        with tempfile.TemporaryDirectory() as scratch:
-            for name, data in ray.get(model_files[0]).items():
-                (Path(scratch) / name).write_bytes(data)
-            model, preprocessing = load_model_dir(scratch)
+        model, preprocessing = load_files(ray.get(model_files[0]))
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.model, self.transform = model.eval().to(self.device), eval_transform(preprocessing)
         self.embed.set_max_batch_size(max_batch_size)
