@@ -104,15 +104,21 @@ class TrialsToMlflow(ray.tune.Callback):
             say(f"trial {trial.trial_id} finished: {score} ({_values_text(trial.config)})")
             return
         say(f"trial {trial.trial_id} stopped early: {score} of {epochs} ({_values_text(trial.config)})")
-        uri = self.cfg.tracking.uri
-        run_id = _child_run_id(uri, self.parent_run_id, trial.trial_id)
-        if run_id is not None:
-            client = MlflowClient(uri)
-            client.set_tag(run_id, STOPPED_TAG, f"after epoch {epoch} of {epochs}")
-            finish_run(uri, run_id, "KILLED")
+        self._end_child_run(trial.trial_id, "KILLED", f"after epoch {epoch} of {epochs}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         say(f"trial {trial.trial_id} failed ({_values_text(trial.config)}); its error is above")
+        self._end_child_run(trial.trial_id, "FAILED")
+
+    def _end_child_run(self, trial_id: str, status: str, stopped_after: str | None = None) -> None:
+        """The trial's MLflow run ended as ``status`` (its own driver is gone, or was stopped)."""
+        uri = self.cfg.tracking.uri
+        run_id = _child_run_id(uri, self.parent_run_id, trial_id)
+        if run_id is None:  # it failed before its run was opened
+            return
+        if stopped_after:
+            MlflowClient(uri).set_tag(run_id, STOPPED_TAG, stopped_after)
+        finish_run(uri, run_id, status)
 
 
 def _values_text(values: dict) -> str:
