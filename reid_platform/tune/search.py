@@ -90,8 +90,10 @@ def asha(cfg: RunConfig):
 
 
 class TrialsToMlflow(ray.tune.Callback):
-    """In the search's driver: a trial stopped before its last epoch (by the scheduler or the time
-    budget) keeps its MLflow run, marked KILLED with the tag ``tune.stopped_early``; each ending is a line."""
+    """In the search's driver: each trial's end is a line, and its MLflow run is marked. A trial
+    stopped before its last epoch (by the scheduler or the time budget) keeps its run, tagged
+    ``tune.stopped_early`` at once and marked KILLED (again at the end of the search: the trial's own
+    driver, stopped by Tune like a failure, may mark its run FAILED on its way out)."""
 
     def __init__(self, cfg: RunConfig, parent_run_id: str, metric: str):
         self.cfg, self.parent_run_id, self.metric = cfg, parent_run_id, metric
@@ -104,13 +106,13 @@ class TrialsToMlflow(ray.tune.Callback):
             say(f"trial {trial.trial_id} finished: {score} ({_values_text(trial.config)})")
             return
         say(f"trial {trial.trial_id} stopped early: {score} of {epochs} ({_values_text(trial.config)})")
-        self._end_child_run(trial.trial_id, "KILLED", f"after epoch {epoch} of {epochs}")
+        self.end_child_run(trial.trial_id, "KILLED", stopped_after(epoch, epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         say(f"trial {trial.trial_id} failed ({_values_text(trial.config)}); its error is above")
-        self._end_child_run(trial.trial_id, "FAILED")
+        self.end_child_run(trial.trial_id, "FAILED")
 
-    def _end_child_run(self, trial_id: str, status: str, stopped_after: str | None = None) -> None:
+    def end_child_run(self, trial_id: str, status: str, stopped_after: str | None = None) -> None:
         """The trial's MLflow run ended as ``status`` (its own driver is gone, or was stopped)."""
         uri = self.cfg.tracking.uri
         run_id = _child_run_id(uri, self.parent_run_id, trial_id)
@@ -119,6 +121,10 @@ class TrialsToMlflow(ray.tune.Callback):
         if stopped_after:
             MlflowClient(uri).set_tag(run_id, STOPPED_TAG, stopped_after)
         finish_run(uri, run_id, status)
+
+
+def stopped_after(epoch: int, epochs: int) -> str:
+    return f"after epoch {epoch} of {epochs}"
 
 
 def _values_text(values: dict) -> str:
@@ -238,13 +244,17 @@ def search(cfg: RunConfig, config_path: Path, space: Space, options: SearchOptio
     setup = TrialSetup(cfg, search_name(cfg), parent_run_id, config_path.name, config_path.read_text())
     say(f"search {search_name(cfg)}: {options.trials} trial(s), {concurrent} at once, {options.scheduler} on {options.metric}; "
         f"MLflow run {parent_run_id}")  # fmt: skip
-    tuner = _tuner(cfg, setup, space, options, concurrent, TrialsToMlflow(cfg, parent_run_id, options.metric))
+    trials_to_mlflow = TrialsToMlflow(cfg, parent_run_id, options.metric)
+    tuner = _tuner(cfg, setup, space, options, concurrent, trials_to_mlflow)
     try:
         results = tuner.fit()
     except BaseException:
         finish_run(uri, parent_run_id, "FAILED")
         raise
     rows = _rows(results, cfg.train.epochs)
+    for row in rows:  # their actors are gone now: nothing marks their runs after this
+        if row.status == "stopped early":
+            trials_to_mlflow.end_child_run(row.trial_id, "KILLED", stopped_after(row.epoch, cfg.train.epochs))
     finished = [row for row in rows if row.status == "finished" and options.metric in row.metrics]
     if not finished:
         finish_run(uri, parent_run_id, "FAILED")
