@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -123,14 +124,28 @@ def connect_ray() -> bool:
     preemption watcher (nothing drains the nodes of a cluster that lives inside this process; the
     watcher's start logs an error line about its restart policy). On a shared cluster both stay as
     its operator set them. Whether it started a cluster of its own.
+
+    Its processes are told its dashboard's address: Ray Train's placement-group cleaner (which frees
+    the workers of a run whose driver died, such as a search's stopped trial) asks the state API,
+    which otherwise looks for "the" Ray instance of the machine and fails when there are several.
     """
     if ray.is_initialized():
         return False
-    if not os.environ.get("RAY_ADDRESS"):
-        logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(logging_level="WARNING", log_to_driver=True)
-    return not os.environ.get("RAY_ADDRESS")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING", log_to_driver=True)
+        return False
+    logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    port = _free_port()
+    ray.init(logging_level="WARNING", log_to_driver=True, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})  # fmt: skip
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _trainer(cfg: RunConfig, run_id: str, callbacks: Sequence[UserCallback]) -> TorchTrainer:

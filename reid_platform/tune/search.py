@@ -75,8 +75,8 @@ def searched_config(cfg: RunConfig, options: SearchOptions) -> RunConfig:
 
 
 def asha(cfg: RunConfig):
-    """ASHA on ``metric`` at the evaluated epochs. Its last rung comes before the last epoch: a trial
-    is never stopped on its final result, when its run is publishing its model and closing."""
+    """ASHA at the evaluated epochs (on TuneConfig's metric). Its last rung comes before the last epoch:
+    a trial is never stopped on its final result, when its run is publishing its model and closing."""
     every, epochs = cfg.train.eval_every, cfg.train.epochs
     if epochs - every < every:  # a single evaluated epoch: nothing to compare early
         say(f"ASHA: with {epochs} epochs evaluated every {every}, no trial can be stopped early; every trial runs to the end")

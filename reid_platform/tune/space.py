@@ -16,7 +16,6 @@ and the key (exit status 2).
 
 from __future__ import annotations
 
-import math
 import types
 import typing
 from dataclasses import dataclass
@@ -74,10 +73,6 @@ class Space:
     def params(self) -> dict[str, str]:
         """For the search's MLflow run: ``space.KEY`` -> the distribution."""
         return {f"space.{d.key}": d.describe() for d in self.dimensions}
-
-    @property
-    def grid_size(self) -> int:
-        return math.prod(len(d.values) for d in self.dimensions if d.kind == "grid")
 
 
 def with_values(cfg: RunConfig, values: dict[str, Any], where: str) -> RunConfig:
