@@ -11,7 +11,6 @@ import signal
 import subprocess
 from pathlib import Path
 
-import mlflow.artifacts
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -204,7 +203,7 @@ def test_the_parent_run_holds_the_search_and_the_best_model_is_registered(search
     assert parent.data.metrics["trials_stopped_early"] == sum(row.status == "stopped early" for row in outcome.trials)
     artifacts = {a.path: a.file_size for a in client.list_artifacts(outcome.parent_run_id)}
     assert artifacts["trials.png"] > 5000 and "best_config.yaml" in artifacts
-    best_yaml = mlflow.artifacts.load_text(f"runs:/{outcome.parent_run_id}/best_config.yaml")
+    best_yaml = Path(client.download_artifacts(outcome.parent_run_id, "best_config.yaml", str(tmp_path))).read_text()
     assert yaml.safe_load(best_yaml) == yaml.safe_load(with_values(cfg, outcome.best.values, "best").to_yaml())
     best_child = child_runs(client, outcome.parent_run_id)[outcome.best.trial_id]
     version = client.get_model_version_by_alias("reid-tuned", "champion")
