@@ -46,11 +46,19 @@ def space(epochs: int) -> dict:
 
 
 def trials_training_s(uri: str, parent_run_id: str) -> float:
-    """The sum of the search's child runs' durations (opened by the trial's run to ended or stopped)."""
+    """The sum of the search's child runs' times: from a run's start to its end, or for a trial stopped
+    early to its last evaluated epoch (its end time is when the search marked it, later; the part of
+    the next epoch it trained before it was stopped is not counted: the overhead is overstated)."""
     client = MlflowClient(uri)
     experiment = client.get_run(parent_run_id).info.experiment_id
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    return sum((child.info.end_time - child.info.start_time) / 1000 for child in children)
+    total_ms = 0
+    for child in children:
+        end = child.info.end_time
+        if child.info.status == "KILLED":
+            end = max(metric.timestamp for metric in client.get_metric_history(child.info.run_id, "mAP"))
+        total_ms += end - child.info.start_time
+    return total_ms / 1000
 
 
 def main() -> None:
