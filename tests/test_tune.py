@@ -236,7 +236,7 @@ def test_a_search_resumes_after_its_driver_is_killed(tiny_shards, tmp_path):
     def progress() -> list | None:
         """(trial id, status, epochs logged) of each child run, once the second trial committed an epoch."""
         try:
-            runs = client.search_runs(client.get_experiment_by_name("tune-tests").experiment_id, "tags.`tune.trial_id` != ''")
+            runs = client.search_runs([client.get_experiment_by_name("tune-tests").experiment_id], "tags.`tune.trial_id` != ''")
         except Exception:  # noqa: BLE001 - the store is being created
             return None
         rows = sorted((r.data.tags["tune.trial_id"], r.info.status, len(client.get_metric_history(r.info.run_id, "epoch")))
