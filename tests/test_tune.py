@@ -227,7 +227,8 @@ def test_a_search_resumes_after_its_driver_is_killed(tiny_shards, tmp_path):
     overrides = tiny_search(tiny_shards, tmp_path, "resume", uri, "scaling.num_workers=2", "scaling.cpus_per_worker=1",
                             "input.batch_size=8")  # 2 workers: multi-worker trials; the same global batch  # fmt: skip
     space = write_space(tmp_path / "space.yaml", {"loss.margin": {"grid": [0.2, 0.3]}})
-    command = [REID, "tune", str(DEMO_CONFIG), "--space", str(space), "--scheduler", "none", *set_arguments(overrides)]
+    command = [REID, "tune", str(DEMO_CONFIG), "--space", str(space), "--trials", "1", "--scheduler", "none",
+               *set_arguments(overrides)]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
