@@ -66,9 +66,19 @@ def _redact_uri(uri: str) -> str:
     return f"{scheme}://{rest}"
 
 
+def _environment() -> dict[str, str]:
+    """A snapshot of the environment. Another thread may remove a variable while it is read (MLflow's
+    telemetry does, in a Ray Tune trial), which makes reading os.environ raise KeyError: read it again."""
+    while True:
+        try:
+            return dict(os.environ)
+        except KeyError:
+            continue
+
+
 def _secret_values() -> set[str]:
     """The values of this process's secret environment variables, as given and percent-encoded."""
-    values = {value for name, value in os.environ.items() if _is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH}
+    values = {value for name, value in _environment().items() if _is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH}
     return values | {quote(value, safe="") for value in values}
 
 

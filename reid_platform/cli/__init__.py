@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from reid_platform.cli import config, data, index, models, ops, plan, search, serve, train
+from reid_platform.cli import config, data, index, models, ops, plan, search, serve, train, tune
 from reid_platform.cli.common import check_tracking_uri
 from reid_platform.errors import ConfigError, ReidError
 from reid_platform.redaction import redact, redact_log_records
@@ -23,7 +23,7 @@ from reid_platform.tracking.config import artifacts_through_the_server
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reid", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, config, data, models, ops, plan, index, search, serve):
+    for module in (train, tune, config, data, models, ops, plan, index, search, serve):
         module.add_commands(commands)
     return parser
 

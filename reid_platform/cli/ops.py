@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from reid_platform.cli.common import add_bind_address, add_run_config, format_columns, reachable
+from reid_platform.cli.tune import add_search_flags, search_arguments, search_options
 from reid_platform.redaction import redact
 
 ADDRESS_HELP = "job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS or http://127.0.0.1:8265)"
@@ -82,7 +83,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from reid_platform.cluster.jobs import JobServer, build_submission, job_address
 
     address = job_address(args.address)
-    submission = build_submission(Path(args.config), args.set, Path(args.working_dir), address, remote=args.remote)
+    search = (Path(args.space), search_arguments(args)) if args.space else None
+    if search:
+        search_options(args)  # a bad flag is refused here, not in the job
+    submission = build_submission(Path(args.config), args.set, Path(args.working_dir), address, args.remote, search)
     if not args.no_tracking_check:
         reachable(submission.tracking_uri)
     server = JobServer(address)
@@ -205,7 +209,7 @@ def add_commands(commands) -> None:
     stop = cluster.add_parser("stop", help="stop Ray on this machine (every node on it)")
     stop.set_defaults(handler=_cmd_cluster_stop)
 
-    submit = commands.add_parser("submit", help="submit a training config as a Ray job")
+    submit = commands.add_parser("submit", help="submit a training config (or with --tune, a search) as a Ray job")
     add_run_config(submit, "YAML run config inside the working directory")
     submit.add_argument("--address", help=ADDRESS_HELP)
     submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
@@ -219,6 +223,7 @@ def add_commands(commands) -> None:
         "--no-tracking-check", action="store_true",
         help="skip the MLflow reachability check (for URIs only the cluster can resolve)",
     )
+    add_search_flags(submit, "--tune")  # its flags (--trials, ...) apply with --tune only
     submit.set_defaults(handler=_cmd_submit)
 
     jobs = commands.add_parser("jobs", help="jobs on a Ray cluster").add_subparsers(

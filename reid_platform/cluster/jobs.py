@@ -1,7 +1,8 @@
 """Training as Ray jobs: submit a config to a cluster's job server, then list, follow and stop jobs.
 
-A job runs ``python jobs/train.py CONFIG`` in a copy of the working directory (files that .gitignore
-names, such as data, runs and the virtual environment, stay behind). The tracking URI travels as the
+A job runs ``python jobs/train.py CONFIG`` (a search: ``python jobs/tune.py CONFIG --space SPACE``) in a
+copy of the working directory (files that .gitignore names, such as data, runs and the virtual
+environment, stay behind). The tracking URI travels as the
 environment variable MLFLOW_TRACKING_URI; credentials never do: the job's entrypoint and environment
 are stored with the job for anyone with dashboard access to read, so a tracking URI or a ``--set``
 value with a password or token in it is refused, and MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN
@@ -23,9 +24,11 @@ from reid_platform.cluster.local import auth_token
 from reid_platform.config import load_config
 from reid_platform.errors import ConfigError
 from reid_platform.redaction import carries_secret, redact
+from reid_platform.tune.space import load_space
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ENTRYPOINT = "jobs/train.py"
+TUNE_ENTRYPOINT = "jobs/tune.py"
 # Never uploaded, whatever .gitignore says. Anchored: "data" alone would also drop reid_platform/data.
 UPLOAD_EXCLUDES = ["/.git", "/.venv", "/data", "/runs", "/mlruns", "/mlartifacts", "*.db", "__pycache__"]
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -48,19 +51,28 @@ class Submission:
     tracking_uri: str  # as the job will see it (MLFLOW_TRACKING_URI of runtime_env)
 
 
-def build_submission(config: Path, overrides: list[str], working_dir: Path, address: str, remote: bool = False) -> Submission:
+def _in_job(path: Path, working_dir: Path, what: str) -> Path:
+    try:
+        return path.resolve().relative_to(working_dir)
+    except ValueError:
+        raise ConfigError(f"{path}: the {what} must be inside the uploaded working directory {working_dir}") from None
+
+
+def build_submission(
+    config: Path, overrides: list[str], working_dir: Path, address: str, remote: bool = False,
+    search: tuple[Path, list[str]] | None = None,
+) -> Submission:
     """Validate the config here and describe the job; raises ConfigError for anything the cluster would
     fail on, or that would store a secret with the job. Whether its tracking server answers is the
     caller's to check.
 
     ``remote`` marks a loopback address that leads to another machine (``kubectl port-forward``).
+    ``search``: (space file, `reid tune` flags) makes the job a search (``jobs/tune.py``) instead of
+    one training run; the space is checked against the config here.
     """
     cfg = load_config(config, overrides)
     working_dir = working_dir.resolve()
-    try:
-        config_in_job = config.resolve().relative_to(working_dir)
-    except ValueError:
-        raise ConfigError(f"{config}: the config must be inside the uploaded working directory {working_dir}") from None
+    config_in_job = _in_job(config, working_dir, "config")
     if not (working_dir / ENTRYPOINT).is_file():
         raise ConfigError(f"{working_dir}: not a reid-platform checkout (no {ENTRYPOINT}); pass --working-dir")
     uri = cfg.tracking.uri
@@ -72,6 +84,10 @@ def build_submission(config: Path, overrides: list[str], working_dir: Path, addr
                 "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)"
             )
     arguments = [ENTRYPOINT, str(config_in_job)]
+    if search is not None:
+        space, flags = search
+        load_space(space, cfg)
+        arguments = [TUNE_ENTRYPOINT, str(config_in_job), "--space", str(_in_job(space, working_dir, "space file")), *flags]
     if is_local(address) and not remote:
         # The job runs in a copy of the working directory on this machine: relative paths in the
         # config mean what they mean here.
@@ -92,7 +108,8 @@ def build_submission(config: Path, overrides: list[str], working_dir: Path, addr
             "env_vars": {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"},
         },
         submission_id=f"{cfg.run.name}-{uuid.uuid4().hex[:8]}",
-        metadata={"reid.config": str(config_in_job), "reid.run_name": cfg.run.name},
+        metadata={"reid.config": str(config_in_job), "reid.run_name": cfg.run.name,
+                  **({"reid.space": arguments[3]} if search else {})},  # fmt: skip
         tracking_uri=uri,
     )
 

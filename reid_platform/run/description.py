@@ -33,11 +33,13 @@ def describe_run(cfg: RunConfig, dataset: ShardDataset) -> str:
     )
 
 
-def open_training_run(cfg: RunConfig, config_path: Path, dataset: ShardDataset, run_id: str | None = None) -> str:
+def open_training_run(
+    cfg: RunConfig, config_path: Path, dataset: ShardDataset, run_id: str | None = None, tags: dict[str, str] | None = None
+) -> str:
     """Create (or reopen) the MLflow run of a training job: params, the resolved config and the file
-    as given, the description and the datasets it trains and evaluates on."""
+    as given, the description, the datasets it trains and evaluates on, and ``tags`` (when created)."""
     texts = {"config/resolved.yaml": cfg.to_yaml(), f"config/{config_path.name}": config_path.read_text()}
     return open_run(
         cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, cfg.flat(), describe_run(cfg, dataset),
-        dataset_inputs(dataset), texts, run_id,
+        dataset_inputs(dataset), texts, run_id, tags,
     )  # fmt: skip

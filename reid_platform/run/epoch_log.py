@@ -58,8 +58,10 @@ def log_resize(logger: RunLogger, epoch: int, old: int, new: int, reason: str) -
 
 
 class EpochMetricsToMlflow(UserCallback):
-    def __init__(self, cfg: RunConfig, run_id: str):
-        self.cfg, self.run_id = cfg, run_id
+    def __init__(self, cfg: RunConfig, run_id: str, flush_evaluated: bool = False):
+        """``flush_evaluated``: an evaluated epoch's metrics are sent (up to 30 s) before the next
+        callback hears of the epoch: a search may stop the run on them."""
+        self.cfg, self.run_id, self.flush_evaluated = cfg, run_id, flush_evaluated
         self._logger: RunLogger | None = None  # made in the controller: a thread does not pickle
         self._world_size: int | None = None  # of the last committed epoch
         self._failure: str | None = None  # why the worker group last failed
@@ -93,6 +95,9 @@ class EpochMetricsToMlflow(UserCallback):
                     self._logger.log_artifact(Path(directory) / EVALUATION_DIR / name, EVALUATION_DIR)
                 if record.evaluation and tracking.log_checkpoints_as_models:
                     self._log_model(Path(directory), record.epoch)
+        if self.flush_evaluated and record.evaluation and not record.last:
+            if not self._logger.flush(min(30.0, tracking.outage_timeout_s)):
+                say(f"warning: MLflow is unavailable; epoch {record.epoch}'s metrics may be lost if the run is stopped now")
         if record.last:
             # the controller ends with the run: the backlog of an outage must go out now
             if lost := self._logger.close(tracking.outage_timeout_s):

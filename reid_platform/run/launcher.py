@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from ray.train import (
     Result,
     ScalingConfig,
     TrainingFailedError,
+    UserCallback,
     WorkerGroupError,
 )  # fmt: skip
 from ray.train import RunConfig as RayRunConfig
@@ -113,7 +116,7 @@ def _committed(run_dir: Location) -> Result | None:
         return None
 
 
-def _connect_ray() -> bool:
+def connect_ray() -> bool:
     """Join the job's cluster (inside a Ray job, RAY_ADDRESS is set) or start one on this machine.
 
     A cluster of our own starts quietly, without changing what Ray does: its token authentication
@@ -121,17 +124,31 @@ def _connect_ray() -> bool:
     preemption watcher (nothing drains the nodes of a cluster that lives inside this process; the
     watcher's start logs an error line about its restart policy). On a shared cluster both stay as
     its operator set them. Whether it started a cluster of its own.
+
+    Its processes are told its dashboard's address: Ray Train's placement-group cleaner (which frees
+    the workers of a run whose driver died, such as a search's stopped trial) asks the state API,
+    which otherwise looks for "the" Ray instance of the machine and fails when there are several.
     """
     if ray.is_initialized():
         return False
-    if not os.environ.get("RAY_ADDRESS"):
-        logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(logging_level="WARNING", log_to_driver=True)
-    return not os.environ.get("RAY_ADDRESS")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING", log_to_driver=True)
+        return False
+    logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    port = _free_port()
+    ray.init(logging_level="WARNING", log_to_driver=True, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})  # fmt: skip
+    return True
 
 
-def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _trainer(cfg: RunConfig, run_id: str, callbacks: Sequence[UserCallback]) -> TorchTrainer:
     storage_path, storage_filesystem = files.for_arrow(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
@@ -149,7 +166,8 @@ def _trainer(cfg: RunConfig, run_id: str) -> TorchTrainer:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             # a lost worker or node restarts the whole group from the latest checkpoint
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=[EpochMetricsToMlflow(cfg, run_id)],
+            # the callbacks after it see an epoch once its metrics are in MLflow: a search may stop the run on them
+            callbacks=[EpochMetricsToMlflow(cfg, run_id, flush_evaluated=bool(callbacks)), *callbacks],
             # Ray Train's own INFO lines (one per checkpoint and report, per worker) drown the progress lines
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
@@ -170,8 +188,21 @@ def _why(error: TrainingFailedError, cfg: RunConfig) -> ReidError:
     return TrainingFailed(f"run {cfg.run.name!r} failed: {first_line(cause, 300)}")  # e.g. Ray's out-of-memory kill
 
 
-def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> TrainingOutcome:
+def committed_record(cfg: RunConfig) -> EpochRecord | None:
+    """The record of the latest committed epoch of run ``cfg.run.name`` (absolute paths), if any."""
+    previous = _committed(cfg.run.storage_path / cfg.run.name)
+    return EpochRecord.from_report(previous.metrics or {}) if previous is not None else None
+
+
+def train(
+    cfg: RunConfig, config_path: Path, base_dir: Path | None = None,
+    callbacks: Sequence[UserCallback] = (), run_tags: dict[str, str] | None = None,
+) -> TrainingOutcome:
     """Run (or resume) one training job; relative paths in ``cfg`` are taken from ``base_dir`` (default: cwd).
+
+    ``callbacks``: more Ray Train callbacks, each called with an epoch once its metrics are in MLflow
+    (a search's report to Ray Tune); ``run_tags``: set on the MLflow run when it is created (a
+    search's parent run).
 
     That the tracking server answers is checked by the caller: `reid train` does, before it imports
     this module (Ray and torch take seconds to import; a wrong URI is one line at once).
@@ -197,14 +228,14 @@ def train(cfg: RunConfig, config_path: Path, base_dir: Path | None = None) -> Tr
                 f"run {cfg.run.name!r} in {cfg.run.storage_path} finished its {record.epoch} epochs already "
                 f"(MLflow run {known_run}); raise train.epochs to continue it, or choose a new run.name"
             )
-    run_id = open_training_run(cfg, config_path, dataset, known_run)
+    run_id = open_training_run(cfg, config_path, dataset, known_run, run_tags)
     files.write_text(id_file, run_id)
 
-    own_cluster = _connect_ray()
+    own_cluster = connect_ray()
     # read by Ray Train's controller, which inherits it from this process when fit() starts it
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.start_timeout_s)
     try:
-        result = _trainer(cfg, run_id).fit()
+        result = _trainer(cfg, run_id, callbacks).fit()
     except BaseException as error:
         try:  # best effort, briefly: the training error is the one to report
             call_with_retries(lambda: finish_run(uri, run_id, "FAILED"), "marking the run failed", uri, 30.0)

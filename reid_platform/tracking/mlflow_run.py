@@ -145,11 +145,11 @@ def dataset_inputs(dataset: ShardDataset) -> list[DatasetInput]:
 
 def open_run(
     uri: str, experiment: str, run_name: str, params: dict[str, str], note: str,
-    inputs: list[DatasetInput], texts: dict[str, str], run_id: str | None = None,
+    inputs: list[DatasetInput], texts: dict[str, str], run_id: str | None = None, tags: dict[str, str] | None = None,
 ) -> str:
     """Create (or, given ``run_id``, reopen) a run of ``experiment``; log its params, its description
-    (MLflow's note), the datasets it reads and text artifacts (path -> text): all of it redacted (the
-    tracking URI's password, a signed URL in a path)."""
+    (MLflow's note), the datasets it reads, text artifacts (path -> text) and ``tags`` (``mlflow.parentRunId``
+    makes it a child run): all of it redacted (the tracking URI's password, a signed URL in a path)."""
     client = MlflowClient(uri)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
@@ -161,7 +161,7 @@ def open_run(
     )  # fmt: skip
     # the UI opens the experiment in its model-training view (GenAI is its default otherwise)
     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    run_id = client.create_run(experiment_id, run_name=run_name, tags={k: redact(v) for k, v in (tags or {}).items()}).info.run_id
     logged = [Param(key, redact(value)[:6000]) for key, value in sorted(params.items())]
     for start in range(0, len(logged), PARAM_LIMIT):
         client.log_batch(run_id, params=logged[start : start + PARAM_LIMIT])
