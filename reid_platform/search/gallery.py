@@ -136,9 +136,9 @@ def _embed_parts(
     import ray
     import ray.data
 
-    from reid_platform.run.launcher import _connect_ray
+    from reid_platform.run.launcher import connect_ray
 
-    own_cluster = _connect_ray()
+    own_cluster = connect_ray()
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress
