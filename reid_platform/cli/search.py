@@ -14,16 +14,13 @@ from reid_platform.errors import ConfigError
 
 
 def instant(text: str, flag: str) -> float:
-    """Seconds since the epoch from a number or an ISO 8601 date-time (UTC unless it names a zone)."""
+    """--after / --before: seconds since the epoch from a number or an ISO 8601 time (UTC unless zoned)."""
+    from reid_platform.search.sources import seconds_since_epoch
+
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
+        return seconds_since_epoch(text)
     except ValueError:
         raise ConfigError(f"{flag}: expected seconds since the epoch or an ISO 8601 time such as 2026-12-03T14:00 (got {text!r})") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def query_cameras(text: str | None, count: int) -> list[int] | None:

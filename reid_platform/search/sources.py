@@ -140,19 +140,24 @@ def _csv_entries(path: Path) -> pa.Table:
     return _table(paths, cameras, timestamps, [str(path)] * len(paths))
 
 
-def _timestamp(text: str, where: str) -> float:
-    """Seconds since the epoch from a number or an ISO 8601 time (UTC when it names no zone); NaN if empty."""
-    if not text:
-        return math.nan
+def seconds_since_epoch(text: str) -> float:
+    """Seconds since the epoch from a number or an ISO 8601 time (UTC when it names no zone); a
+    ValueError when it is neither."""
     try:
         return float(text)
     except ValueError:
-        pass
-    try:
         moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _timestamp(text: str, where: str) -> float:
+    """A CSV row's time (``seconds_since_epoch``); NaN if empty."""
+    if not text:
+        return math.nan
+    try:
+        return seconds_since_epoch(text)
     except ValueError:
         raise DatasetError(f"{where}: timestamp {text!r} is neither seconds since the epoch nor ISO 8601") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def read_crop(path: str) -> bytes:
